@@ -1,0 +1,342 @@
+"""`cutover`: the release engineer's verbs, over the same SQL the router and loop use.
+
+Exit codes: 0 done; 2 refused or invalid input (the message says why and what
+to do); 1 the environment failed (database unreachable, and the like).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from controller.config import Config, ConfigError, find_config_path, load_config
+from controller.logs import configure_logging
+from controller.rollout import Command, Refusal, Verb
+from controller.status import event_dict, render_history, render_status, rollout_status
+from controller.store import Store, StoreError
+from controller.tables import RolloutEvent
+from controller.transitions import RolloutNotFound, apply_command, create_rollout, get_rollout
+
+EXIT_REFUSED = 2
+EXIT_ENVIRONMENT = 1
+
+app = typer.Typer(
+    help="Shadow traffic and staged cutover for image-generation models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@dataclass
+class Context:
+    config_path: str | None
+    actor: str
+
+
+class Refused(Exception):
+    """A refusal to show the user and exit 2 with."""
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "-c", "--config", help="Config file (else $CUTOVER_CONFIG, else ./cutover.yaml)."
+        ),
+    ] = None,
+    actor: Annotated[
+        str | None, typer.Option(help="Who is acting, for the audit trail (default: OS user).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "warning",
+) -> None:
+    configure_logging(level=log_level)
+    ctx.obj = Context(config_path=config, actor=actor or _os_user())
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _config(ctx: typer.Context) -> Config:
+    return load_config(find_config_path(ctx.obj.config_path))
+
+
+@contextmanager
+def _store(config: Config) -> Iterator[Store]:
+    store = Store(config.resolved_database_url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _run(fn: Any) -> Any:
+    """Turn the errors a user can fix into a message and an exit code, never a traceback."""
+    try:
+        return fn()
+    except (ConfigError, RolloutNotFound, StoreError, Refused) as exc:
+        err.print(
+            f"[red]error:[/red] {exc}"
+            if not isinstance(exc, Refused)
+            else f"[red]refused:[/red] {exc}"
+        )
+        raise typer.Exit(EXIT_REFUSED) from None
+    except OperationalError as exc:
+        err.print(f"[red]error:[/red] cannot use the database: {exc.orig or exc}")
+        raise typer.Exit(EXIT_ENVIRONMENT) from None
+
+
+@app.command()
+def init(ctx: typer.Context) -> None:
+    """Create the database tables (migrations) and the rollout described by the config."""
+
+    def run() -> None:
+        config = _config(ctx)
+        with _store(config) as store:
+            store.upgrade()
+            row, created = create_rollout(store, config, ctx.obj.actor)
+            stored = [name for name, _ in row.stages]
+            wanted = [s.name for s in config.stages]
+            if created:
+                out.print(
+                    f"created rollout [bold]{row.name}[/bold] at stage {stored[0]} ({store.safe_url})"
+                )
+            else:
+                out.print(
+                    f"rollout [bold]{row.name}[/bold] already exists: {row.state} at stage "
+                    f"{stored[row.stage_index]} (nothing changed)"
+                )
+                if stored != wanted:
+                    err.print(
+                        f"[yellow]warning:[/yellow] the stored stages {stored} differ from the config's "
+                        f"{wanted}; the stored ones stay in force. Use a new rollout name to change them."
+                    )
+
+    _run(run)
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context, revision: str = "head") -> None:
+    """Apply migrations up to REVISION (default: the newest)."""
+
+    def run() -> None:
+        config = _config(ctx)
+        with _store(config) as store:
+            store.upgrade(revision)
+            out.print(f"database at {store.safe_url} is at revision {store.current_revision()}")
+
+    _run(run)
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    ctx: typer.Context, revision: Annotated[str, typer.Argument(help="Target, e.g. base.")]
+) -> None:
+    """Undo migrations down to REVISION (`base` removes every cutover table and its data)."""
+
+    def run() -> None:
+        config = _config(ctx)
+        with _store(config) as store:
+            store.downgrade(revision)
+            out.print(
+                f"database at {store.safe_url} is at revision {store.current_revision() or 'base'}"
+            )
+
+    _run(run)
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object, stable keys, for scripts.")
+    ] = False,
+    watch: Annotated[bool, typer.Option(help="Refresh until interrupted.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+) -> None:
+    """Where the rollout is, its traffic split, its gates and the latest verdict per check."""
+
+    def read(config: Config, store: Store) -> dict[str, Any]:
+        with store.reader() as session:
+            return rollout_status(session, get_rollout(session, config.name), config)
+
+    def run() -> None:
+        config = _config(ctx)
+        with _store(config) as store:
+            store.require_schema()
+            if not watch:
+                snapshot = read(config, store)
+                if as_json:
+                    sys.stdout.write(json.dumps(snapshot, sort_keys=True) + "\n")
+                else:
+                    out.print(render_status(snapshot))
+                return
+            from rich.live import Live
+
+            with Live(render_status(read(config, store)), console=out, auto_refresh=False) as live:
+                try:
+                    while True:
+                        time.sleep(interval)
+                        live.update(render_status(read(config, store)), refresh=True)
+                except KeyboardInterrupt:
+                    pass
+
+    _run(run)
+
+
+@app.command()
+def history(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines, one event each.")] = False,
+    limit: Annotated[int, typer.Option(help="Newest N events.")] = 100,
+) -> None:
+    """The audit trail: every transition, who made it, why, and the verdict it relied on."""
+
+    def run() -> None:
+        config = _config(ctx)
+        with _store(config) as store:
+            store.require_schema()
+            with store.reader() as session:
+                row = get_rollout(session, config.name)
+                events = session.scalars(
+                    select(RolloutEvent)
+                    .where(RolloutEvent.rollout_id == row.id)
+                    .order_by(RolloutEvent.version.desc())
+                    .limit(limit)
+                ).all()
+                rows = [event_dict(e) for e in reversed(events)]
+        if as_json:
+            sys.stdout.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        else:
+            out.print(render_history(rows))
+
+    _run(run)
+
+
+def _act(ctx: typer.Context, command: Command, expected_stage: str | None = None) -> None:
+    def run() -> None:
+        config = _config(ctx)
+        with _store(config) as store:
+            store.require_schema()
+            result = apply_command(
+                store, config, command, ctx.obj.actor, expected_stage=expected_stage
+            )
+        if isinstance(result, Refusal):
+            raise Refused(result.reason)
+        forced = " [yellow](forced)[/yellow]" if result.forced else ""
+        out.print(
+            f"{command.verb.value}: {result.from_state}@{result.from_stage} → "
+            f"[bold]{result.to_state}@{result.to_stage}[/bold]{forced} (event {result.version}: {result.reason})",
+            soft_wrap=True,
+        )
+
+    _run(run)
+
+
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why, for the audit trail.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Override unmet gates (needs --reason; recorded).")
+]
+
+
+@app.command()
+def advance(
+    ctx: typer.Context,
+    to: Annotated[str | None, typer.Option("--to", help="Jump to this later stage.")] = None,
+    force: ForceOpt = False,
+    reason: ReasonOpt = "",
+    from_stage: Annotated[
+        str | None, typer.Option("--from", help="Only if the rollout is still at this stage.")
+    ] = None,
+) -> None:
+    """Move to the next stage (or --to a later one) once the stage's gates are met."""
+    _act(ctx, Command(Verb.ADVANCE, reason=reason, force=force, to=to), expected_stage=from_stage)
+
+
+@app.command()
+def promote(
+    ctx: typer.Context,
+    full: Annotated[
+        bool, typer.Option("--full", help="Skip the remaining stages: straight to 100%.")
+    ] = False,
+    force: ForceOpt = False,
+    reason: ReasonOpt = "",
+) -> None:
+    """Advance one stage, or with --full straight to the last stage (gates still apply)."""
+
+    def run() -> str | None:
+        if not full:
+            return None
+        config = _config(ctx)
+        with _store(config) as store, store.reader() as session:
+            return [name for name, _ in get_rollout(session, config.name).stages][-1]
+
+    _act(ctx, Command(Verb.ADVANCE, reason=reason, force=force, to=_run(run)))
+
+
+@app.command()
+def pause(ctx: typer.Context, reason: ReasonOpt = "") -> None:
+    """Freeze the rollout where it is (traffic split unchanged)."""
+    _act(ctx, Command(Verb.PAUSE, reason=reason))
+
+
+@app.command()
+def resume(ctx: typer.Context, reason: ReasonOpt = "") -> None:
+    """Continue a paused rollout."""
+    _act(ctx, Command(Verb.RESUME, reason=reason))
+
+
+@app.command()
+def rollback(
+    ctx: typer.Context, reason: Annotated[str, typer.Option("--reason", help="Why (required).")]
+) -> None:
+    """Send all traffic back to the incumbent and stop mirroring."""
+    _act(ctx, Command(Verb.ROLLBACK, reason=reason))
+
+
+@app.command()
+def retry(ctx: typer.Context, reason: ReasonOpt = "") -> None:
+    """Start a rolled-back rollout again from the first stage."""
+    _act(ctx, Command(Verb.RETRY, reason=reason))
+
+
+@app.command()
+def finalize(ctx: typer.Context, reason: ReasonOpt = "") -> None:
+    """Make the promoted candidate the incumbent; the rollout ends."""
+    _act(ctx, Command(Verb.FINALIZE, reason=reason))
+
+
+@app.command()
+def abort(ctx: typer.Context, reason: ReasonOpt = "") -> None:
+    """End the rollout for good, all traffic on the incumbent."""
+    _act(ctx, Command(Verb.ABORT, reason=reason))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

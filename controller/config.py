@@ -1,0 +1,394 @@
+"""`cutover.yaml`: one rollout, validated before anything acts on it.
+
+Every error names the file, the line, the key and what would have been
+accepted, because the person reading it is mid-release and should not have to
+open the source to learn the schema.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
+
+from controller.yaml_source import Problem, SourceError, YamlSource, load_yaml
+
+SAMPLERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm")
+PRECISIONS = ("float32", "float16", "bfloat16", "mixed_float16")
+DEFAULT_STAGES: tuple[str | int, ...] = ("shadow", 10, 30, 60, 100)
+SHADOW = "shadow"
+ENV_CONFIG = "CUTOVER_CONFIG"
+
+ConfigError = SourceError
+
+_DURATION = re.compile(
+    r"^\s*(?:(\d+(?:\.\d+)?)\s*d)?\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$"
+)
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string like `90s`, `5m`, `1h30m`, `2d`."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, int | float):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"{value!r} is not a duration: it must be a finite number of seconds >= 0"
+            )
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match and any(match.groups()):
+            days, hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+            return days * 86400 + hours * 3600 + minutes * 60 + seconds
+    raise ValueError(
+        f"{value!r} is not a duration: use seconds (90) or a value like 30s, 5m, 2h, 1h30m, 1d"
+    )
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A rollout stage: its name as written in config and the candidate's traffic share."""
+
+    name: str
+    weight: int
+
+    @property
+    def is_shadow(self) -> bool:
+        return self.weight == 0
+
+
+def parse_stages(raw: list[str | int]) -> list[Stage]:
+    """Stages as written (`shadow`, then increasing percents ending at 100)."""
+    stages: list[Stage] = []
+    for index, item in enumerate(raw):
+        if item == SHADOW:
+            if index != 0:
+                raise ValueError(f"'shadow' may only be the first stage, found at position {index}")
+            stages.append(Stage(SHADOW, 0))
+            continue
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ValueError(
+                f"stage {index} is {item!r}: a stage is 'shadow' or a whole percent 1..100"
+            )
+        if not 1 <= item <= 100:
+            raise ValueError(f"stage {index} is {item}%: a percent must be between 1 and 100")
+        if stages and item <= stages[-1].weight:
+            raise ValueError(
+                f"stage {index} ({item}%) is not above the stage before it ({stages[-1].weight}%): "
+                "stages must increase"
+            )
+        stages.append(Stage(str(item), item))
+    if len(stages) < 2:
+        raise ValueError("a rollout needs at least two stages, for example [shadow, 100]")
+    if stages[-1].weight != 100:
+        raise ValueError(
+            f"the last stage is {stages[-1].weight}%: it must be 100 so the candidate can be promoted"
+        )
+    return stages
+
+
+def _per_stage(value: Any) -> Any:
+    """A scalar applies to every stage; a mapping sets stages by name (`shadow`, `10`, …)."""
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    return {"*": value}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FaultConfig(_Strict):
+    """Faults a model server injects on purpose, to rehearse rollbacks (off by default)."""
+
+    error_percent: float = Field(0.0, ge=0, le=100)
+    delay: Duration = 0.0
+    delay_percent: float = Field(100.0, ge=0, le=100)
+    timeout_percent: float = Field(0.0, ge=0, le=100)
+    oom_percent: float = Field(0.0, ge=0, le=100)
+    tint: tuple[int, int, int] | None = Field(None, description="RGB added to every output")
+
+    @field_validator("tint")
+    @classmethod
+    def _tint_range(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if value is not None and not all(-255 <= c <= 255 for c in value):
+            raise ValueError(f"tint {list(value)} must be three integers between -255 and 255")
+        return value
+
+    @property
+    def active(self) -> bool:
+        return bool(
+            self.error_percent
+            or self.delay
+            or self.timeout_percent
+            or self.oom_percent
+            or self.tint
+        )
+
+
+class ModelConfig(_Strict):
+    pipeline: str = Field(description="local directory or hub id loaded with from_pretrained")
+    precision: Literal["float32", "float16", "bfloat16", "mixed_float16"] = "float32"
+    sampler: Literal["ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm"] = "ddim"
+    steps: int = Field(20, ge=1, le=1000)
+    guidance: float = Field(7.5, ge=0, le=100, allow_inf_nan=False)
+    batch_size: int | Literal["auto"] = 1
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    batch_wait: Duration = 0.01
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)
+    replicas: int = Field(1, ge=1, le=1024)
+    faults: FaultConfig = FaultConfig()
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value: Any) -> Any:
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        ):
+            return value
+        raise ValueError(f"{value!r} is not a batch size: use a whole number >= 1 or 'auto'")
+
+    def is_local(self, base_dir: Path) -> bool:
+        """A pipeline written as a path (or an existing directory) is local, else a hub id."""
+        text = self.pipeline
+        return text.startswith(("/", ".", "~")) or (base_dir / text).expanduser().exists()
+
+    def pipeline_path(self, base_dir: Path) -> Path:
+        return (base_dir / Path(self.pipeline).expanduser()).resolve()
+
+
+class Models(_Strict):
+    incumbent: ModelConfig
+    candidate: ModelConfig
+
+
+PER_STAGE_FIELDS = ("mirror_percent", "min_samples", "min_duration", "max_duration")
+
+
+class RolloutConfig(_Strict):
+    stages: list[str | int] = Field(default_factory=lambda: list(DEFAULT_STAGES))
+    mirror_percent: Annotated[
+        dict[str, Annotated[float, Field(ge=0, le=100)]], BeforeValidator(_per_stage)
+    ] = {"*": 100.0}
+    min_samples: Annotated[dict[str, Annotated[int, Field(ge=0)]], BeforeValidator(_per_stage)] = {
+        "*": 100
+    }
+    min_duration: Annotated[dict[str, Duration], BeforeValidator(_per_stage)] = {"*": 0.0}
+    max_duration: Annotated[dict[str, Duration], BeforeValidator(_per_stage)] = {"*": 86400.0}
+    auto_advance: bool = False
+    evaluation_interval: Duration = 30.0
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, value: list[str | int]) -> list[str | int]:
+        parse_stages(value)
+        return value
+
+    @property
+    def stage_list(self) -> list[Stage]:
+        return parse_stages(self.stages)
+
+    def for_stage(self, field_name: str, stage: str) -> Any:
+        """The value of a per-stage setting in `stage`, falling back to the all-stages value."""
+        values: dict[str, Any] = getattr(self, field_name)
+        if stage in values:
+            return values[stage]
+        if "*" in values:
+            return values["*"]
+        return type(self).model_fields[field_name].default["*"]
+
+
+class ServerConfig(_Strict):
+    """The HTTP front door: limits that make a bad request a 4xx, and mirroring bounds."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_prompt_chars: int = Field(1000, ge=1)
+    min_size: int = Field(64, ge=8)
+    max_size: int = Field(1024, ge=8)
+    max_n: int = Field(4, ge=1)
+    max_steps: int = Field(150, ge=1)
+    default_size: str = "64x64"
+    request_timeout: Duration = 120.0
+    mirror_timeout: Duration = 60.0
+    mirror_max_in_flight: int = Field(8, ge=0)
+    refresh_interval: Duration = 1.0
+    num_cpus: float = Field(0.25, gt=0)
+    replicas: int = Field(1, ge=1)
+
+
+class Config(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    database_url: str = "sqlite:///.cutover/cutover.db"
+    artifact_dir: str = ".cutover/artifacts"
+    models: Models
+    rollout: RolloutConfig = RolloutConfig()
+    server: ServerConfig = ServerConfig()
+    policy: str | None = None
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: YamlSource | None = PrivateAttr(default=None)
+
+    @property
+    def base_dir(self) -> Path:
+        """Directory that relative paths in the config are relative to (the file's own)."""
+        return self._base_dir
+
+    @property
+    def stages(self) -> list[Stage]:
+        return self.rollout.stage_list
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The URL with a relative SQLite path anchored at the config file's directory."""
+        prefix = "sqlite:///"
+        url = self.database_url
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+            return prefix + str(self._base_dir / url[len(prefix) :])
+        return url
+
+    @property
+    def artifact_path(self) -> Path:
+        return (self._base_dir / Path(self.artifact_dir).expanduser()).resolve()
+
+    def problem(self, path: tuple[str, ...], message: str) -> Problem:
+        """A problem located in this config's file, for checks made after loading."""
+        if self._source is None:
+            return Problem("(config)", 0, ".".join(path), message)
+        return self._source.problem(path, message)
+
+    def check_model_paths(self) -> None:
+        """Refuse early when a local pipeline directory is missing (before Ray starts)."""
+        problems = []
+        for role in ("incumbent", "candidate"):
+            model: ModelConfig = getattr(self.models, role)
+            if model.is_local(self._base_dir) and not model.pipeline_path(self._base_dir).is_dir():
+                problems.append(
+                    self.problem(
+                        ("models", role, "pipeline"),
+                        f"{model.pipeline!r} is not a directory (resolved to {model.pipeline_path(self._base_dir)}); "
+                        "build a tiny one with `cutover models make-tiny DIR` or give a hub id",
+                    )
+                )
+        if problems:
+            raise ConfigError(problems)
+
+
+def find_config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """`-c PATH`, else $CUTOVER_CONFIG, else ./cutover.yaml."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(ENV_CONFIG):
+        return Path(os.environ[ENV_CONFIG])
+    default = Path("cutover.yaml")
+    if default.exists():
+        return default
+    raise ConfigError(
+        [
+            Problem(
+                "cutover.yaml",
+                0,
+                "(file)",
+                "no config found: pass -c PATH, set CUTOVER_CONFIG, or create ./cutover.yaml "
+                "(examples/cutover.yaml is a working start)",
+            )
+        ]
+    )
+
+
+def load_config(path: str | os.PathLike[str], *, check_paths: bool = False) -> Config:
+    """Load and validate a config file; raise ConfigError listing every problem."""
+    file = Path(path)
+    source = load_yaml(file)
+    if source.data is None:
+        raise ConfigError(
+            [source.problem((), "file is empty: a config needs at least `name` and `models`")]
+        )
+    if not isinstance(source.data, dict):
+        raise ConfigError(
+            [
+                source.problem(
+                    (), f"the top level must be a mapping of keys, not {type(source.data).__name__}"
+                )
+            ]
+        )
+    try:
+        config = Config.model_validate(source.data)
+    except ValidationError as exc:
+        raise ConfigError([_explain(source, err) for err in exc.errors()]) from None
+    config._base_dir = file.resolve().parent
+    config._source = source
+    _check_stage_names(config)
+    if check_paths:
+        config.check_model_paths()
+    return config
+
+
+def _check_stage_names(config: Config) -> None:
+    """Per-stage mappings may only name stages that exist (a typo would silently use the default)."""
+    names = [s.name for s in config.stages]
+    problems = [
+        config.problem(
+            ("rollout", field_name, key),
+            f"there is no stage {key!r}; stages are {', '.join(names)}",
+        )
+        for field_name in PER_STAGE_FIELDS
+        for key in getattr(config.rollout, field_name)
+        if key != "*" and key not in names
+    ]
+    if problems:
+        raise ConfigError(problems)
+
+
+def _explain(source: YamlSource, err: Any) -> Problem:
+    """Turn one pydantic error into a Problem a release engineer can act on."""
+    loc: tuple[Any, ...] = tuple(err["loc"])
+    kind = err["type"]
+    # Pydantic adds the per-stage wildcard and union tags to loc; drop what the file lacks.
+    shown = loc if kind in ("missing", "extra_forbidden") else source.known_prefix(loc)
+    shown = tuple(str(p) for p in shown if p != "*")
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        message = f"unknown key {str(loc[-1])!r}; allowed here: {', '.join(allowed)}"
+    elif kind == "missing":
+        message = "required key is missing"
+    else:
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if (
+            "input" in err
+            and kind not in ("value_error",)
+            and not isinstance(err["input"], dict | list)
+        ):
+            message = f"{message} (got {err['input']!r})"
+    problem = source.problem(shown, message)
+    return Problem(problem.file, source.line_of(loc), problem.key, message)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            break
+    return sorted(model.model_fields)

@@ -1,0 +1,213 @@
+"""What `cutover status` and `cutover history` show: one dict for scripts, one table for people.
+
+The JSON keys are a stable interface (documented in docs/runbook.md); the
+rich tables are free to change.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controller.config import Config
+from controller.rollout import RolloutView, State
+from controller.tables import Rollout, RolloutEvent, utcnow
+from controller.traffic import routing_table
+from controller.transitions import evidence_for, latest_verdict, view_of
+
+STATUS_SCHEMA = 1
+
+
+def rollout_status(
+    session: Session, row: Rollout, config: Config, now: datetime | None = None
+) -> dict[str, Any]:
+    now = now or utcnow()
+    view = view_of(row)
+    evidence = evidence_for(session, row, config, now)
+    verdict = latest_verdict(session, row)
+    table = routing_table(row.name, view, row.version, config)
+    stage = view.stage.name
+    max_duration = config.rollout.for_stage("max_duration", stage)
+    ready = view.state in (State.SHADOWING, State.CANARY) and not evidence.unmet()
+    last_event = session.scalars(
+        select(RolloutEvent)
+        .where(RolloutEvent.rollout_id == row.id)
+        .order_by(RolloutEvent.version.desc())
+        .limit(1)
+    ).one_or_none()
+    return {
+        "schema": STATUS_SCHEMA,
+        "rollout": row.name,
+        "state": view.state.value,
+        "stage": stage,
+        "stage_index": view.stage_index,
+        "stages": [s.name for s in view.stages],
+        "weights": {"incumbent": table.incumbent_weight, "candidate": table.candidate_weight},
+        "mirror_percent": table.mirror_percent,
+        "stage_entered_at": row.stage_entered_at.isoformat(),
+        "in_stage_s": round(evidence.elapsed_s, 1),
+        "gates": {
+            "samples": {
+                "have": evidence.samples,
+                "need": evidence.min_samples,
+                "met": evidence.samples >= evidence.min_samples,
+            },
+            "min_duration_s": {
+                "have": round(evidence.elapsed_s, 1),
+                "need": evidence.min_duration_s,
+                "met": evidence.elapsed_s >= evidence.min_duration_s,
+            },
+            "max_duration_s": max_duration,
+            "verdict": {
+                "have": evidence.verdict,
+                "need": "PASS",
+                "met": evidence.verdict == "PASS",
+            },
+        },
+        "ready_to_advance": ready,
+        "next": _next_step(view, evidence.unmet(), ready),
+        "verdict": None
+        if verdict is None
+        else {
+            "decision": verdict.decision,
+            "evaluated_at": verdict.evaluated_at.isoformat(),
+            "samples": verdict.samples,
+        },
+        "checks": [] if verdict is None else [_check_row(c) for c in verdict.checks],
+        "version": row.version,
+        "candidate": row.candidate,
+        "incumbent": row.incumbent,
+        "last_event": None if last_event is None else event_dict(last_event),
+    }
+
+
+def _check_row(check: dict[str, Any]) -> dict[str, Any]:
+    keys = ("name", "decision", "estimate", "lower", "upper", "reason")
+    return {k: check.get(k) for k in keys}
+
+
+def _next_step(view: RolloutView, holds: list[str], ready: bool) -> str:
+    if view.state in (State.FINALIZED, State.ABORTED):
+        return f"nothing: the rollout is {view.state.value}"
+    if view.state is State.PAUSED:
+        return "paused: `cutover resume` to continue, or `cutover rollback --reason ...`"
+    if view.state is State.ROLLED_BACK:
+        return "rolled back: `cutover retry` starts again from the first stage"
+    if view.state is State.PROMOTED:
+        return "candidate serves 100%: `cutover finalize` to make it the incumbent"
+    if ready:
+        return "ready to advance: `cutover advance`"
+    return "waiting: " + "; ".join(holds)
+
+
+def event_dict(event: RolloutEvent) -> dict[str, Any]:
+    return {
+        "version": event.version,
+        "at": event.at.isoformat(),
+        "actor": event.actor,
+        "verb": event.verb,
+        "from_state": event.from_state,
+        "from_stage": event.from_stage,
+        "to_state": event.to_state,
+        "to_stage": event.to_stage,
+        "reason": event.reason,
+        "forced": event.forced,
+        "verdict": event.verdict,
+    }
+
+
+def render_status(status: dict[str, Any]) -> Group:
+    """The status as a person reads it: where the rollout is, and what holds it."""
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    state_style = {"rolled_back": "red", "aborted": "red", "paused": "yellow", "finalized": "green"}
+    stages = "  ".join(
+        f"[reverse]{name}[/reverse]" if i == status["stage_index"] else name
+        for i, name in enumerate(status["stages"])
+    )
+    gates = status["gates"]
+    head.add_row("rollout", status["rollout"])
+    head.add_row("state", Text(status["state"], style=state_style.get(status["state"], "cyan")))
+    head.add_row("stage", stages)
+    head.add_row(
+        "traffic",
+        f"incumbent {status['weights']['incumbent']}%  candidate {status['weights']['candidate']}%  "
+        f"mirrored {status['mirror_percent']:g}%",
+    )
+    head.add_row(
+        "samples",
+        _gate(gates["samples"]["met"], f"{gates['samples']['have']}/{gates['samples']['need']}"),
+    )
+    head.add_row(
+        "in stage",
+        _gate(
+            gates["min_duration_s"]["met"],
+            f"{_seconds(status['in_stage_s'])} (min {_seconds(gates['min_duration_s']['need'])}, "
+            f"max {_seconds(gates['max_duration_s'])})",
+        ),
+    )
+    head.add_row(
+        "verdict", _gate(gates["verdict"]["met"], str(gates["verdict"]["have"] or "none yet"))
+    )
+    head.add_row("next", status["next"])
+    parts: list[Any] = [head]
+    if status["checks"]:
+        checks = Table(title="latest verdict per check", title_justify="left")
+        for column in ("check", "decision", "estimate", "bounds", "reason"):
+            checks.add_column(column)
+        colour = {"PASS": "green", "FAIL": "red"}
+        for check in status["checks"]:
+            bounds = (
+                "" if check["lower"] is None else f"[{check['lower']:.4g}, {check['upper']:.4g}]"
+            )
+            estimate = "" if check["estimate"] is None else f"{check['estimate']:.4g}"
+            checks.add_row(
+                str(check["name"]),
+                Text(str(check["decision"]), style=colour.get(str(check["decision"]), "yellow")),
+                estimate,
+                bounds,
+                str(check["reason"] or ""),
+            )
+        parts.append(checks)
+    return Group(*parts)
+
+
+def render_history(events: list[dict[str, Any]]) -> Table:
+    table = Table(title="rollout history", title_justify="left")
+    for column in ("#", "at (UTC)", "actor", "verb", "from", "to"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("reason", ratio=1)
+    for e in events:
+        forced = " [yellow](forced)[/yellow]" if e["forced"] else ""
+        table.add_row(
+            str(e["version"]),
+            e["at"][5:19].replace("T", " "),
+            e["actor"],
+            e["verb"],
+            f"{e['from_state']}@{e['from_stage']}" if e["from_state"] else "",
+            f"{e['to_state']}@{e['to_stage']}",
+            e["reason"] + forced,
+        )
+    return table
+
+
+def _gate(met: bool, text: str) -> Text:
+    return Text(("✓ " if met else "… ") + text, style="green" if met else "yellow")
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    value = float(value)
+    if value < 120:
+        return f"{value:.0f}s"
+    if value < 7200:
+        return f"{value / 60:.0f}m"
+    return f"{value / 3600:.1f}h"

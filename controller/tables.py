@@ -1,0 +1,173 @@
+"""The database schema: the single source of truth every part reads and writes.
+
+Changing a table here needs a migration in `migrations/versions/`;
+`tests/test_migrations.py` fails when the two disagree.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on every backend (SQLite drops the zone; this restores it)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use datetime.now(UTC)")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Rollout(Base):
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[str] = mapped_column(String(16))
+    stage_index: Mapped[int] = mapped_column(Integer)
+    stages: Mapped[list[Any]] = mapped_column(JSON)
+    stage_entered_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    incumbent: Mapped[str] = mapped_column(Text)
+    candidate: Mapped[str] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class RolloutEvent(Base):
+    """Audit trail: one row per transition, written in the transaction that made it."""
+
+    __tablename__ = "rollout_events"
+    __table_args__ = (UniqueConstraint("rollout_id", "version", name="uq_event_rollout_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128))
+    verb: Mapped[str] = mapped_column(String(32))
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    from_stage: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    to_stage: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    forced: Mapped[bool] = mapped_column(Boolean, default=False)
+    verdict: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class Request(Base):
+    __tablename__ = "requests"
+    __table_args__ = (Index("ix_requests_rollout_stage_time", "rollout_id", "stage", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(String(16))
+    primary_role: Mapped[str] = mapped_column(String(16))
+    sticky_key: Mapped[str] = mapped_column(String(256))
+    prompt: Mapped[str] = mapped_column(Text)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    mirrored: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Output(Base):
+    __tablename__ = "outputs"
+    __table_args__ = (
+        UniqueConstraint("request_id", "role", "image_index", name="uq_output_request_role_image"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("requests.id", ondelete="CASCADE"), index=True
+    )
+    role: Mapped[str] = mapped_column(String(16))
+    image_index: Mapped[int] = mapped_column(Integer, default=0)
+    is_primary: Mapped[bool] = mapped_column(Boolean)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    queue_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    peak_gpu_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    oom_count: Mapped[int] = mapped_column(Integer, default=0)
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Score(Base):
+    __tablename__ = "scores"
+    __table_args__ = (UniqueConstraint("output_id", "probe", name="uq_score_output_probe"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    output_id: Mapped[str] = mapped_column(ForeignKey("outputs.id", ondelete="CASCADE"), index=True)
+    probe: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Verdict(Base):
+    """One evaluation of the policy over a stage's window: per-check statistic, bounds, decision."""
+
+    __tablename__ = "verdicts"
+    __table_args__ = (
+        Index("ix_verdicts_rollout_stage_time", "rollout_id", "stage", "evaluated_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(String(16))
+    evaluated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    decision: Mapped[str] = mapped_column(String(16))
+    samples: Mapped[int] = mapped_column(Integer, default=0)
+    checks: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+
+
+class ControllerLease(Base):
+    """Which controller loop may act on a rollout, until when (taken over once expired)."""
+
+    __tablename__ = "controller_leases"
+
+    rollout_id: Mapped[int] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    holder: Mapped[str] = mapped_column(String(128))
+    acquired_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -1,0 +1,284 @@
+"""Persisting the state machine: one compare-and-swap update plus one event row.
+
+Two operators, or an operator and the controller loop, can race; the version
+column makes sure exactly one of them moves the rollout, and the loser is told
+to re-read instead of silently acting on a stale view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from controller.config import Config, Stage
+from controller.rollout import (
+    Command,
+    Evidence,
+    Refusal,
+    RolloutView,
+    State,
+    Transition,
+    decide,
+    state_for_stage,
+)
+from controller.store import Store
+from controller.tables import Request, Rollout, RolloutEvent, Verdict, utcnow
+
+log = structlog.get_logger("cutover.transitions")
+
+CONFLICT = (
+    "state changed while this command was deciding (another operator or the controller moved the rollout); "
+    "re-read with `cutover status` and try again"
+)
+
+
+class RolloutNotFound(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no rollout named {name!r} in this database; run `cutover init` first")
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A transition that was persisted, as recorded in its event row."""
+
+    event_id: int
+    version: int
+    from_state: str
+    from_stage: str
+    to_state: str
+    to_stage: str
+    reason: str
+    forced: bool
+
+
+def stages_of(row: Rollout) -> tuple[Stage, ...]:
+    return tuple(Stage(name, weight) for name, weight in row.stages)
+
+
+def view_of(row: Rollout) -> RolloutView:
+    return RolloutView(State(row.state), row.stage_index, stages_of(row))
+
+
+def get_rollout(session: Session, name: str) -> Rollout:
+    row = session.scalars(select(Rollout).where(Rollout.name == name)).one_or_none()
+    if row is None:
+        raise RolloutNotFound(name)
+    return row
+
+
+def create_rollout(store: Store, config: Config, actor: str) -> tuple[Rollout, bool]:
+    """Create the rollout row and its first event; return (row, created)."""
+    with store.session() as session:
+        existing = session.scalars(select(Rollout).where(Rollout.name == config.name)).one_or_none()
+        if existing is not None:
+            return existing, False
+        now = utcnow()
+        stages = config.stages
+        row = Rollout(
+            name=config.name,
+            state=state_for_stage(tuple(stages), 0).value,
+            stage_index=0,
+            stages=[[s.name, s.weight] for s in stages],
+            stage_entered_at=now,
+            incumbent=config.models.incumbent.pipeline,
+            candidate=config.models.candidate.pipeline,
+            version=1,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(row)
+        session.flush()
+        session.add(
+            RolloutEvent(
+                rollout_id=row.id,
+                version=1,
+                at=now,
+                actor=actor,
+                verb="init",
+                from_state=None,
+                from_stage=None,
+                to_state=row.state,
+                to_stage=stages[0].name,
+                reason=f"candidate {row.candidate} against incumbent {row.incumbent}",
+            )
+        )
+    log.info("rollout_created", rollout=config.name, stage=stages[0].name, actor=actor)
+    return row, True
+
+
+def latest_verdict(session: Session, row: Rollout) -> Verdict | None:
+    """The newest verdict for the stage the rollout is in now (older stages do not count)."""
+    stage = stages_of(row)[row.stage_index].name
+    return session.scalars(
+        select(Verdict)
+        .where(
+            Verdict.rollout_id == row.id,
+            Verdict.stage == stage,
+            Verdict.evaluated_at >= row.stage_entered_at,
+        )
+        .order_by(Verdict.evaluated_at.desc(), Verdict.id.desc())
+        .limit(1)
+    ).one_or_none()
+
+
+def stage_samples(session: Session, row: Rollout) -> int:
+    """Requests recorded since the rollout entered its current stage."""
+    stage = stages_of(row)[row.stage_index].name
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Request)
+            .where(
+                Request.rollout_id == row.id,
+                Request.stage == stage,
+                Request.created_at >= row.stage_entered_at,
+            )
+        )
+        or 0
+    )
+
+
+def verdict_snapshot(verdict: Verdict | None) -> dict[str, Any] | None:
+    if verdict is None:
+        return None
+    return {
+        "id": verdict.id,
+        "decision": verdict.decision,
+        "evaluated_at": verdict.evaluated_at.isoformat(),
+        "samples": verdict.samples,
+        "checks": verdict.checks,
+    }
+
+
+def evidence_for(
+    session: Session, row: Rollout, config: Config, now: datetime | None = None
+) -> Evidence:
+    """Gate facts for the rollout's current stage, with the gates the config sets for it."""
+    now = now or utcnow()
+    stage = stages_of(row)[row.stage_index].name
+    verdict = latest_verdict(session, row)
+    holding = []
+    if verdict is not None:
+        holding = [c.get("name", "?") for c in verdict.checks if c.get("decision") != "PASS"]
+    return Evidence(
+        samples=stage_samples(session, row),
+        min_samples=config.rollout.for_stage("min_samples", stage),
+        elapsed_s=(now - row.stage_entered_at).total_seconds(),
+        min_duration_s=config.rollout.for_stage("min_duration", stage),
+        verdict=verdict.decision if verdict else None,
+        verdict_detail=f"held by {', '.join(holding)}" if holding else "",
+        verdict_snapshot=verdict_snapshot(verdict),
+    )
+
+
+def apply_command(
+    store: Store,
+    config: Config,
+    command: Command,
+    actor: str,
+    *,
+    expected_stage: str | None = None,
+    now: datetime | None = None,
+) -> Applied | Refusal:
+    """Decide `command` against the stored rollout and persist it with a CAS."""
+    with store.reader() as session:
+        row = get_rollout(session, config.name)
+        view = view_of(row)
+        evidence = evidence_for(session, row, config, now)
+    if expected_stage is not None and expected_stage != view.stage.name:
+        return Refusal(
+            f"state changed, re-read: the rollout is at stage {view.stage.name} ({view.state.value}), "
+            f"not {expected_stage} as expected",
+            kind="conflict",
+        )
+    decision = decide(view, command, evidence)
+    if isinstance(decision, Refusal):
+        log.info(
+            "transition_refused",
+            rollout=config.name,
+            stage=view.stage.name,
+            verb=command.verb.value,
+            actor=actor,
+            reason=decision.reason,
+        )
+        return decision
+    return _persist(store, row, view, command, decision, evidence, actor, now or utcnow())
+
+
+def _persist(
+    store: Store,
+    row: Rollout,
+    view: RolloutView,
+    command: Command,
+    transition: Transition,
+    evidence: Evidence,
+    actor: str,
+    now: datetime,
+) -> Applied | Refusal:
+    to_stage = view.stages[transition.stage_index].name
+    values: dict[str, Any] = {
+        "state": transition.state.value,
+        "stage_index": transition.stage_index,
+        "version": row.version + 1,
+        "updated_at": now,
+    }
+    if transition.new_stage:
+        values["stage_entered_at"] = now
+    with store.session() as session:
+        result = session.execute(
+            update(Rollout)
+            .where(Rollout.id == row.id, Rollout.version == row.version)
+            .values(**values)
+        )
+        if result.rowcount != 1:
+            log.info(
+                "transition_conflict",
+                rollout=row.name,
+                stage=view.stage.name,
+                verb=command.verb.value,
+                actor=actor,
+            )
+            return Refusal(CONFLICT, kind="conflict")
+        event = RolloutEvent(
+            rollout_id=row.id,
+            version=row.version + 1,
+            at=now,
+            actor=actor,
+            verb=command.verb.value,
+            from_state=view.state.value,
+            from_stage=view.stage.name,
+            to_state=transition.state.value,
+            to_stage=to_stage,
+            reason=transition.reason,
+            forced=transition.forced,
+            verdict=evidence.verdict_snapshot,
+        )
+        session.add(event)
+        session.flush()
+        event_id = event.id
+    log.info(
+        "transition",
+        rollout=row.name,
+        stage=to_stage,
+        verb=command.verb.value,
+        actor=actor,
+        from_state=view.state.value,
+        to_state=transition.state.value,
+        forced=transition.forced,
+        reason=transition.reason,
+    )
+    return Applied(
+        event_id=event_id,
+        version=row.version + 1,
+        from_state=view.state.value,
+        from_stage=view.stage.name,
+        to_state=transition.state.value,
+        to_stage=to_stage,
+        reason=transition.reason,
+        forced=transition.forced,
+    )

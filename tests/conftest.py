@@ -1,0 +1,81 @@
+"""Shared fixtures: a database URL per backend, and a config written to a temp dir.
+
+PostgreSQL tests need CUTOVER_TEST_DATABASE_URL (a server where the user may
+create databases). Each test gets a fresh database that is dropped afterwards.
+Under CI (CI=true) a missing URL is an error, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+PG_ENV = "CUTOVER_TEST_DATABASE_URL"
+PG_HINT = (
+    f"PostgreSQL tests skipped: set {PG_ENV}=postgresql+psycopg://postgres@127.0.0.1:5432/test "
+    "(a user that may CREATE DATABASE) to run them"
+)
+
+
+def postgres_admin_url() -> str | None:
+    url = os.environ.get(PG_ENV)
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail(
+                f"{PG_ENV} is not set under CI; .ci/run must set it so PostgreSQL tests run"
+            )
+        pytest.skip(PG_HINT)
+    return url
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    admin = postgres_admin_url()
+    name = f"cutover_t_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'cutover.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    return request.getfixturevalue("postgres_url")
+
+
+def base_config(db_url: str, **rollout: object) -> dict:
+    return {
+        "name": "test-rollout",
+        "database_url": db_url,
+        "models": {
+            "incumbent": {"pipeline": "org/incumbent-model"},
+            "candidate": {"pipeline": "org/candidate-model"},
+        },
+        "rollout": {"min_samples": 0, "min_duration": 0, **rollout},
+    }
+
+
+def write_config(directory: Path, data: dict, name: str = "cutover.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
