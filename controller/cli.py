@@ -39,6 +39,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+models_app = typer.Typer(help="Model pipelines.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -332,6 +334,58 @@ def finalize(ctx: typer.Context, reason: ReasonOpt = "") -> None:
 def abort(ctx: typer.Context, reason: ReasonOpt = "") -> None:
     """End the rollout for good, all traffic on the incumbent."""
     _act(ctx, Command(Verb.ABORT, reason=reason))
+
+
+@models_app.command("make-tiny")
+def make_tiny(
+    directory: Annotated[str, typer.Argument(help="Where to save the pipeline.")],
+    seed: Annotated[
+        int | None, typer.Option(help="Weight seed (default: derived from --variant).")
+    ] = None,
+    variant: Annotated[
+        str, typer.Option(help="A name; different names give different weights.")
+    ] = "incumbent",
+) -> None:
+    """Build a tiny random-weight Stable Diffusion pipeline offline (loaded back with from_pretrained)."""
+    from workers.tiny import make_tiny_pipeline
+
+    path = make_tiny_pipeline(directory, seed=seed, variant=variant)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    out.print(f"tiny pipeline {variant!r} saved to {path} ({size / 1e6:.1f} MB)")
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    address: Annotated[
+        str | None, typer.Option(help="An existing Ray cluster (default: start a local one).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: server.port).")] = None,
+) -> None:
+    """Deploy the incumbent, the candidate and the router on Ray Serve; run until interrupted."""
+    import signal
+    import threading
+
+    from controller import app as serving
+
+    def run() -> None:
+        config = load_config(find_config_path(ctx.obj.config_path), check_paths=True)
+        with _store(config) as store:
+            store.require_schema()
+        serving.start(config, address, http_port=port)
+        out.print(
+            f"serving rollout [bold]{config.name}[/bold] on http://{config.server.host}:"
+            f"{port or config.server.port}/v1/images/generations (Ctrl-C stops)"
+        )
+        stopped = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopped.set())
+        try:
+            stopped.wait()
+        finally:
+            serving.stop()
+
+    _run(run)
 
 
 def main() -> None:

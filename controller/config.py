@@ -26,7 +26,7 @@ from pydantic import (
 
 from controller.yaml_source import Problem, SourceError, YamlSource, load_yaml
 
-SAMPLERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm")
+SAMPLERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m")
 PRECISIONS = ("float32", "float16", "bfloat16", "mixed_float16")
 DEFAULT_STAGES: tuple[str | int, ...] = ("shadow", 10, 30, 60, 100)
 SHADOW = "shadow"
@@ -123,7 +123,11 @@ class FaultConfig(_Strict):
     delay_percent: float = Field(100.0, ge=0, le=100)
     timeout_percent: float = Field(0.0, ge=0, le=100)
     oom_percent: float = Field(0.0, ge=0, le=100)
+    hang: Duration = 600.0
     tint: tuple[int, int, int] | None = Field(None, description="RGB added to every output")
+    stand_in: bool = Field(
+        False, description="skip the pipeline: a solid image after `delay` (overhead benchmarks)"
+    )
 
     @field_validator("tint")
     @classmethod
@@ -146,7 +150,7 @@ class FaultConfig(_Strict):
 class ModelConfig(_Strict):
     pipeline: str = Field(description="local directory or hub id loaded with from_pretrained")
     precision: Literal["float32", "float16", "bfloat16", "mixed_float16"] = "float32"
-    sampler: Literal["ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm"] = "ddim"
+    sampler: Literal["ddim", "euler", "euler_ancestral", "dpmpp_2m"] = "ddim"
     steps: int = Field(20, ge=1, le=1000)
     guidance: float = Field(7.5, ge=0, le=100, allow_inf_nan=False)
     batch_size: int | Literal["auto"] = 1
@@ -239,6 +243,7 @@ class Config(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     database_url: str = "sqlite:///.cutover/cutover.db"
     artifact_dir: str = ".cutover/artifacts"
+    spill_dir: str = ".cutover/spill"
     models: Models
     rollout: RolloutConfig = RolloutConfig()
     server: ServerConfig = ServerConfig()
@@ -268,6 +273,20 @@ class Config(_Strict):
     @property
     def artifact_path(self) -> Path:
         return (self._base_dir / Path(self.artifact_dir).expanduser()).resolve()
+
+    @property
+    def spill_path(self) -> Path:
+        return (self._base_dir / Path(self.spill_dir).expanduser()).resolve()
+
+    def to_wire(self) -> tuple[dict[str, Any], str]:
+        """What another process (a Ray replica) needs to rebuild this config: data and base dir."""
+        return self.model_dump(mode="json"), str(self._base_dir)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any], base_dir: str) -> Config:
+        config = cls.model_validate(data)
+        config._base_dir = Path(base_dir)
+        return config
 
     def problem(self, path: tuple[str, ...], message: str) -> Problem:
         """A problem located in this config's file, for checks made after loading."""

@@ -17,6 +17,29 @@ import structlog
 _configured = False
 
 
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is at the time, not the object it was at set-up.
+
+    Test runners and daemons swap sys.stderr; a logger bound to a closed stream would
+    raise inside background threads (the recorder's writer) and kill them.
+    """
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stderr.write(text)
+        except (ValueError, OSError):  # closed or broken stream: logging must never raise
+            return 0
+
+    def flush(self) -> None:
+        try:
+            sys.stderr.flush()
+        except (ValueError, OSError):
+            pass
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(
     level: str | None = None, fmt: str | None = None, stream: TextIO | None = None
 ) -> None:
@@ -24,7 +47,7 @@ def configure_logging(
     global _configured
     if _configured:
         return
-    stream = stream or sys.stderr
+    stream = stream or _CurrentStderr()
     level = (level or os.environ.get("CUTOVER_LOG_LEVEL", "info")).upper()
     fmt = fmt or os.environ.get("CUTOVER_LOG_FORMAT") or ("console" if stream.isatty() else "json")
     renderer: structlog.typing.Processor = (

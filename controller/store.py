@@ -26,24 +26,34 @@ class StoreError(Exception):
     """The database cannot be used as it is; the message says what to run."""
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for `url`; creates the directory of a SQLite file."""
+def make_engine(
+    url: str,
+    *,
+    sqlite_busy_ms: int = SQLITE_BUSY_TIMEOUT_MS,
+    connect_timeout: int | None = None,
+    **kwargs: Any,
+) -> Engine:
+    """An engine for `url`; creates the directory of a SQLite file.
+
+    `sqlite_busy_ms` is how long a SQLite writer waits for a lock; the recorder
+    uses a short one so it spills instead of stalling. `connect_timeout` bounds
+    how long a PostgreSQL connection attempt may hang when the server is gone.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(
-            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs
-        )
-        event.listen(engine, "connect", _sqlite_pragmas)
+        engine = create_engine(url, connect_args={"timeout": sqlite_busy_ms / 1000}, **kwargs)
+        event.listen(engine, "connect", lambda conn, _record: _sqlite_pragmas(conn, sqlite_busy_ms))
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    connect_args = {"connect_timeout": connect_timeout} if connect_timeout else {}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, busy_ms: int) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()

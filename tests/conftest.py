@@ -79,3 +79,21 @@ def write_config(directory: Path, data: dict, name: str = "cutover.yaml") -> Pat
     path = directory / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two tiny pipelines with different weights, built once per test session."""
+    from workers.tiny import make_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        role: make_tiny_pipeline(root / role, variant=role) for role in ("incumbent", "candidate")
+    }
+
+
+def image_distance(a, b) -> float:
+    """Mean absolute difference of two uint8 images, in pixel values (0..255)."""
+    import numpy as np
+
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())

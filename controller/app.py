@@ -1,0 +1,115 @@
+"""Assembling and starting the Ray Serve application: two ModelServers and a Router.
+
+`cutover serve` calls `start`; tests call it too, so the code path that
+deploys in production is the one under test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import structlog
+from sqlalchemy.engine import make_url
+
+from controller.config import Config, ConfigError
+
+log = structlog.get_logger("cutover.app")
+
+ROLES = ("incumbent", "candidate")
+
+
+def build_app(config: Config) -> Any:
+    """The application graph: Router(incumbent ModelServer, candidate ModelServer)."""
+    from controller.router import Router
+    from workers.model_server import ModelServer
+
+    data, base_dir = config.to_wire()
+    servers = {}
+    for role in ROLES:
+        model = getattr(config.models, role)
+        servers[role] = ModelServer.options(
+            name=role,
+            num_replicas=model.replicas,
+            ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+            max_ongoing_requests=max(64, model.max_batch_size * 4),
+        ).bind(role, model.model_dump(mode="json"), base_dir)
+    return Router.options(
+        name="router",
+        num_replicas=config.server.replicas,
+        ray_actor_options={"num_cpus": config.server.num_cpus},
+        max_ongoing_requests=1000,
+    ).bind(data, base_dir, servers["incumbent"], servers["candidate"])
+
+
+def cpus_needed(config: Config) -> float:
+    models = [getattr(config.models, role) for role in ROLES]
+    return (
+        sum(m.num_cpus * m.replicas for m in models)
+        + config.server.num_cpus * config.server.replicas
+    )
+
+
+def check_remote_safe(config: Config, address: str | None) -> None:
+    """A remote cluster cannot reach this machine's SQLite file or local artifact directory."""
+    if not address or address in ("local", "auto"):
+        return
+    problems = []
+    if make_url(config.resolved_database_url).get_backend_name() == "sqlite":
+        problems.append(
+            config.problem(
+                ("database_url",),
+                "a remote Ray cluster cannot use a SQLite file on this "
+                "machine; use PostgreSQL (postgresql+psycopg://…)",
+            )
+        )
+    if not os.environ.get("CUTOVER_SHARED_ARTIFACTS"):
+        problems.append(
+            config.problem(
+                ("artifact_dir",),
+                "a remote Ray cluster needs an artifact directory every "
+                "node can reach: mount shared storage at this path on every node, then set "
+                "CUTOVER_SHARED_ARTIFACTS=1",
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
+def start(config: Config, address: str | None = None, *, http_port: int | None = None) -> Any:
+    """Connect to (or start) Ray, start Serve's HTTP proxy, deploy; return the router handle."""
+    import ray
+    from ray import serve
+
+    check_remote_safe(config, address)
+    config.check_model_paths()
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, namespace="cutover", logging_level="WARNING")
+        else:
+            ray.init(
+                num_cpus=max(math.ceil(cpus_needed(config)) + 1, os.cpu_count() or 1),
+                include_dashboard=False,
+                namespace="cutover",
+                logging_level="WARNING",
+                log_to_driver=False,
+            )
+    serve.start(http_options={"host": config.server.host, "port": http_port or config.server.port})
+    handle = serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
+    log.info(
+        "serving",
+        rollout=config.name,
+        host=config.server.host,
+        port=http_port or config.server.port,
+    )
+    return handle
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()

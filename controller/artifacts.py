@@ -1,0 +1,27 @@
+"""Content-addressed image files: `ab/cd/<sha256>.png` under the artifact directory.
+
+The same image is stored once however often it is generated, and a record's
+sha256 is enough to find its file on any node that mounts the directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def artifact_path(root: Path, sha256: str) -> Path:
+    return root / sha256[:2] / sha256[2:4] / f"{sha256}.png"
+
+
+def store_artifact(root: Path, data: bytes) -> str:
+    """Write `data` once (atomically) and return its sha256."""
+    digest = hashlib.sha256(data).hexdigest()
+    path = artifact_path(root, digest)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return digest

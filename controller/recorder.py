@@ -1,0 +1,351 @@
+"""The recorder: every request and output reaches SQL, off the response path, once.
+
+Callers hand records to a bounded in-memory queue and return at once. One
+writer thread stores images as content-addressed files and inserts rows in
+batches, one transaction per batch. When the database cannot take a batch the
+rows go to a spill file (fsync'd) and are replayed, in order and exactly once,
+before anything newer is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import insert, select
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from controller.artifacts import store_artifact
+from controller.spill import SpillFile
+from controller.store import Store
+from controller.tables import Output, Request, Rollout, utcnow
+
+log = structlog.get_logger("cutover.recorder")
+
+ORPHAN_TTL = timedelta(minutes=10)
+
+
+@dataclass
+class RequestRecord:
+    id: str
+    rollout: str
+    stage: str
+    primary_role: str
+    sticky_key: str
+    prompt: str
+    params: dict[str, Any]
+    seed: int
+    mirrored: bool
+    created_at: datetime
+
+
+@dataclass
+class OutputRecord:
+    id: str
+    request_id: str
+    role: str
+    image_index: int
+    is_primary: bool
+    status: str
+    created_at: datetime
+    error: str | None = None
+    latency_ms: float | None = None
+    queue_ms: float | None = None
+    batch_size: int | None = None
+    peak_gpu_bytes: int | None = None
+    oom_count: int = 0
+    artifact_sha256: str | None = None
+
+
+@dataclass
+class Counters:
+    recorded: int = 0
+    spilled: int = 0
+    replayed: int = 0
+    replay_duplicates: int = 0
+    dead_letters: int = 0
+    queue_full: int = 0
+    batches: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class _Item:
+    record: RequestRecord | OutputRecord
+    png: bytes | None = None
+
+
+@dataclass
+class _Rows:
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.requests) + len(self.outputs)
+
+    def as_spill(self) -> list[dict[str, Any]]:
+        return [{"kind": "request", **_jsonable(r)} for r in self.requests] + [
+            {"kind": "output", **_jsonable(o)} for o in self.outputs
+        ]
+
+    @classmethod
+    def from_spill(cls, lines: list[dict[str, Any]]) -> _Rows:
+        rows = cls()
+        for line in lines:
+            kind = line.pop("kind")
+            line["created_at"] = datetime.fromisoformat(line["created_at"])
+            (rows.requests if kind == "request" else rows.outputs).append(line)
+        return rows
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+
+
+class Recorder:
+    def __init__(
+        self,
+        database_url: str,
+        artifact_dir: Path,
+        spill_dir: Path,
+        *,
+        batch_size: int = 500,
+        flush_interval: float = 0.2,
+        max_queue: int = 50_000,
+        retry_interval: float = 1.0,
+        sqlite_busy_ms: int = 2_000,
+    ) -> None:
+        self.store = Store(database_url, sqlite_busy_ms=sqlite_busy_ms, connect_timeout=3)
+        self.artifact_dir = artifact_dir
+        self.spill = SpillFile(spill_dir)
+        self.counters = Counters()
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._retry_interval = retry_interval
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=max_queue)
+        self._rollout_ids: dict[str, int] = {}
+        self._next_db_attempt = 0.0
+        self._busy = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cutover-recorder", daemon=True)
+        self._thread.start()
+
+    # -- called on the request path: never blocks, never raises --------------------------
+
+    def record(self, record: RequestRecord | OutputRecord, png: bytes | None = None) -> None:
+        try:
+            self._queue.put_nowait(_Item(record, png))
+        except queue.Full:
+            # Overload: write this one straight to the spill file rather than lose it.
+            self.counters.queue_full += 1
+            self._spill_rows(self._prepare([_Item(record, png)]))
+        except Exception:  # pragma: no cover - recording must never fail a request
+            log.exception(
+                "record_failed",
+                request_id=getattr(record, "request_id", getattr(record, "id", None)),
+            )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def flush(self, timeout: float = 30.0, include_spill: bool = False) -> bool:
+        """Wait until queued records are written (and, if asked, the spill replayed)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            idle = self._queue.empty() and not self._busy.is_set()
+            if idle and not (include_spill and self.spill.pending()):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.flush(timeout)
+        self._stop.set()
+        self._thread.join(timeout)
+        self.spill.close()
+        self.store.close()
+
+    # -- the writer thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not (self._stop.is_set() and self._queue.empty()):
+            items = self._take_batch()
+            self._busy.set()
+            try:
+                self._replay_if_due()
+                if items:
+                    rows = self._prepare(items)
+                    if self.spill.pending() or not self._write(rows):
+                        self._spill_rows(rows)
+            except Exception:  # keep the writer alive whatever happens; rows are spilled above
+                with contextlib.suppress(Exception):
+                    log.exception("recorder_loop_error")
+            finally:
+                self._busy.clear()
+
+    def _take_batch(self) -> list[_Item]:
+        try:
+            items = [self._queue.get(timeout=self._flush_interval)]
+        except queue.Empty:
+            return []
+        self._busy.set()
+        while len(items) < self._batch_size:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def _prepare(self, items: list[_Item]) -> _Rows:
+        rows = _Rows()
+        for item in items:
+            row = asdict(item.record)
+            if isinstance(item.record, RequestRecord):
+                rows.requests.append(row)
+                continue
+            if item.png is not None:
+                try:
+                    row["artifact_sha256"] = store_artifact(self.artifact_dir, item.png)
+                except OSError as exc:
+                    row["error"] = f"{row['error'] or ''} (image not stored: {exc})".strip()
+                    log.error(
+                        "artifact_write_failed",
+                        request_id=row["request_id"],
+                        role=row["role"],
+                        error=str(exc),
+                    )
+            rows.outputs.append(row)
+        return rows
+
+    def _write(self, rows: _Rows) -> bool:
+        """Insert a batch in one transaction; False if the database could not take it."""
+        if time.monotonic() < self._next_db_attempt:
+            return False
+        try:
+            self._insert(rows)
+        except DBAPIError as exc:
+            self._db_down(exc)
+            return False
+        self.counters.recorded += len(rows)
+        self.counters.batches += 1
+        return True
+
+    def _insert(self, rows: _Rows) -> None:
+        with self.store.session() as session:
+            if rows.requests:
+                session.execute(
+                    insert(Request), [self._with_rollout_id(session, r) for r in rows.requests]
+                )
+            if rows.outputs:
+                session.execute(insert(Output), rows.outputs)
+
+    def _with_rollout_id(self, session: Any, row: dict[str, Any]) -> dict[str, Any]:
+        name = row["rollout"]
+        if name not in self._rollout_ids:
+            self._rollout_ids[name] = session.scalar(select(Rollout.id).where(Rollout.name == name))
+        return {k: v for k, v in row.items() if k != "rollout"} | {
+            "rollout_id": self._rollout_ids[name]
+        }
+
+    def _spill_rows(self, rows: _Rows) -> None:
+        if not len(rows):
+            return
+        self.spill.append(rows.as_spill())
+        self.counters.spilled += len(rows)
+        log.warning("records_spilled", rows=len(rows), spill=str(self.spill.path))
+
+    def _replay_if_due(self) -> None:
+        if time.monotonic() < self._next_db_attempt or not self.spill.pending():
+            return
+        for batch in self.spill.take():
+            try:
+                waiting = self._replay(_Rows.from_spill(batch.rows))
+            except DBAPIError as exc:
+                batch.keep()
+                self._db_down(exc)
+                continue
+            if len(waiting):
+                self.spill.append(waiting.as_spill())
+            batch.done()
+
+    def _replay(self, rows: _Rows) -> _Rows:
+        """Insert what is not in SQL yet; return outputs whose request row has not arrived yet.
+
+        An output can reach the spill before its request row (the queue overflowed while the
+        request was still queued); it waits for a later replay rather than failing the batch.
+        """
+        try:
+            with self.store.session() as session:
+                requests, skipped_r = _new_only(
+                    session, Request, [self._with_rollout_id(session, r) for r in rows.requests]
+                )
+                if requests:
+                    session.execute(insert(Request), requests)
+                parents = {r["id"] for r in rows.requests} | _existing(
+                    session, Request, {o["request_id"] for o in rows.outputs}
+                )
+                ready = [o for o in rows.outputs if o["request_id"] in parents]
+                waiting = _Rows(outputs=[o for o in rows.outputs if o["request_id"] not in parents])
+                outputs, skipped_o = _new_only(session, Output, ready)
+                if outputs:
+                    session.execute(insert(Output), outputs)
+        except IntegrityError as exc:
+            self._dead_letter(rows, exc)
+            return _Rows()
+        expired = _Rows(
+            outputs=[o for o in waiting.outputs if utcnow() - o["created_at"] > ORPHAN_TTL]
+        )
+        if expired.outputs:
+            self._dead_letter(expired, "no request row arrived for these outputs")
+            waiting.outputs = [o for o in waiting.outputs if o not in expired.outputs]
+        inserted = len(requests) + len(outputs)
+        self.counters.replayed += inserted
+        self.counters.replay_duplicates += skipped_r + skipped_o
+        log.info(
+            "spill_replayed", rows=inserted, duplicates=skipped_r + skipped_o, waiting=len(waiting)
+        )
+        return waiting
+
+    def _dead_letter(self, rows: _Rows, why: object) -> None:
+        """Rows SQL will never take (schema drift, a lost parent): kept in a file, loudly."""
+        self.counters.dead_letters += len(rows)
+        dead = self.spill.directory / "dead-letters.jsonl"
+        with dead.open("a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(r) + "\n" for r in rows.as_spill()))
+        log.error(
+            "replay_dead_letters",
+            rows=len(rows),
+            file=str(dead),
+            error=str(getattr(why, "orig", why)),
+        )
+
+    def _db_down(self, exc: DBAPIError) -> None:
+        self._next_db_attempt = time.monotonic() + self._retry_interval
+        log.warning("database_unavailable", error=str(exc.orig or exc).splitlines()[0][:200])
+
+
+def _existing(session: Any, table: type[Request] | type[Output], ids: set[str]) -> set[str]:
+    found: set[str] = set()
+    ordered = sorted(ids)
+    for start in range(0, len(ordered), 500):
+        chunk = ordered[start : start + 500]
+        found |= set(session.scalars(select(table.id).where(table.id.in_(chunk))))
+    return found
+
+
+def _new_only(
+    session: Any, table: type[Request] | type[Output], rows: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], int]:
+    """Rows whose ids are not in the database yet (replay must not insert twice)."""
+    existing = _existing(session, table, {r["id"] for r in rows})
+    fresh = [r for r in rows if r["id"] not in existing]
+    return fresh, len(rows) - len(fresh)

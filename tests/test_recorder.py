@@ -1,0 +1,257 @@
+"""The recorder loses nothing and writes nothing twice, whatever the database does."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.engine import make_url
+
+from controller.artifacts import artifact_path
+from controller.config import load_config
+from controller.recorder import OutputRecord, Recorder, RequestRecord
+from controller.store import Store
+from controller.tables import Output, Request, utcnow
+from controller.transitions import create_rollout
+from tests.conftest import base_config, postgres_admin_url, write_config
+
+
+@pytest.fixture
+def prepared(tmp_path, db_url):
+    config = load_config(write_config(tmp_path, base_config(db_url)))
+    store = Store(config.resolved_database_url)
+    store.upgrade()
+    create_rollout(store, config, actor="tester")
+    yield config, store
+    store.close()
+
+
+@pytest.fixture(autouse=True)
+def _close_recorders(monkeypatch):
+    """A failed assertion must not leave a writer thread retrying a dropped database."""
+    yield
+    while _made:
+        recorder = _made.pop()
+        if recorder._thread.is_alive():
+            recorder.close(timeout=5)
+
+
+def make_recorder(config, tmp_path, **kwargs):
+    recorder = Recorder(
+        config.resolved_database_url,
+        tmp_path / "artifacts",
+        tmp_path / "spill",
+        flush_interval=0.05,
+        retry_interval=0.2,
+        **kwargs,
+    )
+    _made.append(recorder)
+    return recorder
+
+
+_made: list[Recorder] = []
+
+
+def pair(config, i, png=b"\x89PNG fake"):
+    request_id = str(uuid.uuid4())
+    request = RequestRecord(
+        id=request_id,
+        rollout=config.name,
+        stage="shadow",
+        primary_role="incumbent",
+        sticky_key=f"u{i}",
+        prompt=f"prompt {i}",
+        params={"size": "64x64"},
+        seed=i,
+        mirrored=True,
+        created_at=utcnow(),
+    )
+    outputs = [
+        OutputRecord(
+            id=str(uuid.uuid4()),
+            request_id=request_id,
+            role=role,
+            image_index=0,
+            is_primary=role == "incumbent",
+            status="ok",
+            created_at=utcnow(),
+            latency_ms=12.5,
+        )
+        for role in ("incumbent", "candidate")
+    ]
+    return request, outputs, png + str(i).encode()
+
+
+def send(recorder, config, start, count):
+    ids = []
+    for i in range(start, start + count):
+        request, outputs, png = pair(config, i)
+        recorder.record(request)
+        for output in outputs:
+            recorder.record(output, png=png)
+        ids.append(request.id)
+    return ids
+
+
+def counts(store):
+    with store.reader() as session:
+        return (
+            session.scalar(select(func.count()).select_from(Request)),
+            session.scalar(select(func.count()).select_from(Output)),
+            session.scalar(select(func.count(func.distinct(Output.id))).select_from(Output)),
+        )
+
+
+def test_batches_land_in_sql_with_content_addressed_artifacts(tmp_path, prepared):
+    config, store = prepared
+    recorder = make_recorder(config, tmp_path)
+    send(recorder, config, 0, 200)
+    assert recorder.flush(30)
+    recorder.close()
+    assert counts(store) == (200, 400, 400)
+    assert recorder.counters.recorded == 600 and recorder.counters.batches < 600
+    with store.reader() as session:
+        sha = session.scalars(select(Output.artifact_sha256)).first()
+    assert artifact_path(tmp_path / "artifacts", sha).exists()
+    assert recorder.counters.spilled == 0
+
+
+def test_sqlite_locked_during_traffic_then_released(tmp_path, sqlite_url):
+    config = load_config(write_config(tmp_path, base_config(sqlite_url)))
+    store = Store(config.resolved_database_url)
+    store.upgrade()
+    create_rollout(store, config, actor="tester")
+    recorder = make_recorder(config, tmp_path, sqlite_busy_ms=200)
+    send(recorder, config, 0, 20)
+    assert recorder.flush(30)
+
+    lock = sqlite3.connect(make_url(config.resolved_database_url).database, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    send(recorder, config, 20, 30)
+    deadline = time.monotonic() + 20
+    while recorder.counters.spilled < 90 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert recorder.counters.spilled == 90, recorder.counters
+    lock.execute("COMMIT")
+    lock.close()
+
+    send(recorder, config, 50, 10)
+    assert recorder.flush(30, include_spill=True)
+    recorder.close()
+    assert counts(store) == (60, 120, 120)
+    # Rows written after the lock lifted may queue behind the spill (order is kept): all replayed once.
+    assert recorder.counters.replayed == recorder.counters.spilled >= 90
+    assert recorder.counters.recorded + recorder.counters.replayed == 180
+    store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_down_during_traffic_then_back(tmp_path, postgres_url):
+    config = load_config(write_config(tmp_path, base_config(postgres_url)))
+    store = Store(config.resolved_database_url)
+    store.upgrade()
+    create_rollout(store, config, actor="tester")
+    store.close()
+    database = make_url(postgres_url).database
+    admin = create_engine(postgres_admin_url(), isolation_level="AUTOCOMMIT")
+    recorder = make_recorder(config, tmp_path)
+    send(recorder, config, 0, 20)
+    assert recorder.flush(30)
+    with (
+        admin.connect() as conn
+    ):  # the database goes away: no new connections, existing ones killed
+        conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false'))
+        conn.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
+            {"d": database},
+        )
+    try:
+        send(recorder, config, 20, 30)
+        deadline = time.monotonic() + 20
+        while recorder.counters.spilled < 90 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert recorder.counters.spilled == 90, recorder.counters
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true'))
+    send(recorder, config, 50, 10)
+    assert recorder.flush(30, include_spill=True)
+    recorder.close()
+    admin.dispose()
+    store = Store(config.resolved_database_url)
+    assert counts(store) == (60, 120, 120)
+    store.close()
+
+
+def test_replay_after_a_crash_mid_replay_inserts_nothing_twice(tmp_path, prepared):
+    """Rows already committed (the crash came before the spill file was cleared) are skipped."""
+    config, store = prepared
+    recorder = make_recorder(config, tmp_path)
+    request, outputs, _ = pair(config, 1)
+    rows = recorder._prepare(
+        [type("I", (), {"record": r, "png": None})() for r in [request, *outputs]]
+    )
+    recorder._write(rows)
+    recorder.spill.append(rows.as_spill())  # as if the same rows had also been spilled
+    assert recorder.flush(30, include_spill=True)
+    recorder.close()
+    assert counts(store) == (1, 2, 2)
+    assert recorder.counters.replay_duplicates == 3 and recorder.counters.replayed == 0
+
+
+DEAD_RECORDER = """
+import sys, os, uuid
+from controller.recorder import _Rows
+from controller.spill import SpillFile
+from pathlib import Path
+import json
+spill = SpillFile(Path(sys.argv[1]))
+spill.append(json.loads(sys.argv[2]))
+os._exit(0)  # dies without replaying or cleaning up
+"""
+
+
+def test_spill_of_a_dead_recorder_is_adopted_and_replayed(tmp_path, prepared):
+    config, store = prepared
+    probe = make_recorder(config, tmp_path)
+    request, outputs, _ = pair(config, 5)
+    rows = probe._prepare(
+        [type("I", (), {"record": r, "png": None})() for r in [request, *outputs]]
+    )
+    probe.close()
+    import json
+
+    subprocess.run(
+        [sys.executable, "-c", DEAD_RECORDER, str(tmp_path / "spill"), json.dumps(rows.as_spill())],
+        check=True,
+        env=os.environ | {"PYTHONPATH": os.getcwd()},
+    )
+    orphans = list((tmp_path / "spill").glob("spill-*.jsonl"))
+    assert len(orphans) == 1 and orphans[0].stat().st_size > 0
+    recorder = make_recorder(config, tmp_path)
+    assert recorder.flush(30, include_spill=True)
+    recorder.close()
+    assert counts(store) == (1, 2, 2)
+    assert not list((tmp_path / "spill").glob("spill-*.jsonl"))
+
+
+def test_record_never_blocks_and_overflow_spills(tmp_path, prepared):
+    config, store = prepared
+    recorder = make_recorder(config, tmp_path, max_queue=5)
+    started = time.perf_counter()
+    threads = [threading.Thread(target=send, args=(recorder, config, i * 50, 50)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert time.perf_counter() - started < 30
+    assert recorder.flush(30, include_spill=True)
+    recorder.close()
+    assert counts(store) == (200, 400, 400)

@@ -1,0 +1,53 @@
+"""`cutover serve` and `cutover models make-tiny` refuse clearly before starting anything."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import base_config, write_config
+
+
+def run(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "controller", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def test_remote_cluster_with_sqlite_and_local_artifacts_is_refused(tmp_path, tiny_models):
+    data = base_config(f"sqlite:///{tmp_path / 'c.db'}")
+    data["models"] = {role: {"pipeline": str(path)} for role, path in tiny_models.items()}
+    path = write_config(tmp_path, data)
+    assert run("-c", str(path), "init").returncode == 0
+    result = run("-c", str(path), "serve", "--address", "ray://10.255.255.1:10001")
+    assert result.returncode == 2, result.stderr
+    assert "database_url" in result.stderr and "SQLite" in result.stderr
+    assert "artifact_dir" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_pipeline_directory_is_refused_before_ray_starts(tmp_path):
+    data = base_config(f"sqlite:///{tmp_path / 'c.db'}")
+    data["models"]["candidate"]["pipeline"] = "./models/never-built"
+    path = write_config(tmp_path, data)
+    assert run("-c", str(path), "init").returncode == 0
+    result = run("-c", str(path), "serve")
+    assert result.returncode == 2
+    assert f"{path}:" in result.stderr and "models.candidate.pipeline" in result.stderr
+    assert "make-tiny" in result.stderr
+
+
+def test_make_tiny_builds_a_loadable_variant(tmp_path):
+    result = run(
+        "models", "make-tiny", str(tmp_path / "m"), "--variant", "candidate", "--seed", "3"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "m" / "cutover_tiny.json").read_text()) == {
+        "variant": "candidate",
+        "seed": 3,
+    }
+    assert (tmp_path / "m" / "model_index.json").exists()

@@ -1,0 +1,340 @@
+"""End to end over HTTP on a real local Ray: two tiny models, the router, the recorder, SQLite.
+
+One Ray Serve application is started for the module (about half a minute);
+each test moves the rollout to the stage it needs through the same code path
+as `cutover advance`.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
+
+from controller import app as serving
+from controller.artifacts import artifact_path
+from controller.config import ModelConfig, load_config
+from controller.rollout import Command, Verb
+from controller.store import Store
+from controller.tables import Output, Request
+from controller.transitions import apply_command, create_rollout, get_rollout
+from tests.conftest import image_distance, write_config
+from tests.test_api import MALFORMED
+from workers.jobs import ImageJob
+from workers.pipeline import PipelineRunner, from_png
+
+pytestmark = pytest.mark.ray
+
+REFRESH = 0.5
+MIRROR_LIMIT = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("serving")
+    port = free_port()
+    model = {"steps": 2, "guidance": 4.0, "batch_size": 4, "num_cpus": 0.5}
+    path = write_config(
+        root,
+        {
+            "name": "e2e",
+            "database_url": f"sqlite:///{root / 'cutover.db'}",
+            "models": {role: {"pipeline": str(p), **model} for role, p in tiny_models.items()},
+            "rollout": {"min_samples": 0, "min_duration": 0},
+            "server": {
+                "port": port,
+                "refresh_interval": REFRESH,
+                "mirror_max_in_flight": MIRROR_LIMIT,
+                "max_prompt_chars": 100,
+                "max_n": 4,
+                "max_steps": 50,
+                "min_size": 64,
+                "max_size": 512,
+                "mirror_timeout": 30,
+            },
+        },
+    )
+    config = load_config(path)
+    store = Store(config.resolved_database_url)
+    store.upgrade()
+    create_rollout(store, config, actor="tester")
+    router = serving.start(config, http_port=port)
+    from ray import serve
+
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    for _ in range(120):
+        try:
+            if client.get("/healthz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    yield {
+        "config": config,
+        "path": path,
+        "store": store,
+        "client": client,
+        "router": router,
+        "candidate": serve.get_deployment_handle("candidate", app_name="e2e"),
+    }
+    client.close()
+    serving.stop()
+    store.close()
+
+
+def flush(deployed, include_spill=False):
+    assert deployed["router"].flush.remote(60, include_spill).result(timeout_s=90)
+
+
+def move_to(deployed, stage):
+    """Put the rollout at `stage` whatever it was (rollback + retry to go backwards)."""
+    store, config = deployed["store"], deployed["config"]
+    with store.reader() as session:
+        row = get_rollout(session, config.name)
+        current = row.stages[row.stage_index][0]
+        names = [name for name, _ in row.stages]
+    if current == stage and row.state not in ("rolled_back", "paused"):
+        return
+    if row.state != "rolled_back" and names.index(stage) <= names.index(current):
+        apply_command(store, config, Command(Verb.ROLLBACK, reason="test reset"), "tester")
+    if row.state == "rolled_back" or names.index(stage) <= names.index(current):
+        apply_command(store, config, Command(Verb.RETRY), "tester")
+    if stage != names[0]:
+        apply_command(
+            store, config, Command(Verb.ADVANCE, to=stage, force=True, reason="test"), "tester"
+        )
+    wait_for_stage(deployed, stage)
+
+
+def wait_for_stage(deployed, stage, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if deployed["client"].get("/v1/rollout").json()["stage"] == stage:
+            return time.monotonic()
+        time.sleep(0.05)
+    raise AssertionError(f"router did not reach stage {stage}")
+
+
+def set_faults(deployed, **faults):
+    deployed["candidate"].set_faults.remote(faults).result(timeout_s=30)
+
+
+def generate(client, **body):
+    return client.post(
+        "/v1/images/generations", json={"prompt": 'a shop sign that says "OPEN"', **body}
+    )
+
+
+def outputs_for(deployed, request_id):
+    with deployed["store"].reader() as session:
+        request = session.get(Request, request_id)
+        outputs = session.scalars(select(Output).where(Output.request_id == request_id)).all()
+        return request, {o.role: o for o in outputs}
+
+
+def test_response_headers_image_and_reproducible_seed(deployed):
+    move_to(deployed, "shadow")
+    client = deployed["client"]
+    first = generate(client, seed=1234, user="alice")
+    assert first.status_code == 200, first.text
+    assert first.headers["x-cutover-served-by"] == "incumbent"
+    assert first.headers["x-cutover-stage"] == "shadow"
+    image = from_png(base64.b64decode(first.json()["data"][0]["b64_json"]))
+    assert image.shape == (64, 64, 3)
+    again = from_png(
+        base64.b64decode(generate(client, seed=1234, user="alice").json()["data"][0]["b64_json"])
+    )
+    assert image_distance(image, again) <= 2.0
+
+
+def test_mirrored_pair_shares_prompt_params_and_seed(deployed, tiny_models):
+    move_to(deployed, "shadow")
+    response = generate(
+        deployed["client"], user="bob", steps=3, guidance=2.5, negative_prompt="blurry"
+    )
+    assert response.status_code == 200
+    flush(deployed)
+    request, outputs = outputs_for(deployed, response.headers["x-cutover-request-id"])
+    assert request.mirrored and request.params["steps"] == 3 and request.params["guidance"] == 2.5
+    assert set(outputs) == {"incumbent", "candidate"}
+    assert outputs["incumbent"].is_primary and not outputs["candidate"].is_primary
+    assert all(o.status == "ok" and o.artifact_sha256 for o in outputs.values())
+    # The mirror really used the same prompt, parameters and seed: re-render it here and compare.
+    stored = from_png(
+        artifact_path(
+            deployed["config"].artifact_path, outputs["candidate"].artifact_sha256
+        ).read_bytes()
+    )
+    runner = PipelineRunner(
+        ModelConfig(pipeline=str(tiny_models["candidate"]), steps=2, guidance=4.0),
+        tiny_models["candidate"].parent,
+    )
+    local = runner.generate(
+        [
+            ImageJob(
+                "x",
+                0,
+                request.prompt,
+                request.seed,
+                64,
+                64,
+                steps=3,
+                guidance=2.5,
+                negative_prompt="blurry",
+            )
+        ]
+    )[0]
+    assert image_distance(stored, local) <= 2.0
+
+
+def test_advance_from_a_terminal_changes_the_split_within_the_refresh_interval(deployed):
+    move_to(deployed, "shadow")
+    client = deployed["client"]
+    users = [f"user-{i}" for i in range(60)]
+    assert {
+        generate(client, user=u, steps=1).headers["x-cutover-served-by"] for u in users[:20]
+    } == {"incumbent"}
+    advanced = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "controller",
+            "-c",
+            str(deployed["path"]),
+            "advance",
+            "--to",
+            "60",
+            "--force",
+            "--reason",
+            "e2e",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    done = time.monotonic()
+    seen = wait_for_stage(deployed, "60")
+    assert seen - done <= REFRESH + 0.5, f"router took {seen - done:.2f}s after the CLI returned"
+    served = [generate(client, user=u, steps=1).headers["x-cutover-served-by"] for u in users]
+    share = served.count("candidate") / len(served)
+    assert 0.35 <= share <= 0.85, share
+    assert served == [
+        generate(client, user=u, steps=1).headers["x-cutover-served-by"] for u in users
+    ]
+    assert advanced < seen
+
+
+def test_failing_candidate_never_fails_a_primary(deployed):
+    move_to(deployed, "shadow")
+    set_faults(deployed, error_percent=100)
+    try:
+        responses = [generate(deployed["client"], user=f"err-{i}", steps=1) for i in range(8)]
+        flush(deployed)
+    finally:
+        set_faults(deployed)
+    assert all(r.status_code == 200 for r in responses)
+    for response in responses:
+        _, outputs = outputs_for(deployed, response.headers["x-cutover-request-id"])
+        assert outputs["incumbent"].status == "ok"
+        assert (
+            outputs["candidate"].status == "error"
+            and "injected fault" in outputs["candidate"].error
+        )
+
+
+def test_slow_candidate_does_not_slow_primaries_and_excess_mirrors_are_skipped(deployed):
+    move_to(deployed, "shadow")
+    client = deployed["client"]
+    before = client.get("/v1/stats").json()["mirrors"]
+    set_faults(deployed, delay=5)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            started = time.monotonic()
+            responses = list(
+                pool.map(lambda i: generate(client, user=f"slow-{i}", steps=1), range(10))
+            )
+            elapsed = time.monotonic() - started
+        after = client.get("/v1/stats").json()["mirrors"]
+        flush(deployed)
+    finally:
+        set_faults(deployed)
+    assert all(r.status_code == 200 for r in responses)
+    assert elapsed < 5, f"primaries waited on the slow candidate: {elapsed:.1f}s"
+    assert after["skipped"] - before["skipped"] >= 10 - MIRROR_LIMIT
+    slow = [
+        outputs_for(deployed, r.headers["x-cutover-request-id"])[1].get("candidate")
+        for r in responses
+    ]
+    mirrored = [o for o in slow if o is not None]
+    assert 1 <= len(mirrored) <= MIRROR_LIMIT and all(o.latency_ms >= 5000 for o in mirrored)
+
+
+def test_bad_requests_are_4xx_and_never_model_errors(deployed):
+    client = deployed["client"]
+    with deployed["store"].reader() as session:
+        before = (
+            len(session.scalars(select(Request.id)).all()),
+            len(session.scalars(select(Output.id)).all()),
+        )
+    for case, raw, status, field, _words in MALFORMED:
+        response = client.post(
+            "/v1/images/generations", content=raw, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == status, (case, response.text)
+        assert response.json()["error"]["param"] == field, case
+    flush(deployed)
+    with deployed["store"].reader() as session:
+        after = (
+            len(session.scalars(select(Request.id)).all()),
+            len(session.scalars(select(Output.id)).all()),
+        )
+    assert after == before
+
+
+def test_database_locked_during_traffic_loses_nothing(deployed):
+    move_to(deployed, "shadow")
+    client = deployed["client"]
+    lock = sqlite3.connect(
+        make_url(deployed["config"].resolved_database_url).database, isolation_level=None
+    )
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        ids = [
+            generate(client, user=f"lock-{i}", steps=1).headers["x-cutover-request-id"]
+            for i in range(6)
+        ]
+        time.sleep(3)  # longer than the recorder's busy timeout: these rows must spill
+        stats = client.get("/v1/stats").json()["recorder"]
+    finally:
+        lock.execute("COMMIT")
+        lock.close()
+    ids += [
+        generate(client, user=f"after-{i}", steps=1).headers["x-cutover-request-id"]
+        for i in range(3)
+    ]
+    flush(deployed, include_spill=True)
+    assert stats["spilled"] > 0
+    with deployed["store"].reader() as session:
+        requests = session.scalars(select(Request.id).where(Request.id.in_(ids))).all()
+        outputs = session.scalars(select(Output).where(Output.request_id.in_(ids))).all()
+    assert sorted(requests) == sorted(ids)
+    assert sorted((o.request_id, o.role) for o in outputs) == sorted(
+        (i, r) for i in ids for r in ("incumbent", "candidate")
+    )

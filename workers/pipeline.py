@@ -1,0 +1,128 @@
+"""A diffusers pipeline, loaded and driven the way a model server needs it.
+
+Kept apart from Ray so it can be tested, benchmarked and reasoned about on its
+own: load with `from_pretrained`, pick the sampler, generate a batch of jobs
+with one CPU generator per job so each image depends only on its seed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from controller.config import ModelConfig
+from workers.jobs import ImageJob
+
+log = structlog.get_logger("cutover.pipeline")
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
+
+
+def torch_dtype(precision: str) -> Any:
+    import torch
+
+    return {
+        "float32": torch.float32,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "mixed_float16": torch.float16,
+    }[precision]
+
+
+def load_pipeline(model: ModelConfig, base_dir: Path, device: str) -> Any:
+    """`from_pretrained` on a local directory or hub id (offline when HF_HUB_OFFLINE=1)."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    diffusers.utils.logging.disable_progress_bar()
+    source = str(model.pipeline_path(base_dir)) if model.is_local(base_dir) else model.pipeline
+    pipeline = DiffusionPipeline.from_pretrained(
+        source,
+        dtype=torch_dtype(model.precision),
+        local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1" or model.is_local(base_dir),
+    )
+    if hasattr(pipeline, "safety_checker"):
+        pipeline.safety_checker = None
+    scheduler_cls = getattr(diffusers, SCHEDULERS[model.sampler])
+    pipeline.scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def to_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def from_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Float [0, 1] HWC to uint8; non-finite pixels become 0 (the blank probe catches them)."""
+    return (
+        (np.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1) * 255)
+        .round()
+        .astype(np.uint8)
+    )
+
+
+class PipelineRunner:
+    """One pipeline, entered by one thread at a time (diffusers pipelines are not re-entrant)."""
+
+    def __init__(self, model: ModelConfig, base_dir: Path, device: str | None = None) -> None:
+        import torch
+
+        self.model = model
+        self.device = device or (
+            "cuda" if torch.cuda.is_available() and model.num_gpus > 0 else "cpu"
+        )
+        self.pipeline = load_pipeline(model, base_dir, self.device)
+        self._lock = threading.Lock()
+
+    def generate(self, jobs: list[ImageJob]) -> list[np.ndarray]:
+        """Images (uint8 HWC) for `jobs`, in order; jobs of different shapes run as separate calls."""
+        groups: dict[tuple[object, ...], list[int]] = defaultdict(list)
+        for index, job in enumerate(jobs):
+            groups[job.group_key].append(index)
+        images: list[np.ndarray | None] = [None] * len(jobs)
+        for indices in groups.values():
+            for index, image in zip(indices, self._call([jobs[i] for i in indices]), strict=True):
+                images[index] = image
+        return [image for image in images if image is not None]
+
+    def _call(self, jobs: list[ImageJob]) -> list[np.ndarray]:
+        import torch
+
+        first = jobs[0]
+        kwargs: dict[str, Any] = {
+            "prompt": [job.prompt for job in jobs],
+            "height": first.height,
+            "width": first.width,
+            "num_inference_steps": first.steps or self.model.steps,
+            "guidance_scale": self.model.guidance if first.guidance is None else first.guidance,
+            "generator": [torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
+            "output_type": "np",
+        }
+        if first.negative_prompt is not None:
+            kwargs["negative_prompt"] = [job.negative_prompt or "" for job in jobs]
+        with self._lock, torch.inference_mode():
+            result = self.pipeline(**kwargs)
+        return [to_uint8(image) for image in result.images]
