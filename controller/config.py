@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -60,6 +61,33 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from a number or a string like `512MiB`, `2GiB`, `1.5GB`."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    raise ValueError(f"{value!r} is not a size: use bytes (1048576) or a value like 512MiB, 2GiB")
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
 
 
 @dataclass(frozen=True)
@@ -147,8 +175,16 @@ class FaultConfig(_Strict):
         )
 
 
+class SimulatedMemory(_Strict):
+    """A pretend GPU for CPU machines: the adaptive batching path runs against this budget."""
+
+    budget: ByteSize
+    bytes_per_pixel: float = Field(gt=0, description="true activation bytes per image pixel")
+
+
 class ModelConfig(_Strict):
     pipeline: str = Field(description="local directory or hub id loaded with from_pretrained")
+    num_gpus: float = Field(0.0, ge=0)
     precision: Literal["float32", "float16", "bfloat16", "mixed_float16"] = "float32"
     sampler: Literal["ddim", "euler", "euler_ancestral", "dpmpp_2m"] = "ddim"
     steps: int = Field(20, ge=1, le=1000)
@@ -156,10 +192,33 @@ class ModelConfig(_Strict):
     batch_size: int | Literal["auto"] = 1
     max_batch_size: int = Field(16, ge=1, le=1024)
     batch_wait: Duration = 0.01
-    num_gpus: float = Field(0.0, ge=0)
+    memory_headroom: ByteSize = Field(
+        512 * 2**20, description="bytes kept free when sizing a batch"
+    )
+    initial_bytes_per_pixel: float = Field(
+        20_000.0,
+        gt=0,
+        description="first guess of activation bytes per pixel, before any batch was measured",
+    )
+    gpu_memory_limit: ByteSize | None = Field(
+        None, description="cap this server's share of the GPU"
+    )
+    simulated_memory: SimulatedMemory | None = None
+    oom_unhealthy_after: int = Field(
+        3, ge=1, description="consecutive OOMs of single images before unhealthy"
+    )
     num_cpus: float = Field(1.0, gt=0)
     replicas: int = Field(1, ge=1, le=1024)
     faults: FaultConfig = FaultConfig()
+
+    @field_validator("precision")
+    @classmethod
+    def _cpu_precision(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("num_gpus", 0) == 0 and value in ("float16", "mixed_float16"):
+            raise ValueError(
+                f"precision {value} needs a GPU: on CPU use float32 or bfloat16, or give the model num_gpus > 0"
+            )
+        return value
 
     @field_validator("batch_size", mode="before")
     @classmethod

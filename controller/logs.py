@@ -65,6 +65,6 @@ def configure_logging(
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,  # tests (and tools) may re-route logs after loggers exist
     )
     _configured = True

@@ -62,6 +62,7 @@ class OutputRecord:
     batch_size: int | None = None
     peak_gpu_bytes: int | None = None
     oom_count: int = 0
+    batch_ooms: int = 0
     artifact_sha256: str | None = None
 
 

@@ -250,6 +250,7 @@ class Router:
                     batch_size=result.batch_size or None,
                     peak_gpu_bytes=result.peak_gpu_bytes,
                     oom_count=result.oom_count,
+                    batch_ooms=result.batch_ooms,
                 ),
                 png=result.png,
             )

@@ -126,6 +126,7 @@ class Output(Base):
     batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
     peak_gpu_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     oom_count: Mapped[int] = mapped_column(Integer, default=0)
+    batch_ooms: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     artifact_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 

@@ -97,3 +97,31 @@ def image_distance(a, b) -> float:
     import numpy as np
 
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_serve() -> Iterator[int]:
+    """One local Ray with Serve's HTTP proxy for the whole session (starting one takes ~20 s); yields its port."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        namespace="cutover-tests",
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,9 @@ from diffusers import StableDiffusionPipeline
 
 from controller.config import ModelConfig
 from tests.conftest import image_distance
+from workers.batching import BatchExecutor, CostModel
 from workers.jobs import ImageJob
+from workers.memory import CpuProbe
 from workers.pipeline import SCHEDULERS, PipelineRunner, from_png, to_png
 from workers.tiny import MARKER, ensure_tiny_pipeline
 
@@ -23,10 +26,25 @@ def job(seed, prompt='a cat holding a sign that says "OPEN"', size=64, index=0):
     )
 
 
+class Renderer:
+    """A pipeline behind the batch executor, as a model server drives it (CPU, no memory limits)."""
+
+    def __init__(self, model):
+        self.runner = PipelineRunner(model, Path("/"))
+        self.executor = BatchExecutor(
+            self.runner, CpuProbe(), CostModel(1.0), oom_unhealthy_after=3
+        )
+
+    def generate(self, jobs):
+        outcomes = self.executor.render(jobs)
+        assert all(o.status == "ok" for o in outcomes), outcomes
+        return [o.image for o in outcomes]
+
+
 @pytest.fixture(scope="module")
 def runners(tiny_models):
     return {
-        role: PipelineRunner(ModelConfig(pipeline=str(path), steps=3), path.parent)
+        role: Renderer(ModelConfig(pipeline=str(path), steps=3))
         for role, path in tiny_models.items()
     }
 
@@ -82,8 +100,8 @@ def test_mixed_sizes_are_grouped_and_returned_in_order(runners):
 @pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
 def test_every_sampler_loads_and_samples(tiny_models, sampler):
     path = tiny_models["incumbent"]
-    runner = PipelineRunner(ModelConfig(pipeline=str(path), sampler=sampler, steps=2), path.parent)
-    assert type(runner.pipeline.scheduler).__name__ == SCHEDULERS[sampler]
+    runner = Renderer(ModelConfig(pipeline=str(path), sampler=sampler, steps=2))
+    assert type(runner.runner.pipeline.scheduler).__name__ == SCHEDULERS[sampler]
     image = runner.generate([job(5)])[0]
     assert image.shape == (64, 64, 3) and image.std() > 0
 

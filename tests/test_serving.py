@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -38,16 +37,10 @@ REFRESH = 0.5
 MIRROR_LIMIT = 4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory, tiny_models):
+def deployed(tmp_path_factory, tiny_models, ray_serve):
     root = tmp_path_factory.mktemp("serving")
-    port = free_port()
+    port = ray_serve
     model = {"steps": 2, "guidance": 4.0, "batch_size": 4, "num_cpus": 0.5}
     path = write_config(
         root,
@@ -93,7 +86,7 @@ def deployed(tmp_path_factory, tiny_models):
         "candidate": serve.get_deployment_handle("candidate", app_name="e2e"),
     }
     client.close()
-    serving.stop()
+    serve.delete("e2e")
     store.close()
 
 
@@ -184,7 +177,7 @@ def test_mirrored_pair_shares_prompt_params_and_seed(deployed, tiny_models):
         ModelConfig(pipeline=str(tiny_models["candidate"]), steps=2, guidance=4.0),
         tiny_models["candidate"].parent,
     )
-    local = runner.generate(
+    local, blank = runner.call(
         [
             ImageJob(
                 "x",
@@ -199,6 +192,7 @@ def test_mirrored_pair_shares_prompt_params_and_seed(deployed, tiny_models):
             )
         ]
     )[0]
+    assert not blank
     assert image_distance(stored, local) <= 2.0
 
 

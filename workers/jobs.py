@@ -6,7 +6,7 @@ pickles them across processes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 STATUSES = ("ok", "error", "timeout", "oom", "rejected", "blank")
 
@@ -39,7 +39,7 @@ class ImageResult:
     batch_size: int = 0
     peak_gpu_bytes: int | None = None
     oom_count: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
+    batch_ooms: int = 0
 
     @property
     def ok(self) -> bool:

@@ -1,16 +1,18 @@
 """ModelServer: one Ray Serve deployment class, deployed once per role.
 
-Requests arrive one image at a time and are grouped by `@serve.batch`; the
-pipeline itself runs in a worker thread behind a lock, so the replica's event
-loop keeps accepting requests while a batch samples. Every outcome, failures
-included, comes back as an ImageResult: a replica never lets an exception
-escape to the router, which must record what happened.
+Requests arrive one image at a time and are grouped by `@serve.batch`, whose
+`batch_size_fn` asks the batch planner how full a batch is: by count for a
+fixed batch size, by estimated memory against free device memory for `auto`.
+The pipeline runs in a worker thread behind a lock, so the replica keeps
+accepting requests while a batch samples. Every outcome, failures included,
+comes back as an ImageResult: nothing escapes to the router unrecorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,34 @@ from ray import serve
 
 from controller.config import FaultConfig, ModelConfig
 from controller.logs import configure_logging
+from workers.batching import UNITS, BatchExecutor, BatchPlanner, CostModel, Rendered
 from workers.faults import InjectedError, apply_tint, plan_for
 from workers.jobs import ImageJob, ImageResult
+from workers.memory import make_probe
 from workers.pipeline import PipelineRunner, to_png
 
 log = structlog.get_logger("cutover.model_server")
+
+
+@dataclass(frozen=True)
+class _Queued:
+    """A job in the batch queue, carrying the planner that sizes batches (same process)."""
+
+    job: ImageJob
+    planner: BatchPlanner
+
+
+def _batch_units(items: list[_Queued]) -> int:
+    return items[0].planner.units([item.job for item in items])
+
+
+class _StandIn:
+    """No pipeline: a solid image per job (`faults.stand_in`, for overhead benchmarks)."""
+
+    device = "none"
+
+    def call(self, jobs: list[ImageJob]) -> list[tuple[np.ndarray, bool]]:
+        return [(np.full((j.height, j.width, 3), 128, dtype=np.uint8), False) for j in jobs]
 
 
 @serve.deployment
@@ -34,20 +59,23 @@ class ModelServer:
         self.role = role
         self.model = ModelConfig.model_validate(model)
         self.faults = self.model.faults
-        self.runner = None if self.faults.stand_in else PipelineRunner(self.model, Path(base_dir))
-        batch = (
-            self.model.max_batch_size if self.model.batch_size == "auto" else self.model.batch_size
-        )
-        self._batched.set_max_batch_size(batch)
+        runner = _StandIn() if self.faults.stand_in else PipelineRunner(self.model, Path(base_dir))
+        probe = make_probe(self.model, runner.device)
+        cost = CostModel(self.model.initial_bytes_per_pixel)
+        self.planner = BatchPlanner(self.model, probe, cost)
+        self.executor = BatchExecutor(runner, probe, cost, self.model.oom_unhealthy_after)
+        self._batched.set_max_batch_size(UNITS)
         self._batched.set_batch_wait_timeout_s(self.model.batch_wait)
         log.info(
             "model_server_ready",
             role=role,
             pipeline=self.model.pipeline,
             sampler=self.model.sampler,
-            device=getattr(self.runner, "device", "none"),
-            max_batch_size=batch,
-            faults=self.faults.active,
+            precision=self.model.precision,
+            device=runner.device,
+            probe=probe.name,
+            batch_size=self.model.batch_size,
+            max_batch_size=self.planner.max_count,
         )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -65,11 +93,15 @@ class ModelServer:
 
     def check_health(self) -> None:
         """Ray Serve restarts a replica whose health check raises."""
+        if not self.executor.healthy:
+            raise RuntimeError(
+                f"{self.executor.single_ooms_in_a_row} single images in a row ran out of memory; "
+                "asking Ray to restart this replica"
+            )
 
     async def generate(self, job: ImageJob) -> ImageResult:
         arrived = time.perf_counter()
         plan = plan_for(self.faults, f"{job.request_id}:{job.image_index}")
-        log_keys = {"request_id": job.request_id, "role": self.role}
         try:
             if plan.delay_s:
                 await asyncio.sleep(plan.delay_s)
@@ -89,10 +121,16 @@ class ModelServer:
                     "injected fault: CUDA out of memory (faults.oom_percent)"
                 )
             queued = time.perf_counter()
-            png, started, batch_size = await self._batched(job)
+            outcome, png, started, batch_size = await self._batched(_Queued(job, self.planner))
         except Exception as exc:  # every failure becomes a recorded result, never a dead request
             status = "oom" if type(exc).__name__ == "OutOfMemoryError" else "error"
-            log.warning("generate_failed", status=status, error=str(exc), **log_keys)
+            log.warning(
+                "generate_failed",
+                request_id=job.request_id,
+                role=self.role,
+                status=status,
+                error=str(exc),
+            )
             return ImageResult(
                 status,
                 error=f"{type(exc).__name__}: {exc}",
@@ -100,26 +138,36 @@ class ModelServer:
                 oom_count=int(status == "oom"),
             )
         return ImageResult(
-            "ok",
+            outcome.status,
             png=png,
+            error=outcome.error,
             latency_ms=_ms_since(arrived),
             queue_ms=(started - queued) * 1000,
             batch_size=batch_size,
+            peak_gpu_bytes=outcome.peak_bytes,
+            oom_count=outcome.oom_count,
+            batch_ooms=outcome.batch_ooms,
         )
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _batched(self, jobs: list[ImageJob]) -> list[tuple[bytes, float, int]]:
+    @serve.batch(max_batch_size=UNITS, batch_wait_timeout_s=0.01, batch_size_fn=_batch_units)
+    async def _batched(
+        self, items: list[_Queued]
+    ) -> list[tuple[Rendered, bytes | None, float, int]]:
         started = time.perf_counter()
-        pngs = await asyncio.to_thread(self._render, jobs)
-        return [(png, started, len(jobs)) for png in pngs]
+        jobs = [item.job for item in items]
+        self.planner.running_bytes = self.planner.cost.estimate(jobs)
+        try:
+            outcomes = await asyncio.to_thread(self._render, jobs)
+        finally:
+            self.planner.running_bytes = 0
+        return [(outcome, png, started, len(jobs)) for outcome, png in outcomes]
 
-    def _render(self, jobs: list[ImageJob]) -> list[bytes]:
+    def _render(self, jobs: list[ImageJob]) -> list[tuple[Rendered, bytes | None]]:
         tint = self.faults.tint
-        if self.runner is None or self.faults.stand_in:  # no pipeline: a solid image (benchmarks)
-            images = [np.full((job.height, job.width, 3), 128, dtype=np.uint8) for job in jobs]
-        else:
-            images = self.runner.generate(jobs)
-        return [to_png(apply_tint(image, tint)) for image in images]
+        return [
+            (outcome, None if outcome.image is None else to_png(apply_tint(outcome.image, tint)))
+            for outcome in self.executor.render(jobs)
+        ]
 
 
 def _ms_since(start: float) -> float:

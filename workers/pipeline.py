@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import threading
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 import structlog
 
 from controller.config import ModelConfig
+from policies.probes.blank import is_blank
 from workers.jobs import ImageJob
 
 log = structlog.get_logger("cutover.pipeline")
@@ -30,15 +30,19 @@ SCHEDULERS = {
 }
 
 
-def torch_dtype(precision: str) -> Any:
+def component_dtypes(precision: str) -> dict[str, Any]:
+    """The dtype of each component: `mixed_float16` keeps the VAE in float32, which avoids the
+    all-black (NaN) images a half-precision VAE decode can produce."""
     import torch
 
-    return {
+    half = {
         "float32": torch.float32,
         "float16": torch.float16,
         "bfloat16": torch.bfloat16,
         "mixed_float16": torch.float16,
     }[precision]
+    vae = torch.float32 if precision == "mixed_float16" else half
+    return {"unet": half, "text_encoder": half, "vae": vae}
 
 
 def load_pipeline(model: ModelConfig, base_dir: Path, device: str) -> Any:
@@ -47,14 +51,16 @@ def load_pipeline(model: ModelConfig, base_dir: Path, device: str) -> Any:
     from diffusers import DiffusionPipeline
 
     diffusers.utils.logging.disable_progress_bar()
+    dtypes = component_dtypes(model.precision)
     source = str(model.pipeline_path(base_dir)) if model.is_local(base_dir) else model.pipeline
     pipeline = DiffusionPipeline.from_pretrained(
         source,
-        dtype=torch_dtype(model.precision),
+        dtype=dtypes["unet"],
         local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1" or model.is_local(base_dir),
     )
     if hasattr(pipeline, "safety_checker"):
         pipeline.safety_checker = None
+    pipeline.vae.to(dtypes["vae"])
     scheduler_cls = getattr(diffusers, SCHEDULERS[model.sampler])
     pipeline.scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
@@ -76,7 +82,7 @@ def from_png(data: bytes) -> np.ndarray:
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Float [0, 1] HWC to uint8; non-finite pixels become 0 (the blank probe catches them)."""
+    """Float [0, 1] HWC to uint8; non-finite pixels become 0 (the image is flagged blank first)."""
     return (
         (np.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1) * 255)
         .round()
@@ -94,21 +100,22 @@ class PipelineRunner:
         self.device = device or (
             "cuda" if torch.cuda.is_available() and model.num_gpus > 0 else "cpu"
         )
+        if model.num_gpus > 0 and self.device == "cpu":
+            log.warning(
+                "no_cuda_device",
+                pipeline=model.pipeline,
+                precision=model.precision,
+                note="num_gpus > 0 but torch sees no CUDA device; running on the CPU",
+            )
         self.pipeline = load_pipeline(model, base_dir, self.device)
         self._lock = threading.Lock()
 
-    def generate(self, jobs: list[ImageJob]) -> list[np.ndarray]:
-        """Images (uint8 HWC) for `jobs`, in order; jobs of different shapes run as separate calls."""
-        groups: dict[tuple[object, ...], list[int]] = defaultdict(list)
-        for index, job in enumerate(jobs):
-            groups[job.group_key].append(index)
-        images: list[np.ndarray | None] = [None] * len(jobs)
-        for indices in groups.values():
-            for index, image in zip(indices, self._call([jobs[i] for i in indices]), strict=True):
-                images[index] = image
-        return [image for image in images if image is not None]
+    def call(self, jobs: list[ImageJob]) -> list[tuple[np.ndarray, bool]]:
+        """One pipeline call for jobs of one group: (uint8 image, blank?) per job, in order.
 
-    def _call(self, jobs: list[ImageJob]) -> list[np.ndarray]:
+        Sampling returns latents; the VAE decodes them in its own dtype (float32 under
+        mixed precision), so the half-precision part never touches the pixels.
+        """
         import torch
 
         first = jobs[0]
@@ -119,10 +126,17 @@ class PipelineRunner:
             "num_inference_steps": first.steps or self.model.steps,
             "guidance_scale": self.model.guidance if first.guidance is None else first.guidance,
             "generator": [torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
-            "output_type": "np",
+            "output_type": "latent",
         }
         if first.negative_prompt is not None:
             kwargs["negative_prompt"] = [job.negative_prompt or "" for job in jobs]
         with self._lock, torch.inference_mode():
-            result = self.pipeline(**kwargs)
-        return [to_uint8(image) for image in result.images]
+            latents = self.pipeline(**kwargs).images
+            vae = self.pipeline.vae
+            decoded = vae.decode(
+                latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False
+            )[0]
+            images = self.pipeline.image_processor.postprocess(
+                decoded.float(), output_type="np", do_denormalize=[True] * len(jobs)
+            )
+        return [(to_uint8(image), is_blank(image)) for image in images]

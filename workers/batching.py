@@ -1,0 +1,178 @@
+"""Batches that fit: sizing from free memory, and out-of-memory split-and-retry.
+
+The batch a model server runs is chosen by one rule, used both by Ray Serve's
+`@serve.batch` (through `batch_size_fn`) and by `bench/gpu_batching.py`: take
+the longest prefix of the queue whose estimated peak fits in free memory minus
+headroom, and whose count fits `max_batch_size`. The estimate is learned from
+measured peaks. When it is wrong anyway, an out-of-memory error splits the
+batch in halves down to single images, so a replica never dies of OOM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+
+from controller.config import ModelConfig
+from workers.jobs import ImageJob
+from workers.memory import MemoryProbe, pixels
+
+log = structlog.get_logger("cutover.batching")
+
+# Ray Serve compares batch "sizes" to max_batch_size; a full batch is this many units.
+UNITS = 1_000_000
+
+
+def group_jobs(jobs: list[ImageJob]) -> list[list[int]]:
+    """Indices of jobs that one pipeline call can take together (same size and parameters)."""
+    groups: dict[tuple[object, ...], list[int]] = defaultdict(list)
+    for index, job in enumerate(jobs):
+        groups[job.group_key].append(index)
+    return list(groups.values())
+
+
+class CostModel:
+    """Peak activation bytes per image pixel, learned from measured peaks.
+
+    Steps do not enter: sampling frees each step's activations before the next,
+    so the peak of a call depends on how many pixels it holds at once.
+    An underestimate is corrected at once, an overestimate slowly.
+    """
+
+    def __init__(self, initial_bytes_per_pixel: float) -> None:
+        self.bytes_per_pixel = initial_bytes_per_pixel
+        self.observations = 0
+
+    def estimate(self, jobs: list[ImageJob]) -> int:
+        """Peak bytes of a batch: its largest pipeline call (groups run one after another)."""
+        calls = (sum(pixels(jobs[i]) for i in group) for group in group_jobs(jobs))
+        return max((int(total * self.bytes_per_pixel) for total in calls), default=0)
+
+    def observe(self, jobs: list[ImageJob], peak_bytes: int) -> None:
+        measured = peak_bytes / max(sum(pixels(j) for j in jobs), 1)
+        self.bytes_per_pixel = max(measured, 0.8 * self.bytes_per_pixel + 0.2 * measured)
+        self.observations += 1
+
+
+class BatchPlanner:
+    def __init__(self, model: ModelConfig, probe: MemoryProbe, cost: CostModel) -> None:
+        self.auto = model.batch_size == "auto"
+        self.max_count = model.max_batch_size if self.auto else int(model.batch_size)
+        self.headroom = model.memory_headroom
+        self.probe = probe
+        self.cost = cost
+        self.running_bytes = (
+            0  # estimate of the batch executing now; freed before the next one runs
+        )
+
+    def budget(self) -> int | None:
+        free = self.probe.free_bytes()
+        if free is None:
+            return None
+        return max(free + self.running_bytes - self.headroom, 1)
+
+    def units(self, jobs: list[ImageJob]) -> int:
+        """How full `jobs` would make a batch, in UNITS (more than UNITS does not fit)."""
+        needed = math.ceil(len(jobs) * UNITS / self.max_count)
+        budget = self.budget() if self.auto else None
+        if budget is not None:
+            needed = max(needed, math.ceil(self.cost.estimate(jobs) * UNITS / budget))
+        # A single image always runs; if it truly does not fit, it is recorded as `oom`.
+        return min(needed, UNITS) if len(jobs) == 1 else needed
+
+    def take(self, queue: list[ImageJob]) -> list[ImageJob]:
+        """The longest prefix of `queue` that fits (what Ray Serve's batcher does with `units`)."""
+        batch = queue[:1]
+        for job in queue[1:]:
+            if self.units([*batch, job]) > UNITS:
+                break
+            batch.append(job)
+        return batch
+
+
+@dataclass
+class Rendered:
+    """One image's outcome from a batch."""
+
+    status: str
+    image: np.ndarray | None = None
+    error: str | None = None
+    oom_count: int = 0
+    batch_ooms: int = 0
+    peak_bytes: int | None = None
+
+
+class BatchExecutor:
+    """Runs batches through a pipeline runner, splitting on OOM; tracks replica health."""
+
+    def __init__(
+        self, runner: Any, probe: MemoryProbe, cost: CostModel, oom_unhealthy_after: int
+    ) -> None:
+        self.runner = runner
+        self.probe = probe
+        self.cost = cost
+        self.oom_unhealthy_after = oom_unhealthy_after
+        self.single_ooms_in_a_row = 0
+        self.total_ooms = 0
+
+    @property
+    def healthy(self) -> bool:
+        return self.single_ooms_in_a_row < self.oom_unhealthy_after
+
+    def render(self, jobs: list[ImageJob]) -> list[Rendered]:
+        results: list[Rendered | None] = [None] * len(jobs)
+        for indices in group_jobs(jobs):
+            ooms_before = self.total_ooms
+            outcomes = self._render_group([jobs[i] for i in indices], ooms=0)
+            for index, outcome in zip(indices, outcomes, strict=True):
+                outcome.batch_ooms = self.total_ooms - ooms_before
+                results[index] = outcome
+        return [r for r in results if r is not None]
+
+    def _render_group(self, jobs: list[ImageJob], ooms: int) -> list[Rendered]:
+        import torch
+
+        try:
+            images, peak = self.probe.run(jobs, lambda: self.runner.call(jobs))
+            failure = None
+        except torch.OutOfMemoryError as exc:
+            failure = str(exc).splitlines()[0][:300]
+        if failure is not None:
+            # Retry outside the except block: its traceback holds the failed call's activations.
+            return self._split_after_oom(jobs, ooms, failure)
+        self.single_ooms_in_a_row = 0
+        if peak:
+            self.cost.observe(jobs, peak)
+        return [
+            Rendered(
+                "blank" if blank else "ok",
+                image=image,
+                oom_count=ooms,
+                peak_bytes=peak,
+                error="blank image: constant or non-finite pixels" if blank else None,
+            )
+            for image, blank in images
+        ]
+
+    def _split_after_oom(self, jobs: list[ImageJob], ooms: int, failure: str) -> list[Rendered]:
+        self.probe.release()
+        self.total_ooms += 1
+        first = jobs[0]
+        log.warning(
+            "batch_oom",
+            batch_size=len(jobs),
+            size=f"{first.width}x{first.height}",
+            request_id=first.request_id,
+            error=failure,
+        )
+        if len(jobs) == 1:
+            self.single_ooms_in_a_row += 1
+            message = f"{first.width}x{first.height} does not fit in device memory even as a batch of one: {failure}"
+            return [Rendered("oom", oom_count=ooms + 1, error=message)]
+        half = len(jobs) // 2
+        return self._render_group(jobs[:half], ooms + 1) + self._render_group(jobs[half:], ooms + 1)
