@@ -373,17 +373,110 @@ def serve(
         with _store(config) as store:
             store.require_schema()
         serving.start(config, address, http_port=port)
+        from controller.loop import ControllerLoop
+
+        stopped = threading.Event()
+        loop = threading.Thread(
+            target=ControllerLoop(config).run,
+            args=(stopped,),
+            name="cutover-controller",
+            daemon=True,
+        )
+        loop.start()
         out.print(
             f"serving rollout [bold]{config.name}[/bold] on http://{config.server.host}:"
             f"{port or config.server.port}/v1/images/generations (Ctrl-C stops)"
         )
-        stopped = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stopped.set())
         try:
             stopped.wait()
         finally:
+            loop.join(timeout=30)
             serving.stop()
+
+    _run(run)
+
+
+@app.command()
+def control(
+    ctx: typer.Context,
+    once: Annotated[bool, typer.Option("--once", help="One evaluation, then exit.")] = False,
+) -> None:
+    """Run the controller loop: score outputs, judge, roll back or advance (one active loop per rollout)."""
+    import signal
+    import threading
+
+    from controller.loop import ControllerLoop
+
+    def run() -> None:
+        config = _config(ctx)
+        with _store(config) as store:
+            store.require_schema()
+            loop = ControllerLoop(config, store)
+            if once:
+                result = loop.tick()
+                action = result.action
+                what = (
+                    ""
+                    if action is None
+                    else f"; {getattr(action, 'to_state', None) or action.reason}"
+                )
+                out.print(
+                    f"leader={result.leader} scored={result.scored} verdict={result.verdict}{what}",
+                    soft_wrap=True,
+                )
+                return
+            stop = threading.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            out.print(
+                f"controller loop for [bold]{config.name}[/bold] every "
+                f"{config.rollout.evaluation_interval:g}s (Ctrl-C stops)"
+            )
+            loop.run(stop)
+
+    _run(run)
+
+
+@app.command()
+def calibrate(
+    ctx: typer.Context,
+    repeats: Annotated[int, typer.Option(help="Rounds over the prompt set.")] = 1,
+    prompts: Annotated[str | None, typer.Option(help="A file with one prompt per line.")] = None,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+) -> None:
+    """A/A: the incumbent against itself (other seeds); prints each metric's noise floor and a tolerance."""
+    from rich.table import Table
+
+    from policies.calibrate import calibrate as run_calibration
+    from policies.calibrate import default_prompts
+    from policies.policy import load_policy
+
+    def run() -> None:
+        config = load_config(find_config_path(ctx.obj.config_path), check_paths=True)
+        policy = load_policy(config.base_dir / config.policy if config.policy else None)
+        texts = (
+            [line.strip() for line in open(prompts, encoding="utf-8") if line.strip()]
+            if prompts
+            else default_prompts()
+        )
+        floors = run_calibration(config, texts, repeats, policy.ocr_engine, size)
+        table = Table(
+            title=f"A/A noise floor of {config.models.incumbent.pipeline}", title_justify="left"
+        )
+        for column in ("metric", "pairs", "mean", "p95", "suggested tolerance", "how"):
+            table.add_column(column)
+        for f in floors:
+            table.add_row(
+                f.metric,
+                str(f.pairs),
+                f"{f.mean:.4g}",
+                f"{f.p95:.4g}",
+                f"{f.suggested:.4g}",
+                f.note,
+            )
+        out.print(table)
 
     _run(run)
 

@@ -20,12 +20,11 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    ValidationError,
     ValidationInfo,
     field_validator,
 )
 
-from controller.yaml_source import Problem, SourceError, YamlSource, load_yaml
+from controller.yaml_source import Problem, SourceError, YamlSource, load_yaml, validate_source
 
 SAMPLERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m")
 PRECISIONS = ("float32", "float16", "bfloat16", "mixed_float16")
@@ -258,6 +257,9 @@ class RolloutConfig(_Strict):
     max_duration: Annotated[dict[str, Duration], BeforeValidator(_per_stage)] = {"*": 86400.0}
     auto_advance: bool = False
     evaluation_interval: Duration = 30.0
+    lease_ttl: Duration = Field(
+        30.0, gt=0, description="a controller loop silent this long loses its lease"
+    )
 
     @field_validator("stages")
     @classmethod
@@ -396,22 +398,9 @@ def load_config(path: str | os.PathLike[str], *, check_paths: bool = False) -> C
     """Load and validate a config file; raise ConfigError listing every problem."""
     file = Path(path)
     source = load_yaml(file)
-    if source.data is None:
-        raise ConfigError(
-            [source.problem((), "file is empty: a config needs at least `name` and `models`")]
-        )
-    if not isinstance(source.data, dict):
-        raise ConfigError(
-            [
-                source.problem(
-                    (), f"the top level must be a mapping of keys, not {type(source.data).__name__}"
-                )
-            ]
-        )
-    try:
-        config = Config.model_validate(source.data)
-    except ValidationError as exc:
-        raise ConfigError([_explain(source, err) for err in exc.errors()]) from None
+    config = validate_source(
+        source, Config, empty_hint="a config needs at least `name` and `models`"
+    )
     config._base_dir = file.resolve().parent
     config._source = source
     _check_stage_names(config)
@@ -434,39 +423,3 @@ def _check_stage_names(config: Config) -> None:
     ]
     if problems:
         raise ConfigError(problems)
-
-
-def _explain(source: YamlSource, err: Any) -> Problem:
-    """Turn one pydantic error into a Problem a release engineer can act on."""
-    loc: tuple[Any, ...] = tuple(err["loc"])
-    kind = err["type"]
-    # Pydantic adds the per-stage wildcard and union tags to loc; drop what the file lacks.
-    shown = loc if kind in ("missing", "extra_forbidden") else source.known_prefix(loc)
-    shown = tuple(str(p) for p in shown if p != "*")
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1])
-        message = f"unknown key {str(loc[-1])!r}; allowed here: {', '.join(allowed)}"
-    elif kind == "missing":
-        message = "required key is missing"
-    else:
-        message = str(err["msg"]).removeprefix("Value error, ")
-        if (
-            "input" in err
-            and kind not in ("value_error",)
-            and not isinstance(err["input"], dict | list)
-        ):
-            message = f"{message} (got {err['input']!r})"
-    problem = source.problem(shown, message)
-    return Problem(problem.file, source.line_of(loc), problem.key, message)
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = Config
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
-            break
-    return sorted(model.model_fields)

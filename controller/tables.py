@@ -129,6 +129,7 @@ class Output(Base):
     batch_ooms: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     artifact_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    scored_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True, index=True)
 
 
 class Score(Base):

@@ -11,9 +11,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
 Path_ = tuple[str, ...]
 
@@ -158,3 +159,62 @@ def _expand(value: Any, path: Path_, source: YamlSource, problems: list[Problem]
         return match.group(0)
 
     return _ENV_REF.sub(substitute, value)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_source(source: YamlSource, model: type[M], empty_hint: str = "") -> M:
+    """Validate YAML data against a pydantic model; every error names file, line and key."""
+    if source.data is None:
+        raise SourceError([source.problem((), f"file is empty: {empty_hint}".rstrip(": "))])
+    if not isinstance(source.data, dict):
+        kind = type(source.data).__name__
+        raise SourceError(
+            [source.problem((), f"the top level must be a mapping of keys, not {kind}")]
+        )
+    try:
+        return model.model_validate(source.data)
+    except ValidationError as exc:
+        raise SourceError([_explain(source, model, err) for err in exc.errors()]) from None
+
+
+def _explain(source: YamlSource, root: type[BaseModel], err: Any) -> Problem:
+    """Turn one pydantic error into a Problem a release engineer can act on."""
+    loc: tuple[Any, ...] = tuple(err["loc"])
+    kind = err["type"]
+    # Pydantic adds the per-stage wildcard and union tags to loc; drop what the file lacks.
+    shown = loc if kind in ("missing", "extra_forbidden") else source.known_prefix(loc)
+    shown = tuple(str(p) for p in shown if p != "*")
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(root, loc[:-1])
+        message = f"unknown key {str(loc[-1])!r}; allowed here: {', '.join(allowed)}"
+    elif kind == "missing":
+        message = "required key is missing"
+    else:
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if "input" in err and kind != "value_error" and not isinstance(err["input"], dict | list):
+            message = f"{message} (got {err['input']!r})"
+    problem = source.problem(shown, message)
+    return Problem(problem.file, source.line_of(loc), problem.key, message)
+
+
+def _allowed_keys(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    model = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        inner = [
+            a
+            for a in getattr(annotation, "__args__", ())
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif inner:
+            model = inner[0]
+        else:
+            break
+    return sorted(model.model_fields)

@@ -1,0 +1,167 @@
+"""The controller loop: score, judge, and act on the verdict, every interval.
+
+Each tick: hold the lease (or do nothing), score pending outputs, store a
+verdict over the attempt's data, then let `plan_action` (a pure function)
+choose at most one verb, applied with a compare-and-swap guarded by the stage
+the tick saw. A loop killed at any moment and restarted repeats nothing: a
+transition either committed (and the next tick sees the new stage) or it did
+not (and the next tick decides again from the same stored facts).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+
+from controller import lease
+from controller.config import Config
+from controller.rollout import PASS, Command, Evidence, Refusal, RolloutView, State, Verb
+from controller.store import Store
+from controller.tables import utcnow
+from controller.transitions import Applied, apply_command, evidence_for, get_rollout, view_of
+from policies.checks import FAIL
+from policies.judge import judge
+from policies.policy import Policy, load_policy
+from policies.scorer import Scorer
+
+log = structlog.get_logger("cutover.loop")
+
+ACTOR = "controller"
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a tick knows when it decides."""
+
+    view: RolloutView
+    evidence: Evidence
+    verdict: str
+    failing: tuple[str, ...]
+    auto_advance: bool
+    max_duration_s: float
+
+
+def plan_action(facts: Facts) -> Command | None:
+    """The one verb this tick should apply, or None. Rollback beats everything."""
+    view, evidence = facts.view, facts.evidence
+    if view.state not in (State.SHADOWING, State.CANARY, State.PROMOTED):
+        return None
+    if facts.verdict == FAIL:
+        return Command(Verb.ROLLBACK, reason="automatic rollback: " + "; ".join(facts.failing))
+    if (
+        evidence.elapsed_s > facts.max_duration_s
+        and facts.verdict != PASS
+        and view.state is not State.PROMOTED
+    ):
+        return Command(
+            Verb.PAUSE,
+            reason=(
+                f"stage {view.stage.name} passed its maximum duration ({facts.max_duration_s:.0f}s) "
+                f"without a PASS verdict (latest: {facts.verdict})"
+            ),
+        )
+    if (
+        facts.auto_advance
+        and view.state in (State.SHADOWING, State.CANARY)
+        and not evidence.unmet()
+    ):
+        return Command(
+            Verb.ADVANCE, reason=f"automatic advance: gates met in stage {view.stage.name}"
+        )
+    return None
+
+
+@dataclass
+class TickResult:
+    leader: bool
+    scored: int = 0
+    verdict: str | None = None
+    action: Applied | Refusal | None = None
+
+
+class ControllerLoop:
+    def __init__(
+        self,
+        config: Config,
+        store: Store | None = None,
+        policy: Policy | None = None,
+        holder: str | None = None,
+        lease_ttl: float | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store or Store(config.resolved_database_url)
+        self.policy = policy or load_policy(
+            config.base_dir / config.policy if config.policy else None
+        )
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.lease_ttl = timedelta(seconds=lease_ttl or config.rollout.lease_ttl)
+        self.scorer = Scorer(self.policy, config.artifact_path)
+        self.gpus = {
+            role: getattr(config.models, role).num_gpus for role in ("incumbent", "candidate")
+        }
+
+    def tick(self, now: datetime | None = None) -> TickResult:
+        now = now or utcnow()
+        with self.store.reader() as session:
+            row = get_rollout(session, self.config.name)
+        if not lease.acquire(self.store, row.id, self.holder, self.lease_ttl, now):
+            return TickResult(leader=False)
+        result = TickResult(leader=True)
+        with self.store.session() as session:
+            result.scored = self.scorer.score_pending(session, row.id, now=now)
+        if view_of(row).state not in (State.SHADOWING, State.CANARY, State.PROMOTED):
+            return result
+        with self.store.session() as session:
+            row = get_rollout(session, self.config.name)
+            verdict = judge(session, row, self.policy, self.gpus, now)
+            failing = tuple(
+                f"{c['name']}: {c['reason']}"
+                for c in verdict.checks
+                if c["decision"] == FAIL and c["critical"]
+            )
+            result.verdict = verdict.decision
+        with self.store.reader() as session:
+            row = get_rollout(session, self.config.name)
+            view = view_of(row)
+            facts = Facts(
+                view,
+                evidence_for(session, row, self.config, now),
+                result.verdict,
+                failing,
+                self.config.rollout.auto_advance,
+                self.config.rollout.for_stage("max_duration", view.stage.name),
+            )
+        command = plan_action(facts)
+        if command is not None:
+            result.action = apply_command(
+                self.store, self.config, command, ACTOR, expected_stage=view.stage.name, now=now
+            )
+            log.info(
+                "controller_action",
+                rollout=self.config.name,
+                stage=view.stage.name,
+                verb=command.verb.value,
+                outcome=type(result.action).__name__,
+                reason=command.reason[:300],
+            )
+        return result
+
+    def run(self, stop: threading.Event) -> None:
+        """Tick every evaluation interval until `stop` is set; errors are logged and retried."""
+        log.info("controller_started", rollout=self.config.name, holder=self.holder)
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("controller_tick_failed", rollout=self.config.name)
+            stop.wait(self.config.rollout.evaluation_interval)
+        with self.store.reader() as session:
+            rollout_id = get_rollout(session, self.config.name).id
+        lease.release(self.store, rollout_id, self.holder)
+        log.info("controller_stopped", rollout=self.config.name, holder=self.holder)

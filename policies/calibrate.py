@@ -1,0 +1,97 @@
+"""A/A calibration: the incumbent against itself, to measure each metric's noise floor.
+
+Two renders of every prompt with different seeds differ for reasons that have
+nothing to do with a model swap. Their paired differences are the noise floor
+a tolerance must sit above, or healthy candidates would be rolled back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from controller.config import Config
+from policies.probes.colour import colour_shift
+from policies.probes.typography import ENGINES, typography_cer
+from workers.jobs import ImageJob
+from workers.pipeline import PipelineRunner
+
+PROMPTS = Path(__file__).parent / "prompts.txt"
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    metric: str
+    pairs: int
+    mean: float
+    p95: float
+    suggested: float
+    note: str
+
+
+def calibrate(
+    config: Config,
+    prompts: list[str],
+    repeats: int = 1,
+    ocr_engine: str = "rapidocr",
+    size: int = 64,
+) -> list[NoiseFloor]:
+    model = config.models.incumbent
+    runner = PipelineRunner(model, config.base_dir)
+    ocr = ENGINES[ocr_engine]()
+    shifts, cer_diffs, latency_ratios = [], [], []
+    for round_ in range(repeats):
+        for index, prompt in enumerate(prompts):
+            seeds = (1_000 * round_ + index, 1_000_000 + 1_000 * round_ + index)
+            images, latencies = [], []
+            for seed in seeds:
+                started = time.perf_counter()
+                image, _ = runner.call([ImageJob(f"aa-{seed}", 0, prompt, seed, size, size)])[0]
+                latencies.append(time.perf_counter() - started)
+                images.append(image)
+            shifts.append(colour_shift(images[0], images[1]))
+            latency_ratios.append(latencies[0] / latencies[1])
+            a, b = (typography_cer(prompt, image, ocr) for image in images)
+            if a is not None and b is not None:
+                cer_diffs.append(a - b)
+    return [
+        _floor(
+            "colour_shift_de",
+            shifts,
+            lambda v: float(np.quantile(v, 0.99)) * 1.5,
+            "mean ΔE2000 between two seeds of one prompt; tolerance: 1.5 x its p99",
+        ),
+        _floor(
+            "typography_cer (paired difference)",
+            [abs(d) for d in cer_diffs],
+            lambda v: max(float(np.quantile(v, 0.95)), 0.02),
+            "|CER difference| between two seeds; tolerance: its p95 (at least 0.02)",
+        ),
+        _floor(
+            "latency ratio (A/A)",
+            latency_ratios,
+            lambda v: max(float(np.quantile(v, 0.95)), 1.1),
+            "render time ratio of two seeds; quantile tolerance ratio: its p95 (at least 1.1)",
+        ),
+    ]
+
+
+def _floor(metric: str, values: list[float], suggest: object, note: str) -> NoiseFloor:
+    if not values:
+        return NoiseFloor(metric, 0, float("nan"), float("nan"), float("nan"), "no pairs: " + note)
+    array = np.asarray(values, dtype=float)
+    return NoiseFloor(
+        metric,
+        len(values),
+        float(array.mean()),
+        float(np.quantile(array, 0.95)),
+        suggest(array),
+        note,
+    )
+
+
+def default_prompts() -> list[str]:
+    return [line.strip() for line in PROMPTS.read_text().splitlines() if line.strip()]

@@ -1,0 +1,192 @@
+"""One check, evaluated on the data gathered so far: FAIL, PASS or INCONCLUSIVE.
+
+Pure functions of numbers, so the judge's maths is tested and simulated
+(`bench/judge_sim.py`) without a database. FAIL means the confidence sequence
+shows a regression larger than the tolerance; PASS means it shows any
+regression is within the tolerance; otherwise the check is INCONCLUSIVE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from policies.policy import Check
+from policies.sequential import Interval, bernoulli_cs, bounded_mean_cs, quantile_cs
+
+FAIL, PASS, INCONCLUSIVE = "FAIL", "PASS", "INCONCLUSIVE"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    decision: str
+    estimate: float | None
+    lower: float | None
+    upper: float | None
+    samples: int
+    critical: bool
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RateData:
+    candidate_events: int
+    candidate_total: int
+    incumbent_events: int
+    incumbent_total: int
+
+
+def _confidence(alpha: float) -> str:
+    return f"{(1 - alpha) * 100:.4g}%"
+
+
+def _limit(check: Check) -> float:
+    """Regressions are expressed so that the tolerance is an absolute limit (0 after a ratio)."""
+    return check.tolerance.absolute if check.tolerance.absolute is not None else 0.0
+
+
+def _decide(check: Check, bounds: Interval, samples: int) -> str:
+    """FAIL / PASS from the bounds of the regression (candidate worse is positive)."""
+    limit = _limit(check)
+    if samples < check.min_samples:
+        return INCONCLUSIVE
+    if bounds.lower > limit:
+        return FAIL
+    if bounds.upper <= limit:
+        return PASS
+    return INCONCLUSIVE
+
+
+def evaluate_rate(check: Check, data: RateData, alpha: float) -> CheckResult:
+    """Difference of two Bernoulli rates: per-arm confidence sequences at alpha/2 each."""
+    cand = bernoulli_cs(data.candidate_events, data.candidate_total, alpha / 2)
+    inc = bernoulli_cs(data.incumbent_events, data.incumbent_total, alpha / 2)
+    p_c = data.candidate_events / data.candidate_total if data.candidate_total else 0.0
+    p_i = data.incumbent_events / data.incumbent_total if data.incumbent_total else 0.0
+    if (
+        check.tolerance.ratio is not None
+    ):  # ratio: compare the candidate's bound with ratio x incumbent's
+        diff = Interval(
+            cand.lower - check.tolerance.ratio * inc.upper,
+            cand.upper - check.tolerance.ratio * inc.lower,
+        )
+        tolerance_text = f"tolerance x{check.tolerance.ratio:g}"
+    else:
+        diff = Interval(cand.lower - inc.upper, cand.upper - inc.lower)
+        tolerance_text = f"tolerance {check.tolerance.absolute * 100:.1f} pp"
+    sign = -1 if check.direction == "higher_is_better" else 1
+    bounds = diff if sign == 1 else Interval(-diff.upper, -diff.lower)
+    decision = _decide(check, bounds, data.candidate_total)
+    words = {
+        FAIL: f"difference >= {bounds.lower * 100:+.1f} pp",
+        PASS: f"difference <= {bounds.upper * 100:+.1f} pp",
+        INCONCLUSIVE: f"difference in [{bounds.lower * 100:+.1f}, {bounds.upper * 100:+.1f}] pp",
+    }[decision]
+    reason = (
+        f"candidate {check.metric} rate {p_c:.1%} vs {p_i:.1%} ({data.candidate_total} vs "
+        f"{data.incumbent_total} outputs), {words} with {_confidence(alpha)} confidence, {tolerance_text}"
+    )
+    return CheckResult(
+        check.name,
+        decision,
+        p_c - p_i,
+        bounds.lower,
+        bounds.upper,
+        data.candidate_total,
+        check.critical,
+        _min_samples_note(check, data.candidate_total, reason),
+    )
+
+
+def evaluate_quantile(
+    check: Check, candidate: Sequence[float], incumbent: Sequence[float], alpha: float
+) -> CheckResult:
+    """Quantile of each arm from its own confidence sequence (alpha/2 each), compared by the tolerance."""
+    q = check.quantile or 0.5
+    cand = quantile_cs(candidate, q, alpha / 2)
+    inc = quantile_cs(incumbent, q, alpha / 2)
+    est_c, est_i = _point_quantile(candidate, q), _point_quantile(incumbent, q)
+    if check.tolerance.ratio is not None:
+        r = check.tolerance.ratio
+        # Regression in units of the incumbent: candidate - r x incumbent, positive means beyond tolerance.
+        bounds = Interval(cand.lower - r * inc.upper, cand.upper - r * inc.lower)
+        tolerance_text = f"tolerance x{r:g}"
+    else:
+        bounds = Interval(cand.lower - inc.upper, cand.upper - inc.lower)
+        tolerance_text = f"tolerance {check.tolerance.absolute:g}"
+    if check.direction == "higher_is_better":
+        bounds = Interval(-bounds.upper, -bounds.lower)
+    samples = min(len(candidate), len(incumbent))
+    decision = _decide(check, bounds, samples)
+    reason = (
+        f"candidate p{q * 100:g} {check.metric} {est_c:.4g} vs {est_i:.4g}; candidate in "
+        f"[{cand.lower:.4g}, {cand.upper:.4g}], incumbent in [{inc.lower:.4g}, {inc.upper:.4g}] "
+        f"with {_confidence(alpha)} confidence, {tolerance_text}"
+    )
+    ratio = est_c / est_i if est_i else None
+    return CheckResult(
+        check.name,
+        decision,
+        ratio,
+        bounds.lower,
+        bounds.upper,
+        samples,
+        check.critical,
+        _min_samples_note(check, samples, reason),
+    )
+
+
+def evaluate_paired(check: Check, values: Sequence[float], alpha: float) -> CheckResult:
+    """Mean paired regression (candidate minus incumbent, or the pair's own score) by a betting sequence."""
+    low, high = check.range
+    sign = -1 if check.direction == "higher_is_better" else 1
+    signed = [sign * v for v in values]
+    lo, hi = (low, high) if sign == 1 else (-high, -low)
+    bounds = bounded_mean_cs(signed, alpha, lo, hi)
+    mean = sum(signed) / len(signed) if signed else 0.0
+    decision = _decide(check, bounds, len(signed))
+    tolerance = _limit(check)
+    what = "mean paired difference" if check.pair_value == "difference" else "mean per pair"
+    reason = (
+        f"{check.metric} {what} {mean:+.4g} over {len(signed)} pairs, in [{bounds.lower:+.4g}, "
+        f"{bounds.upper:+.4g}] with {_confidence(alpha)} confidence, tolerance {tolerance:g}"
+    )
+    return CheckResult(
+        check.name,
+        decision,
+        mean,
+        bounds.lower,
+        bounds.upper,
+        len(signed),
+        check.critical,
+        _min_samples_note(check, len(signed), reason),
+    )
+
+
+def _point_quantile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+def _min_samples_note(check: Check, samples: int, reason: str) -> str:
+    if samples < check.min_samples:
+        return f"{samples}/{check.min_samples} samples so far; " + reason
+    return reason
+
+
+def overall(results: Sequence[CheckResult]) -> str:
+    """FAIL if a critical check fails; PASS if every critical check passes and none fails; else INCONCLUSIVE."""
+    if any(r.decision == FAIL and r.critical for r in results):
+        return FAIL
+    if all(r.decision == PASS for r in results if r.critical) and not any(
+        r.decision == FAIL for r in results
+    ):
+        return PASS
+    return INCONCLUSIVE

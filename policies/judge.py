@@ -1,0 +1,177 @@
+"""The judge: the policy's checks over everything recorded in this rollout attempt.
+
+Data come from SQL: outputs of both roles since the attempt began (the last
+`init` or `retry`), and probe scores of pairs (same request, same image
+index, both outputs ok). Each check is a confidence sequence over that
+growing window, so evaluating after every record keeps the chance of any
+false FAIL over the whole attempt below the policy's alpha.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controller.tables import Output, Request, Rollout, RolloutEvent, Score, Verdict, utcnow
+from policies.checks import (
+    CheckResult,
+    RateData,
+    evaluate_paired,
+    evaluate_quantile,
+    evaluate_rate,
+    overall,
+)
+from policies.policy import Check, Policy
+
+RATE_STATUSES = {
+    "error": {"error"},
+    "timeout": {"timeout"},
+    "oom": {"oom"},
+    "blank": {"blank"},
+    "failure": {"error", "timeout"},
+}
+
+
+@dataclass
+class Window:
+    """Per-role outputs and per-pair scores of one rollout attempt."""
+
+    statuses: dict[str, list[str]]
+    samples: dict[str, dict[str, list[float]]]
+    pair_scores: dict[str, list[tuple[float | None, float | None]]]
+    requests: int
+
+
+def attempt_started(session: Session, rollout: Rollout) -> datetime:
+    """When the current attempt began: the newest `init` or `retry` event."""
+    started = session.scalar(
+        select(RolloutEvent.at)
+        .where(RolloutEvent.rollout_id == rollout.id, RolloutEvent.verb.in_(("init", "retry")))
+        .order_by(RolloutEvent.version.desc())
+        .limit(1)
+    )
+    return started or rollout.created_at
+
+
+def load_window(session: Session, rollout: Rollout, gpus: dict[str, float]) -> Window:
+    since = attempt_started(session, rollout)
+    rows = session.execute(
+        select(Output, Request.id)
+        .join(Request, Output.request_id == Request.id)
+        .where(Request.rollout_id == rollout.id, Request.created_at >= since)
+    ).all()
+    statuses: dict[str, list[str]] = defaultdict(list)
+    samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    by_pair: dict[tuple[str, int], dict[str, Output]] = defaultdict(dict)
+    for output, request_id in rows:
+        statuses[output.role].append(output.status)
+        if output.status == "ok" and output.latency_ms is not None:
+            role_samples = samples[output.role]
+            role_samples["latency_ms"].append(output.latency_ms)
+            role_samples["queue_ms"].append(output.queue_ms or 0.0)
+            role_samples["gpu_seconds"].append(
+                output.latency_ms
+                / 1000
+                * gpus.get(output.role, 0.0)
+                / max(output.batch_size or 1, 1)
+            )
+        by_pair[(request_id, output.image_index)][output.role] = output
+    pairs = {
+        key: roles
+        for key, roles in by_pair.items()
+        if roles.get("candidate") is not None
+        and roles.get("incumbent") is not None
+        and roles["candidate"].status == "ok"
+        and roles["incumbent"].status == "ok"
+    }
+    scores = _scores(session, [o.id for roles in pairs.values() for o in roles.values()])
+    pair_scores: dict[str, list[tuple[float | None, float | None]]] = defaultdict(list)
+    for roles in pairs.values():
+        cand, inc = scores.get(roles["candidate"].id, {}), scores.get(roles["incumbent"].id, {})
+        for probe in set(cand) | set(inc):
+            pair_scores[probe].append((cand.get(probe), inc.get(probe)))
+    requests = len({request_id for _, request_id in rows})
+    return Window(
+        dict(statuses), {k: dict(v) for k, v in samples.items()}, dict(pair_scores), requests
+    )
+
+
+def _scores(session: Session, output_ids: list[str]) -> dict[str, dict[str, float]]:
+    found: dict[str, dict[str, float]] = defaultdict(dict)
+    for start in range(0, len(output_ids), 500):
+        chunk = output_ids[start : start + 500]
+        for output_id, probe, value in session.execute(
+            select(Score.output_id, Score.probe, Score.value).where(
+                Score.output_id.in_(chunk), Score.value.is_not(None)
+            )
+        ):
+            found[output_id][probe] = value
+    return found
+
+
+def paired_values(check: Check, pairs: list[tuple[float | None, float | None]]) -> list[float]:
+    if check.pair_value == "candidate":
+        return [c for c, _ in pairs if c is not None]
+    return [c - i for c, i in pairs if c is not None and i is not None]
+
+
+def evaluate(policy: Policy, window: Window) -> list[CheckResult]:
+    alpha = policy.alpha_per_check
+    results = []
+    for check in policy.checks:
+        if check.kind == "rate":
+            bad = RATE_STATUSES[check.metric]
+            cand, inc = window.statuses.get("candidate", []), window.statuses.get("incumbent", [])
+            data = RateData(
+                sum(s in bad for s in cand), len(cand), sum(s in bad for s in inc), len(inc)
+            )
+            results.append(evaluate_rate(check, data, alpha))
+        elif check.kind == "quantile":
+            cand = window.samples.get("candidate", {}).get(check.metric, [])
+            inc = window.samples.get("incumbent", {}).get(check.metric, [])
+            results.append(evaluate_quantile(check, cand, inc, alpha))
+        else:
+            results.append(
+                evaluate_paired(
+                    check, paired_values(check, window.pair_scores.get(check.metric, [])), alpha
+                )
+            )
+    return results
+
+
+def judge(
+    session: Session,
+    rollout: Rollout,
+    policy: Policy,
+    gpus: dict[str, float],
+    now: datetime | None = None,
+) -> Verdict:
+    """Evaluate every check and store the verdict (in the caller's transaction)."""
+    results = evaluate(policy, load_window(session, rollout, gpus))
+    verdict = Verdict(
+        rollout_id=rollout.id,
+        stage=rollout.stages[rollout.stage_index][0],
+        evaluated_at=now or utcnow(),
+        decision=overall(results),
+        samples=max((r.samples for r in results), default=0),
+        checks=[_jsonable(r.as_dict()) for r in results],
+    )
+    session.add(verdict)
+    return verdict
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    """Plain floats for JSON; an unbounded side (too few samples) is stored as null."""
+
+    def clean(value: Any) -> Any:
+        if hasattr(value, "item"):
+            value = value.item()
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return {k: clean(v) for k, v in row.items()}

@@ -1,0 +1,86 @@
+"""The policy file: which checks the judge runs, and how strict each is.
+
+Loaded with the same line-aware validation as `cutover.yaml`, so a typo in a
+check names its file and line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from controller.yaml_source import load_yaml, validate_source
+
+DEFAULT_POLICY = Path(__file__).parent / "default.yaml"
+RATE_METRICS = ("error", "timeout", "oom", "blank", "failure")
+SAMPLE_METRICS = ("latency_ms", "queue_ms", "gpu_seconds")
+SCORE_METRICS = ("typography_cer", "colour_shift_de", "frame_drift_de", "clip_score")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tolerance(_Strict):
+    """How much worse the candidate may be: an absolute difference or a ratio (one of the two)."""
+
+    absolute: float | None = Field(None, ge=0)
+    ratio: float | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> Tolerance:
+        if (self.absolute is None) == (self.ratio is None):
+            raise ValueError("give exactly one of absolute or ratio")
+        return self
+
+
+class Check(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    kind: Literal["rate", "quantile", "paired_mean"]
+    metric: str
+    tolerance: Tolerance
+    direction: Literal["lower_is_better", "higher_is_better"] = "lower_is_better"
+    critical: bool = True
+    min_samples: int = Field(100, ge=1)
+    quantile: float | None = Field(None, gt=0, lt=1)
+    pair_value: Literal["difference", "candidate"] = "difference"
+    range: tuple[float, float] = (-1.0, 1.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Check:
+        allowed = {"rate": RATE_METRICS, "quantile": SAMPLE_METRICS, "paired_mean": SCORE_METRICS}[
+            self.kind
+        ]
+        if self.metric not in allowed:
+            raise ValueError(
+                f"metric {self.metric!r} does not fit kind {self.kind}; use one of {', '.join(allowed)}"
+            )
+        if self.kind == "quantile" and self.quantile is None:
+            raise ValueError("a quantile check needs `quantile`, for example 0.95")
+        if self.kind == "paired_mean" and self.tolerance.ratio is not None:
+            raise ValueError(
+                "a paired_mean check takes an absolute tolerance (the pair already compares)"
+            )
+        if self.range[0] >= self.range[1]:
+            raise ValueError(f"range {list(self.range)} must be [low, high] with low < high")
+        return self
+
+
+class Policy(_Strict):
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    sample_rate: float = Field(1.0, gt=0, le=1, description="share of outputs the scorer scores")
+    ocr_engine: Literal["rapidocr", "tesseract"] = "rapidocr"
+    clip_model: str | None = None
+    checks: list[Check] = Field(min_length=1)
+
+    @property
+    def alpha_per_check(self) -> float:
+        """Alpha split evenly (Bonferroni) so the chance of any false FAIL stays below alpha."""
+        return self.alpha / len(self.checks)
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    source = load_yaml(Path(path) if path else DEFAULT_POLICY)
+    return validate_source(source, Policy)

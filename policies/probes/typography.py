@@ -1,0 +1,113 @@
+"""Typography: does the image say what the prompt asked it to say?
+
+For prompts that quote text ("…", '…' or “…”), the output is read by OCR and
+the character error rate (CER) of the requested text is taken against the
+best-matching span of what was read: edit distance with free start and end in
+the read text (semi-global alignment), divided by the requested length.
+Text is compared after NFKC, case folding and whitespace collapsing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import unicodedata
+from functools import cached_property
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+_QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”|‘([^’]+)’|(?<![A-Za-z0-9])\'([^\']+)\'(?![A-Za-z0-9])')
+
+
+def requested_text(prompt: str) -> list[str]:
+    """The quoted spans a prompt asks to appear in the image."""
+    return [next(g for g in match.groups() if g) for match in _QUOTED.finditer(prompt)]
+
+
+def normalize(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def best_span_cer(requested: str, read: str) -> float:
+    """Edit distance of `requested` to its best-matching span of `read`, over len(requested)."""
+    want, got = normalize(requested), normalize(read)
+    if not want:
+        return 0.0
+    previous = [0] * (len(got) + 1)  # a match may start anywhere in the read text
+    for i, char in enumerate(want, start=1):
+        current = [i] + [0] * len(got)
+        for j, other in enumerate(got, start=1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char != other))
+        previous = current
+    return min(previous) / len(want)  # ...and end anywhere
+
+
+class OcrEngine(Protocol):
+    name: str
+
+    def read(self, image: np.ndarray) -> str: ...
+
+
+class RapidOcr:
+    """rapidocr 3.x on the ONNX models bundled in its wheel (no download), one thread."""
+
+    name = "rapidocr"
+
+    @cached_property
+    def _engine(self) -> object:
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+        from rapidocr import RapidOCR
+
+        return RapidOCR(
+            params={
+                "Global.log_level": "error",
+                "EngineConfig.onnxruntime.intra_op_num_threads": 1,
+                "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+            }
+        )
+
+    def read(self, image: np.ndarray) -> str:
+        result = self._engine(image[:, :, ::-1].copy())  # rapidocr expects BGR, as OpenCV reads
+        return " ".join(result.txts or ()) if result is not None else ""
+
+
+class Tesseract:
+    """Debian's tesseract command line, as a second engine."""
+
+    name = "tesseract"
+
+    def __init__(self, binary: str = "tesseract") -> None:
+        self.binary = shutil.which(binary) or binary
+
+    def read(self, image: np.ndarray) -> str:
+        from PIL import Image
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "in.png"
+            Image.fromarray(image).save(path)
+            done = subprocess.run(
+                [self.binary, str(path), "stdout", "--psm", "11"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+                env=os.environ | {"OMP_THREAD_LIMIT": "1"},
+            )
+        return done.stdout
+
+
+ENGINES = {"rapidocr": RapidOcr, "tesseract": Tesseract}
+
+
+def typography_cer(prompt: str, image: np.ndarray, engine: OcrEngine) -> float | None:
+    """Mean CER over the prompt's quoted spans, or None when the prompt asks for no text."""
+    wanted = requested_text(prompt)
+    if not wanted:
+        return None
+    read = engine.read(image)
+    return float(np.mean([best_span_cer(text, read) for text in wanted]))

@@ -1,0 +1,167 @@
+"""The scorer: runs the probes on recorded outputs and writes score rows.
+
+A worker of the controller loop, off the response path. It takes outputs not
+scored yet, oldest first, and for a sampled share of them computes the
+typography CER (prompts that quote text), the colour shift of the pair
+(candidate against incumbent, same prompt and seed), frame-to-frame drift of
+multi-image requests and, when configured, the CLIP score. A probe that fails
+writes a score row with its error: a probe error, never a model error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from controller.artifacts import artifact_path
+from controller.tables import Output, Request, Score, utcnow
+from policies.policy import Policy
+from policies.probes.colour import colour_shift
+from policies.probes.typography import ENGINES, typography_cer
+from workers.pipeline import from_png
+
+log = structlog.get_logger("cutover.scorer")
+
+# How long an output waits for its partner (a mirror still running) before it is scored alone.
+PARTNER_WAIT = timedelta(minutes=2)
+
+
+def sampled(output_id: str, rate: float) -> bool:
+    digest = hashlib.sha256(f"score:{output_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < rate
+
+
+class Scorer:
+    def __init__(self, policy: Policy, artifact_dir: Path) -> None:
+        self.policy = policy
+        self.artifact_dir = artifact_dir
+        self._clip_skip_logged = False
+
+    @cached_property
+    def ocr(self) -> Any:
+        return ENGINES[self.policy.ocr_engine]()
+
+    @cached_property
+    def clip(self) -> Any:
+        if not self.policy.clip_model:
+            return None
+        from policies.probes.clip_score import ClipScorer
+
+        return ClipScorer(self.policy.clip_model)
+
+    def score_pending(
+        self, session: Session, rollout_id: int, limit: int = 64, now: datetime | None = None
+    ) -> int:
+        """Score up to `limit` outputs of the rollout; returns how many were settled."""
+        now = now or utcnow()
+        if self.clip is None and not self._clip_skip_logged:
+            log.info("probe_skipped", probe="clip_score", reason="no clip_model in the policy")
+            self._clip_skip_logged = True
+        rows = session.execute(
+            select(Output, Request)
+            .join(Request, Output.request_id == Request.id)
+            .where(Request.rollout_id == rollout_id, Output.scored_at.is_(None))
+            .order_by(Output.created_at)
+            .limit(limit)
+        ).all()
+        settled = 0
+        for output, request in rows:
+            if output.status != "ok" or not sampled(output.id, self.policy.sample_rate):
+                self._settle(session, output, now)
+                settled += 1
+                continue
+            partners = self._partners(session, output)
+            waiting = output.role == "candidate" and "incumbent" not in partners
+            if waiting and now - output.created_at < PARTNER_WAIT:
+                continue  # the incumbent's side of this pair is not recorded yet
+            for probe, value, error in self._probe(output, request, partners):
+                session.add(
+                    Score(
+                        output_id=output.id, probe=probe, value=value, error=error, created_at=now
+                    )
+                )
+            self._settle(session, output, now)
+            settled += 1
+        return settled
+
+    @staticmethod
+    def _settle(session: Session, output: Output, now: datetime) -> None:
+        session.execute(update(Output).where(Output.id == output.id).values(scored_at=now))
+
+    def _partners(self, session: Session, output: Output) -> dict[str, Output]:
+        """Outputs of the same request that the probes compare against."""
+        others = session.scalars(
+            select(Output).where(
+                Output.request_id == output.request_id,
+                Output.id != output.id,
+                Output.status == "ok",
+            )
+        ).all()
+        found = {}
+        for other in others:
+            if other.image_index == output.image_index:
+                found[other.role] = other
+            elif other.role == output.role and other.image_index == output.image_index - 1:
+                found["previous"] = other
+        return found
+
+    def _probe(
+        self, output: Output, request: Request, partners: dict[str, Output]
+    ) -> list[tuple[str, Any, Any]]:
+        results: list[tuple[str, float | None, str | None]] = []
+        image = self._image(output)
+        if image is None:
+            return [
+                (
+                    "image",
+                    None,
+                    f"artifact {output.artifact_sha256} not found in {self.artifact_dir}",
+                )
+            ]
+        probes = [("typography_cer", lambda: typography_cer(request.prompt, image, self.ocr))]
+        if output.role == "candidate" and "incumbent" in partners:
+            probes.append(("colour_shift_de", lambda: self._against(image, partners["incumbent"])))
+        if "previous" in partners:
+            probes.append(("frame_drift_de", lambda: self._against(image, partners["previous"])))
+        if self.clip is not None:
+            probes.append(("clip_score", lambda: self.clip.score(request.prompt, image)))
+        for name, probe in probes:
+            try:
+                value = probe()
+            except (
+                Exception
+            ) as exc:  # a probe's failure is recorded as such, never as a model error
+                log.warning(
+                    "probe_failed",
+                    probe=name,
+                    request_id=request.id,
+                    role=output.role,
+                    error=str(exc),
+                )
+                results.append((name, None, f"{type(exc).__name__}: {exc}"[:1000]))
+                continue
+            if value is not None:
+                results.append((name, float(value), None))
+        return results
+
+    def _against(self, image: np.ndarray, other: Output) -> float:
+        partner = self._image(other)
+        if partner is None:
+            raise FileNotFoundError(
+                f"artifact {other.artifact_sha256} of the partner output is missing"
+            )
+        return colour_shift(image, partner)
+
+    def _image(self, output: Output) -> np.ndarray | None:
+        if not output.artifact_sha256:
+            return None
+        path = artifact_path(self.artifact_dir, output.artifact_sha256)
+        return from_png(path.read_bytes()) if path.exists() else None

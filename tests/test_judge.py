@@ -1,0 +1,155 @@
+"""The judge's maths: confidence sequences against independent computations, and A/A honesty."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from scipy import integrate, stats
+
+from policies.checks import (
+    FAIL,
+    INCONCLUSIVE,
+    PASS,
+    RateData,
+    evaluate_paired,
+    evaluate_quantile,
+    evaluate_rate,
+)
+from policies.policy import Check, Tolerance, load_policy
+from policies.sequential import (
+    PRIOR_A,
+    PRIOR_B,
+    bernoulli_cs,
+    bounded_mean_cs,
+    log_mixture_ratio,
+    quantile_cs,
+)
+
+
+@pytest.mark.parametrize(
+    ("successes", "n", "p"), [(0, 10, 0.1), (3, 50, 0.02), (40, 100, 0.5), (99, 100, 0.9)]
+)
+def test_mixture_ratio_matches_numerical_integration(successes, n, p):
+    """The closed form (beta functions) against scipy's quadrature of the mixture integral."""
+    prior = stats.beta(PRIOR_A, PRIOR_B)
+
+    def integrand(q):
+        return math.exp(
+            successes * math.log(q / p) + (n - successes) * math.log((1 - q) / (1 - p))
+        ) * prior.pdf(q)
+
+    numeric, _ = integrate.quad(integrand, 0, 1, points=[successes / n], limit=200)
+    assert log_mixture_ratio(successes, n, p) == pytest.approx(
+        math.log(numeric), rel=1e-6, abs=1e-6
+    )
+
+
+@pytest.mark.parametrize("n", [10, 100, 1000])
+def test_zero_successes_upper_bound_has_a_closed_form(n):
+    alpha = 0.05
+    log_mix = (
+        math.lgamma(PRIOR_A)
+        + math.lgamma(PRIOR_B + n)
+        - math.lgamma(PRIOR_A + PRIOR_B + n)
+        - (math.lgamma(PRIOR_A) + math.lgamma(PRIOR_B) - math.lgamma(PRIOR_A + PRIOR_B))
+    )
+    expected = 1 - math.exp((log_mix - math.log(1 / alpha)) / n)
+    assert bernoulli_cs(0, n, alpha).upper == pytest.approx(expected, rel=1e-6)
+
+
+def test_bernoulli_cs_is_wider_than_a_fixed_sample_interval_but_shrinks():
+    wilson = stats.binomtest(50, 1000).proportion_ci(0.95, method="wilson")
+    cs = bernoulli_cs(50, 1000, 0.05)
+    assert cs.lower < wilson.low and cs.upper > wilson.high  # the price of looking at every step
+    assert bernoulli_cs(500, 10000, 0.05).width < cs.width / 2.5
+
+
+def test_time_uniform_coverage_of_the_bernoulli_sequence():
+    """The true rate must stay inside at *every* look; counted over 300 seeded runs of 2000 steps."""
+    rng = random.Random(7)
+    alpha, p, misses = 0.1, 0.05, 0
+    for _ in range(300):
+        successes = 0
+        for t in range(1, 2001):
+            successes += rng.random() < p
+            if t % 20 == 0 and p not in bernoulli_cs(successes, t, alpha):
+                misses += 1
+                break
+    assert misses / 300 <= alpha
+
+
+def test_time_uniform_coverage_of_quantile_and_betting_sequences():
+    rng = random.Random(11)
+    alpha, quantile_misses, mean_misses = 0.1, 0, 0
+    true_p90 = -math.log(0.1)  # Exp(1)
+    for _ in range(150):
+        values, bounded = [], []
+        q_missed = m_missed = False
+        for t in range(1, 401):
+            values.append(rng.expovariate(1.0))
+            bounded.append(rng.betavariate(2, 5))
+            if t % 25 == 0:
+                q_missed |= true_p90 not in quantile_cs(values, 0.9, alpha)
+                m_missed |= (2 / 7) not in bounded_mean_cs(bounded, alpha)
+        quantile_misses += q_missed
+        mean_misses += m_missed
+    assert quantile_misses / 150 <= alpha and mean_misses / 150 <= alpha
+
+
+def check(kind, metric, **extra):
+    tolerance = extra.pop("tolerance", {"absolute": 0.01})
+    return Check(
+        name=f"{metric}_check",
+        kind=kind,
+        metric=metric,
+        tolerance=Tolerance(**tolerance),
+        min_samples=20,
+        **extra,
+    )
+
+
+def test_rate_check_fails_passes_and_says_why():
+    c = check("rate", "failure")
+    fail = evaluate_rate(c, RateData(120, 1000, 20, 1000), 0.01)
+    assert fail.decision == FAIL and fail.lower > 0.01
+    assert fail.reason.startswith("candidate failure rate 12.0% vs 2.0%")
+    assert "tolerance 1.0 pp" in fail.reason and "99% confidence" in fail.reason
+    assert evaluate_rate(c, RateData(0, 5000, 0, 5000), 0.01).decision == PASS
+    assert evaluate_rate(c, RateData(3, 100, 2, 100), 0.01).decision == INCONCLUSIVE
+    assert "5/20 samples" in evaluate_rate(c, RateData(4, 5, 0, 5), 0.01).reason
+
+
+def test_quantile_check_with_ratio_tolerance():
+    rng = random.Random(3)
+    c = check("quantile", "latency_ms", quantile=0.95, tolerance={"ratio": 1.2})
+    base = [rng.lognormvariate(4, 0.3) for _ in range(3000)]
+    slow = [2 * rng.lognormvariate(4, 0.3) for _ in range(3000)]
+    same = [rng.lognormvariate(4, 0.3) for _ in range(3000)]
+    assert evaluate_quantile(c, slow, base, 0.01).decision == FAIL
+    assert evaluate_quantile(c, same, base, 0.01).decision == PASS
+
+
+def test_paired_check_on_differences_and_direction():
+    rng = random.Random(5)
+    worse = [max(-1, min(1, rng.gauss(0.3, 0.1))) for _ in range(200)]
+    c = check("paired_mean", "typography_cer", tolerance={"absolute": 0.05})
+    assert evaluate_paired(c, worse, 0.01).decision == FAIL
+    assert evaluate_paired(c, [-v for v in worse], 0.01).decision == PASS
+    higher = check(
+        "paired_mean", "clip_score", tolerance={"absolute": 0.05}, direction="higher_is_better"
+    )
+    assert evaluate_paired(higher, [-v for v in worse], 0.01).decision == FAIL
+
+
+def test_seeded_aa_simulation_false_rollbacks_within_alpha():
+    """Healthy candidates (A/A) judged after every batch of 50 requests: few enough false FAILs."""
+    from bench.judge_sim import simulate_rollout
+
+    policy = load_policy()
+    rng = random.Random(2026)
+    failures = sum(
+        simulate_rollout(policy, rng, requests_per_stage=300)["failed"] for _ in range(60)
+    )
+    assert failures / 60 <= policy.alpha

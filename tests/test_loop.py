@@ -1,0 +1,257 @@
+"""The controller loop on SQLite and PostgreSQL: rollback, advance, lease, restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+import yaml
+from sqlalchemy import insert, select
+
+from controller import lease
+from controller.config import load_config
+from controller.loop import ControllerLoop, Facts, plan_action
+from controller.rollout import Evidence, RolloutView, State, Verb
+from controller.store import Store
+from controller.tables import Output, Request, RolloutEvent, utcnow
+from controller.transitions import create_rollout, get_rollout
+from policies.policy import load_policy
+from tests.conftest import base_config, write_config
+
+RATE_POLICY = {
+    "alpha": 0.05,
+    "checks": [
+        {
+            "name": "error_rate",
+            "kind": "rate",
+            "metric": "failure",
+            "tolerance": {"absolute": 0.05},
+            "critical": True,
+            "min_samples": 50,
+        },
+        {
+            "name": "latency_p50",
+            "kind": "quantile",
+            "metric": "latency_ms",
+            "quantile": 0.5,
+            "tolerance": {"ratio": 1.5},
+            "critical": True,
+            "min_samples": 50,
+        },
+    ],
+}
+
+
+@pytest.fixture
+def setup(tmp_path, db_url):
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(RATE_POLICY))
+    data = base_config(
+        db_url, min_samples=50, auto_advance=True, evaluation_interval=0.2, lease_ttl=1
+    )
+    data["policy"] = "policy.yaml"
+    path = write_config(tmp_path, data)
+    config = load_config(path)
+    store = Store(config.resolved_database_url)
+    store.upgrade()
+    create_rollout(store, config, actor="tester")
+    yield path, config, store
+    store.close()
+
+
+def record_traffic(store, config, requests, candidate_error=0.0, incumbent_error=0.0, seed=0):
+    """What the router records: each request mirrored, one output per role."""
+    import random
+
+    rng = random.Random(seed)
+    with store.session() as session:
+        row = get_rollout(session, config.name)
+        stage = row.stages[row.stage_index][0]
+        now = utcnow()
+        request_rows, output_rows = [], []
+        for i in range(requests):
+            request_id = str(uuid.uuid4())
+            request_rows.append(
+                {
+                    "id": request_id,
+                    "rollout_id": row.id,
+                    "stage": stage,
+                    "primary_role": "incumbent",
+                    "sticky_key": f"u{i}",
+                    "prompt": "a fox",
+                    "params": {},
+                    "seed": i,
+                    "mirrored": True,
+                    "created_at": now,
+                }
+            )
+            for role, error in (("incumbent", incumbent_error), ("candidate", candidate_error)):
+                failed = rng.random() < error
+                output_rows.append(
+                    {
+                        "id": str(uuid.uuid4()),
+                        "request_id": request_id,
+                        "role": role,
+                        "image_index": 0,
+                        "is_primary": role == "incumbent",
+                        "status": "error" if failed else "ok",
+                        "created_at": now,
+                        "latency_ms": rng.uniform(90, 110),
+                        "oom_count": 0,
+                        "batch_ooms": 0,
+                        "error": "boom" if failed else None,
+                    }
+                )
+        session.execute(insert(Request), request_rows)
+        session.execute(insert(Output), output_rows)
+
+
+def events(store, config):
+    with store.reader() as session:
+        row = get_rollout(session, config.name)
+        return session.scalars(
+            select(RolloutEvent)
+            .where(RolloutEvent.rollout_id == row.id)
+            .order_by(RolloutEvent.version)
+        ).all()
+
+
+def test_injected_regression_rolls_back_within_one_evaluation(setup):
+    _, config, store = setup
+    record_traffic(store, config, 400, candidate_error=0.4, incumbent_error=0.0)
+    result = ControllerLoop(config, store).tick()
+    assert result.leader and result.verdict == "FAIL"
+    last = events(store, config)[-1]
+    assert (last.verb, last.to_state, last.actor) == ("rollback", "rolled_back", "controller")
+    assert "error_rate" in last.reason and "automatic rollback" in last.reason
+    assert last.verdict["decision"] == "FAIL"
+
+
+def test_healthy_run_advances_through_every_stage(setup):
+    _, config, store = setup
+    loop = ControllerLoop(config, store)
+    seen = []
+    for stage_seed in range(len(config.stages)):
+        record_traffic(store, config, 400, seed=stage_seed)
+        result = loop.tick()
+        seen.append((result.verdict, getattr(result.action, "to_stage", None)))
+    assert [to for _, to in seen[:4]] == ["10", "30", "60", "100"], seen
+    with store.reader() as session:
+        assert get_rollout(session, config.name).state == "promoted"
+    assert [e.verb for e in events(store, config)] == [
+        "init",
+        "advance",
+        "advance",
+        "advance",
+        "advance",
+    ]
+
+
+def test_two_loops_only_the_lease_holder_acts(setup):
+    _, config, store = setup
+    first, second = (
+        ControllerLoop(config, store, holder="a"),
+        ControllerLoop(config, store, holder="b"),
+    )
+    record_traffic(store, config, 400, candidate_error=0.4)
+    assert not (first.tick().leader and second.tick().leader)
+    assert second.tick().leader is False
+    assert [e.verb for e in events(store, config)] == ["init", "rollback"]
+    # The holder stops renewing; after the TTL the other takes over.
+    later = utcnow() + timedelta(seconds=first.lease_ttl.total_seconds() + 1)
+    with store.reader() as session:
+        rollout_id = get_rollout(session, config.name).id
+    assert lease.acquire(store, rollout_id, "b", second.lease_ttl, later)
+    assert lease.holder_of(store, rollout_id)[0] == "b"
+
+
+def test_kill_and_restart_mid_stage_repeats_nothing(setup):
+    path, config, store = setup
+    record_traffic(store, config, 200)
+    command = [sys.executable, "-m", "controller", "-c", str(path), "control"]
+    env = os.environ | {"CUTOVER_LOG_LEVEL": "info"}
+    for round_ in range(3):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        time.sleep(3 + round_)  # the next loop takes over once the killed one's 1 s lease expires
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        record_traffic(store, config, 200, seed=round_ + 10)
+    history = [(e.verb, e.from_stage, e.to_stage) for e in events(store, config)]
+    assert len(history) == len(set(history)), history
+    assert history[0][0] == "init" and len(history) >= 2
+    versions = [e.version for e in events(store, config)]
+    assert versions == list(range(1, len(versions) + 1))
+
+
+@pytest.mark.parametrize(
+    ("state", "verdict", "elapsed", "auto", "expected"),
+    [
+        (State.CANARY, "FAIL", 10, False, Verb.ROLLBACK),
+        (State.PROMOTED, "FAIL", 10, True, Verb.ROLLBACK),
+        (State.CANARY, "PASS", 10, True, Verb.ADVANCE),
+        (State.CANARY, "PASS", 10, False, None),
+        (State.CANARY, "INCONCLUSIVE", 10, True, None),
+        (State.CANARY, "INCONCLUSIVE", 9999, True, Verb.PAUSE),
+        (State.PAUSED, "FAIL", 10, True, None),
+        (State.ROLLED_BACK, "FAIL", 10, True, None),
+    ],
+)
+def test_plan_action_table(state, verdict, elapsed, auto, expected):
+    from controller.config import parse_stages
+
+    stages = tuple(parse_stages(["shadow", 10, 100]))
+    index = 2 if state is State.PROMOTED else 1
+    evidence = Evidence(
+        samples=100, min_samples=10, elapsed_s=elapsed, min_duration_s=0, verdict=verdict
+    )
+    facts = Facts(
+        RolloutView(state, index, stages), evidence, verdict, ("error_rate: worse",), auto, 3600
+    )
+    command = plan_action(facts)
+    assert (command.verb if command else None) == expected
+
+
+def test_control_once_and_status_show_the_verdict(setup):
+    path, config, store = setup
+    record_traffic(store, config, 300)
+    once = subprocess.run(
+        [sys.executable, "-m", "controller", "-c", str(path), "control", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert once.returncode == 0 and "leader=True" in once.stdout, once.stderr
+    status = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "controller", "-c", str(path), "status", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    )
+    assert (
+        status["stage"] == "10" and status["last_event"]["actor"] == "controller"
+    )  # auto-advance moved it
+    relied_on = status["last_event"]["verdict"]
+    assert relied_on["decision"] == "PASS"
+    assert {c["name"] for c in relied_on["checks"]} == {"error_rate", "latency_p50"}
+
+
+def test_default_policy_loads_and_bad_policy_names_the_line(tmp_path):
+    assert len(load_policy().checks) >= 5
+    bad = tmp_path / "p.yaml"
+    bad.write_text(
+        "alpha: 0.05\nchecks:\n  - name: x\n    kind: rate\n    metric: latency_ms\n"
+        "    tolerance: {absolute: 0.1}\n"
+    )
+    from controller.yaml_source import SourceError
+
+    with pytest.raises(SourceError) as caught:
+        load_policy(bad)
+    assert "does not fit kind rate" in str(caught.value) and f"{bad}:3" in str(caught.value)

@@ -1,0 +1,112 @@
+"""The scorer on recorded pairs with real PNG artifacts: score rows, probe errors, and the judge's use of them."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from sqlalchemy import select
+
+from controller.artifacts import store_artifact
+from controller.config import load_config
+from controller.store import Store
+from controller.tables import Output, Request, Score, utcnow
+from controller.transitions import create_rollout, get_rollout
+from policies.judge import evaluate, load_window
+from policies.policy import load_policy
+from policies.scorer import Scorer
+from tests.conftest import base_config, write_config
+
+
+def poster_png(text: str, tint=(0, 0, 0)) -> bytes:
+    image = Image.new("RGB", (420, 120), (240, 240, 230))
+    ImageDraw.Draw(image).text(
+        (20, 35), text, fill=(20, 20, 20), font=ImageFont.load_default(size=40)
+    )
+    pixels = np.clip(np.asarray(image).astype(int) + tint, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_scorer_writes_scores_and_probe_errors(tmp_path, db_url):
+    config = load_config(write_config(tmp_path, base_config(db_url)))
+    store = Store(config.resolved_database_url)
+    store.upgrade()
+    create_rollout(store, config, actor="tester")
+    artifacts = tmp_path / "artifacts"
+    now = utcnow()
+    with store.session() as session:
+        rollout = get_rollout(session, config.name)
+        pairs = []
+        for i, (inc_text, cand_text, tint) in enumerate(
+            [("OPEN", "OPEN", (0, 0, 0)), ("OPEN", "QPXN", (60, 0, -40))]
+        ):
+            request = Request(
+                id=str(uuid.uuid4()),
+                rollout_id=rollout.id,
+                stage="shadow",
+                primary_role="incumbent",
+                sticky_key=f"u{i}",
+                prompt='a sign that says "OPEN"',
+                params={},
+                seed=i,
+                mirrored=True,
+                created_at=now,
+            )
+            session.add(request)
+            session.flush()  # no ORM relationship orders the inserts; the request row goes first
+            outputs = {}
+            for role, text, t in (
+                ("incumbent", inc_text, (0, 0, 0)),
+                ("candidate", cand_text, tint),
+            ):
+                outputs[role] = Output(
+                    id=str(uuid.uuid4()),
+                    request_id=request.id,
+                    role=role,
+                    image_index=0,
+                    is_primary=role == "incumbent",
+                    status="ok",
+                    created_at=now,
+                    latency_ms=100,
+                    artifact_sha256=store_artifact(artifacts, poster_png(text, t)),
+                )
+                session.add(outputs[role])
+            pairs.append(outputs)
+        broken = Output(
+            id=str(uuid.uuid4()),
+            request_id=pairs[0]["incumbent"].request_id,
+            role="incumbent",
+            image_index=1,
+            is_primary=True,
+            status="ok",
+            created_at=now,
+            artifact_sha256="0" * 64,
+        )
+        session.add(broken)
+    scorer = Scorer(load_policy(), artifacts)
+    with store.session() as session:
+        assert scorer.score_pending(session, rollout.id) == 5
+    with store.reader() as session:
+        scores = {
+            (s.output_id, s.probe): (s.value, s.error) for s in session.scalars(select(Score))
+        }
+        statuses = {o.id: o.status for o in session.scalars(select(Output))}
+        assert all(o.scored_at is not None for o in session.scalars(select(Output)))
+    assert scores[(pairs[0]["incumbent"].id, "typography_cer")] == (0.0, None)
+    assert scores[(pairs[1]["candidate"].id, "typography_cer")][0] >= 0.5
+    assert scores[(pairs[0]["candidate"].id, "colour_shift_de")][0] < 0.5
+    assert scores[(pairs[1]["candidate"].id, "colour_shift_de")][0] > 5
+    assert scores[(broken.id, "image")][1].startswith("artifact")  # a probe error, recorded as such
+    assert statuses[broken.id] == "ok"  # ... and never as a model error
+    with store.reader() as session:
+        window = load_window(session, get_rollout(session, config.name), {})
+    assert sorted(window.pair_scores["typography_cer"]) == sorted(
+        [(0.0, 0.0), (scores[(pairs[1]["candidate"].id, "typography_cer")][0], 0.0)]
+    )
+    results = {r.name: r for r in evaluate(load_policy(), window)}
+    assert results["colour_shift"].samples == 2 and results["typography_cer"].samples == 2
+    store.close()
