@@ -113,21 +113,20 @@ def samples_until_fail(
     alpha = policy.alpha_per_check
     checks = {c.name: c for c in policy.checks}
     if kind == "errors":
-        check = checks["error_rate"].model_copy(
-            update={
-                "tolerance": checks["error_rate"].tolerance.model_copy(update={"absolute": 0.0})
-            }
+        tolerance = checks["error_rate"].tolerance.model_copy(
+            update={"ratio": 1.0, "absolute": None}
         )
-        counts = [0, 0, 0, 0]
+        check = checks["error_rate"].model_copy(update={"tolerance": tolerance})
+        counts, events = [0, 0, 0, 0], []
         while counts[1] < limit:
-            for _ in range(BATCH * 10):  # 10% split: one candidate request in ten
-                if rng.random() < 0.1:
-                    counts[0] += rng.random() < 0.07
-                    counts[1] += 1
-                else:
-                    counts[2] += rng.random() < 0.05
-                    counts[3] += 1
-            if evaluate_rate(check, RateData(*counts), alpha).decision == FAIL:
+            for _ in range(BATCH * 10):  # 10% split, no mirroring: one candidate request in ten
+                on_candidate = rng.random() < 0.1
+                failed = rng.random() < (0.07 if on_candidate else 0.05)
+                counts[0 if on_candidate else 2] += failed
+                counts[1 if on_candidate else 3] += 1
+                if failed:
+                    events.append((0.1, on_candidate))
+            if evaluate_rate(check, RateData(*counts, events), alpha).decision == FAIL:
                 return counts[1]
         return None
     if kind in ("latency", "latency_tail"):

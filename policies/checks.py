@@ -8,12 +8,19 @@ regression is within the tolerance; otherwise the check is INCONCLUSIVE.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from policies.policy import Check
-from policies.sequential import Interval, bernoulli_cs, bounded_mean_cs, quantile_cs
+from policies.sequential import (
+    Interval,
+    attribution_log_evalue,
+    bernoulli_cs,
+    bounded_mean_cs,
+    quantile_cs,
+)
 
 FAIL, PASS, INCONCLUSIVE = "FAIL", "PASS", "INCONCLUSIVE"
 
@@ -39,6 +46,8 @@ class RateData:
     candidate_total: int
     incumbent_events: int
     incumbent_total: int
+    # Informative failures in time order: (candidate's share of the trials, from the candidate?).
+    attributions: Sequence[tuple[float, bool]] = ()
 
 
 def _confidence(alpha: float) -> str:
@@ -63,34 +72,55 @@ def _decide(check: Check, bounds: Interval, samples: int) -> str:
 
 
 def evaluate_rate(check: Check, data: RateData, alpha: float) -> CheckResult:
-    """Difference of two Bernoulli rates: per-arm confidence sequences at alpha/2 each."""
+    """Two Bernoulli rates.
+
+    Absolute tolerance: per-arm confidence sequences (alpha/2 each) bound the difference.
+    Ratio tolerance: FAIL by the sequential count test (failures attributed at the traffic
+    split); PASS when the candidate's upper bound is within ratio x the incumbent's lower
+    bound, or below `negligible`.
+    """
     cand = bernoulli_cs(data.candidate_events, data.candidate_total, alpha / 2)
     inc = bernoulli_cs(data.incumbent_events, data.incumbent_total, alpha / 2)
     p_c = data.candidate_events / data.candidate_total if data.candidate_total else 0.0
     p_i = data.incumbent_events / data.incumbent_total if data.incumbent_total else 0.0
-    if (
-        check.tolerance.ratio is not None
-    ):  # ratio: compare the candidate's bound with ratio x incumbent's
-        diff = Interval(
-            cand.lower - check.tolerance.ratio * inc.upper,
-            cand.upper - check.tolerance.ratio * inc.lower,
+    counts = f"({data.candidate_total} vs {data.incumbent_total} outputs)"
+    enough = data.candidate_total >= check.min_samples
+    if check.tolerance.ratio is not None:
+        r = check.tolerance.ratio
+        log_e = attribution_log_evalue(data.attributions, r)
+        if enough and log_e >= math.log(1 / alpha):
+            decision = FAIL
+        elif enough and (cand.upper <= r * inc.lower or cand.upper <= check.tolerance.negligible):
+            decision = PASS
+        else:
+            decision = INCONCLUSIVE
+        words = {
+            FAIL: f"rate ratio above x{r:g} (count test e-value {math.exp(min(log_e, 700)):.3g} >= "
+            f"{1 / alpha:.3g})",
+            PASS: f"candidate rate <= {cand.upper:.2%}",
+            INCONCLUSIVE: f"candidate rate in [{cand.lower:.2%}, {cand.upper:.2%}], incumbent in "
+            f"[{inc.lower:.2%}, {inc.upper:.2%}]",
+        }[decision]
+        reason = (
+            f"candidate {check.metric} rate {p_c:.1%} vs {p_i:.1%} {counts}, {words} with "
+            f"{_confidence(alpha)} confidence, tolerance x{r:g}"
         )
-        tolerance_text = f"tolerance x{check.tolerance.ratio:g}"
+        bounds = Interval(cand.lower - r * inc.upper, cand.upper - r * inc.lower)
     else:
         diff = Interval(cand.lower - inc.upper, cand.upper - inc.lower)
-        tolerance_text = f"tolerance {check.tolerance.absolute * 100:.1f} pp"
-    sign = -1 if check.direction == "higher_is_better" else 1
-    bounds = diff if sign == 1 else Interval(-diff.upper, -diff.lower)
-    decision = _decide(check, bounds, data.candidate_total)
-    words = {
-        FAIL: f"difference >= {bounds.lower * 100:+.1f} pp",
-        PASS: f"difference <= {bounds.upper * 100:+.1f} pp",
-        INCONCLUSIVE: f"difference in [{bounds.lower * 100:+.1f}, {bounds.upper * 100:+.1f}] pp",
-    }[decision]
-    reason = (
-        f"candidate {check.metric} rate {p_c:.1%} vs {p_i:.1%} ({data.candidate_total} vs "
-        f"{data.incumbent_total} outputs), {words} with {_confidence(alpha)} confidence, {tolerance_text}"
-    )
+        bounds = (
+            diff if check.direction == "lower_is_better" else Interval(-diff.upper, -diff.lower)
+        )
+        decision = _decide(check, bounds, data.candidate_total)
+        words = {
+            FAIL: f"difference >= {bounds.lower * 100:+.1f} pp",
+            PASS: f"difference <= {bounds.upper * 100:+.1f} pp",
+            INCONCLUSIVE: f"difference in [{bounds.lower * 100:+.1f}, {bounds.upper * 100:+.1f}] pp",
+        }[decision]
+        reason = (
+            f"candidate {check.metric} rate {p_c:.1%} vs {p_i:.1%} {counts}, {words} with "
+            f"{_confidence(alpha)} confidence, tolerance {check.tolerance.absolute * 100:.1f} pp"
+        )
     return CheckResult(
         check.name,
         decision,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -46,6 +46,8 @@ class Window:
     samples: dict[str, dict[str, list[float]]]
     pair_scores: dict[str, list[tuple[float | None, float | None]]]
     requests: int
+    # Per (request, image) in arrival order: (candidate's primary share in its stage, statuses by role).
+    units: list[tuple[float, dict[str, str]]] = field(default_factory=list)
 
 
 def attempt_started(session: Session, rollout: Rollout) -> datetime:
@@ -62,14 +64,18 @@ def attempt_started(session: Session, rollout: Rollout) -> datetime:
 def load_window(session: Session, rollout: Rollout, gpus: dict[str, float]) -> Window:
     since = attempt_started(session, rollout)
     rows = session.execute(
-        select(Output, Request.id)
+        select(Output, Request.id, Request.stage, Request.mirrored)
         .join(Request, Output.request_id == Request.id)
         .where(Request.rollout_id == rollout.id, Request.created_at >= since)
+        .order_by(Request.created_at, Request.id, Output.image_index)
     ).all()
+    weights = {name: weight / 100 for name, weight in rollout.stages}
     statuses: dict[str, list[str]] = defaultdict(list)
     samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     by_pair: dict[tuple[str, int], dict[str, Output]] = defaultdict(dict)
-    for output, request_id in rows:
+    unit_info: dict[tuple[str, int], tuple[float, bool]] = {}
+    for output, request_id, stage, mirrored in rows:
+        unit_info[(request_id, output.image_index)] = (weights.get(stage, 0.0), mirrored)
         statuses[output.role].append(output.status)
         if output.status == "ok" and output.latency_ms is not None:
             role_samples = samples[output.role]
@@ -96,10 +102,28 @@ def load_window(session: Session, rollout: Rollout, gpus: dict[str, float]) -> W
         cand, inc = scores.get(roles["candidate"].id, {}), scores.get(roles["incumbent"].id, {})
         for probe in set(cand) | set(inc):
             pair_scores[probe].append((cand.get(probe), inc.get(probe)))
-    requests = len({request_id for _, request_id in rows})
+    requests = len({row[1] for row in rows})
+    units = []
+    for key, roles in by_pair.items():  # insertion order is arrival order
+        share, mirrored = unit_info[key]
+        if mirrored and len(roles) < 2:
+            continue  # the mirror's output is not recorded yet: judge the unit once it is whole
+        units.append(
+            (0.5 if len(roles) == 2 else share, {role: o.status for role, o in roles.items()})
+        )
     return Window(
-        dict(statuses), {k: dict(v) for k, v in samples.items()}, dict(pair_scores), requests
+        dict(statuses), {k: dict(v) for k, v in samples.items()}, dict(pair_scores), requests, units
     )
+
+
+def attributions(window: Window, bad: set[str]) -> list[tuple[float, bool]]:
+    """Failures the count test can attribute: one arm failed and the split says how likely that was."""
+    events = []
+    for share, statuses in window.units:
+        failed = {role for role, status in statuses.items() if status in bad}
+        if len(failed) == 1 and (len(statuses) == 2 or 0.0 < share < 1.0):
+            events.append((share, "candidate" in failed))
+    return events
 
 
 def _scores(session: Session, output_ids: list[str]) -> dict[str, dict[str, float]]:
@@ -129,7 +153,11 @@ def evaluate(policy: Policy, window: Window) -> list[CheckResult]:
             bad = RATE_STATUSES[check.metric]
             cand, inc = window.statuses.get("candidate", []), window.statuses.get("incumbent", [])
             data = RateData(
-                sum(s in bad for s in cand), len(cand), sum(s in bad for s in inc), len(inc)
+                sum(s in bad for s in cand),
+                len(cand),
+                sum(s in bad for s in inc),
+                len(inc),
+                attributions(window, bad),
             )
             results.append(evaluate_rate(check, data, alpha))
         elif check.kind == "quantile":

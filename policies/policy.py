@@ -24,10 +24,15 @@ class _Strict(BaseModel):
 
 
 class Tolerance(_Strict):
-    """How much worse the candidate may be: an absolute difference or a ratio (one of the two)."""
+    """How much worse the candidate may be: an absolute difference or a ratio (one of the two).
+
+    `negligible` (rate checks with a ratio): a candidate rate whose upper bound is below
+    this passes whatever the incumbent's rate, so two arms with no failures can PASS.
+    """
 
     absolute: float | None = Field(None, ge=0)
     ratio: float | None = Field(None, ge=1)
+    negligible: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _one(self) -> Tolerance:

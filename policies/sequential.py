@@ -180,3 +180,36 @@ def bounded_mean_cs(
     for value in values:
         sequence.update(value)
     return sequence.interval()
+
+
+# Lifts (multiples of the null ratio) the count test's alternative mixes over, equally weighted.
+LIFTS = (1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
+
+
+def attribution_log_evalue(events: Sequence[tuple[float, bool]], null_ratio: float) -> float:
+    """Sequential count test of H0: candidate rate <= null_ratio x incumbent rate.
+
+    Each informative failure is attributed to one arm: under H0 (at its boundary) it is the
+    candidate's with probability theta0 = w r0 / (w r0 + 1 - w), where w is the candidate's
+    share of the trials that could have produced it (the traffic split). Against a mixture of
+    larger ratios the likelihood ratio is a nonnegative supermartingale under every null
+    ratio <= r0, so H0 is rejected, at any time, once the returned log e-value reaches
+    log(1/alpha) (Ville). Where both arms saw the same request (a mirrored pair) and exactly
+    one failed, w = 1/2 and the test is on the odds ratio, which equals the rate ratio for
+    small rates.
+    """
+    logs = [0.0] * len(LIFTS)
+    for share, from_candidate in events:
+        if not 0.0 < share < 1.0:
+            continue
+        theta0 = share * null_ratio / (share * null_ratio + 1 - share)
+        for k, lift in enumerate(LIFTS):
+            ratio = null_ratio * lift
+            theta1 = share * ratio / (share * ratio + 1 - share)
+            logs[k] += (
+                math.log(theta1 / theta0)
+                if from_candidate
+                else math.log((1 - theta1) / (1 - theta0))
+            )
+    top = max(logs)
+    return top + math.log(sum(math.exp(v - top) for v in logs) / len(LIFTS))

@@ -153,3 +153,57 @@ def test_seeded_aa_simulation_false_rollbacks_within_alpha():
         simulate_rollout(policy, rng, requests_per_stage=300)["failed"] for _ in range(60)
     )
     assert failures / 60 <= policy.alpha
+
+
+def test_count_test_attributes_failures_at_the_traffic_split():
+    """At a 10% split, candidate failures at 3x the incumbent's rate are found; equal rates are not."""
+    from policies.sequential import attribution_log_evalue
+
+    rng = random.Random(9)
+    worse, same = [], []
+    for _ in range(20000):
+        on_candidate = rng.random() < 0.1
+        if rng.random() < (0.15 if on_candidate else 0.05):
+            worse.append((0.1, on_candidate))
+        on_candidate = rng.random() < 0.1
+        if rng.random() < 0.05:
+            same.append((0.1, on_candidate))
+    assert attribution_log_evalue(worse, 1.0) > math.log(1 / 0.01)
+    assert attribution_log_evalue(same, 1.0) < math.log(1 / 0.01)
+    # A known value: one candidate failure at w = 1/2 against r0 = 1 is the mean of 2 x theta1 over the lifts.
+    from policies.sequential import LIFTS
+
+    expected = math.log(sum(2 * lift / (lift + 1) for lift in LIFTS) / len(LIFTS))
+    assert attribution_log_evalue([(0.5, True)], 1.0) == pytest.approx(expected)
+
+
+def test_count_test_false_alarms_under_aa_stay_below_alpha():
+    from policies.sequential import attribution_log_evalue
+
+    rng = random.Random(13)
+    alarms = 0
+    for _ in range(200):
+        events = []
+        for step in range(40):
+            for _ in range(500):
+                on_candidate = rng.random() < 0.3
+                if rng.random() < 0.05:
+                    events.append((0.3, on_candidate))
+            if attribution_log_evalue(events, 1.0) >= math.log(1 / 0.05):
+                alarms += 1
+                break
+    assert alarms / 200 <= 0.05
+
+
+def test_ratio_rate_check_passes_two_clean_arms_through_negligible():
+    c = Check(
+        name="error_rate",
+        kind="rate",
+        metric="failure",
+        tolerance=Tolerance(ratio=1.25, negligible=0.01),
+        min_samples=50,
+    )
+    assert evaluate_rate(c, RateData(0, 3000, 0, 3000, []), 0.01).decision == PASS
+    events = [(0.5, True)] * 150 + [(0.5, False)] * 30
+    fail = evaluate_rate(c, RateData(160, 3000, 40, 3000, events), 0.01)
+    assert fail.decision == FAIL and "count test" in fail.reason
