@@ -184,7 +184,7 @@ def test_count_test_false_alarms_under_aa_stay_below_alpha():
     alarms = 0
     for _ in range(200):
         events = []
-        for step in range(40):
+        for _step in range(40):
             for _ in range(500):
                 on_candidate = rng.random() < 0.3
                 if rng.random() < 0.05:
