@@ -481,6 +481,79 @@ def calibrate(
     _run(run)
 
 
+@app.command("shadow-log")
+def shadow_log_command(
+    ctx: typer.Context,
+    since: Annotated[
+        str | None, typer.Option(help="A duration back from now (30m, 2h) or an ISO time.")
+    ] = None,
+    stage: Annotated[str | None, typer.Option(help="Requests that arrived in this stage.")] = None,
+    role: Annotated[
+        str | None, typer.Option(help="Requests this role served (incumbent or candidate).")
+    ] = None,
+    status: Annotated[
+        str | None, typer.Option(help="Pairs with an output of this status (error, oom, ...).")
+    ] = None,
+    failing: Annotated[
+        str | None, typer.Option(help="Pairs on the wrong side of this check's tolerance.")
+    ] = None,
+    prompt_contains: Annotated[
+        str | None, typer.Option(help="Prompts containing this text.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows, newest first.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines, one pair each.")] = False,
+) -> None:
+    """Recorded pairs for review: both sides' status, latency, scores and image paths."""
+    from datetime import datetime, timedelta
+
+    from controller.config import parse_duration
+    from controller.shadow_log import Filters, shadow_log
+    from controller.status import render_shadow_log
+    from controller.tables import utcnow
+    from policies.policy import load_policy
+
+    def when(text: str) -> datetime:
+        try:
+            return utcnow() - timedelta(seconds=parse_duration(text))
+        except ValueError:
+            pass
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise Refused(
+                f"--since {text!r} is neither a duration (30m, 2h) nor an ISO time"
+            ) from None
+        return moment if moment.tzinfo else moment.astimezone()
+
+    def run() -> None:
+        if role is not None and role not in ("incumbent", "candidate"):
+            raise Refused(f"--role {role!r}: use incumbent or candidate")
+        config = _config(ctx)
+        policy = load_policy(config.base_dir / config.policy if config.policy else None)
+        filters = Filters(
+            when(since) if since else None, stage, role, status, failing, prompt_contains, limit
+        )
+        with _store(config) as store:
+            store.require_schema()
+            with store.reader() as session:
+                try:
+                    rows = shadow_log(
+                        session,
+                        get_rollout(session, config.name),
+                        policy,
+                        filters,
+                        config.artifact_path,
+                    )
+                except ValueError as exc:
+                    raise Refused(str(exc)) from None
+        if as_json:
+            sys.stdout.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        else:
+            out.print(render_shadow_log(rows))
+
+    _run(run)
+
+
 def main() -> None:
     app()
 

@@ -211,3 +211,42 @@ def _seconds(value: float | None) -> str:
     if value < 7200:
         return f"{value / 60:.0f}m"
     return f"{value / 3600:.1f}h"
+
+
+def render_shadow_log(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"shadow log ({len(rows)} pairs, newest first)", title_justify="left")
+    for column in (
+        "at (UTC)",
+        "request",
+        "stage",
+        "served",
+        "prompt",
+        "incumbent",
+        "candidate",
+        "scores (cand)",
+    ):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        sides = []
+        for role in ("incumbent", "candidate"):
+            side = row[role]
+            latency = "" if side["latency_ms"] is None else f" {side['latency_ms']:.0f}ms"
+            sides.append(
+                Text(
+                    f"{side['status'] or '-'}{latency}",
+                    style="green" if side["status"] == "ok" else "red",
+                )
+            )
+        scores = ", ".join(
+            f"{k} {v:.3g}" for k, v in sorted(row["candidate"]["scores"].items()) if v is not None
+        )
+        table.add_row(
+            row["created_at"][5:19].replace("T", " "),
+            row["request_id"][:8],
+            row["stage"],
+            row["served_by"],
+            row["prompt"],
+            *sides,
+            scores,
+        )
+    return table

@@ -94,6 +94,8 @@ def quantile_cs(values: Sequence[float], q: float, alpha: float) -> Interval:
 
 
 GRID = 2001  # candidate means on [0, 1] for the betting sequence
+# Largest share of what the bounds allow a bet may stake (Waudby-Smith & Ramdas suggest 1/2 to 3/4).
+BET_CAP = 0.75
 
 
 class BettingCS:
@@ -101,7 +103,7 @@ class BettingCS:
 
     Waudby-Smith & Ramdas (2023), Theorem 3: for each candidate mean m, a gambler
     bets on x - m with predictable fractions (their plug-in choice, capped at
-    1/2 of what the bounds allow) both ways; the capital is a nonnegative
+    BET_CAP of what the bounds allow) both ways; the capital is a nonnegative
     martingale when m is the true mean, so m is excluded once the hedged
     capital reaches 1/alpha (Ville). The interval is the set of m never excluded.
     """
@@ -118,8 +120,8 @@ class BettingCS:
         self._limit = math.log(1.0 / alpha)
         self._log_term = math.log(2.0 / alpha)
         with np.errstate(divide="ignore"):
-            self._cap_up = np.minimum(0.5 / self.m, 1e6)
-            self._cap_down = np.minimum(0.5 / (1.0 - self.m), 1e6)
+            self._cap_up = np.minimum(BET_CAP / self.m, 1e6)
+            self._cap_down = np.minimum(BET_CAP / (1.0 - self.m), 1e6)
         self.n = 0
         self._sum = self._sum_sq = 0.0
         self._var = 0.25

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -51,3 +52,28 @@ def test_make_tiny_builds_a_loadable_variant(tmp_path):
         "seed": 3,
     }
     assert (tmp_path / "m" / "model_index.json").exists()
+
+
+def test_calibrate_reports_noise_floors_from_an_aa_run(tmp_path, tiny_models):
+    data = base_config(f"sqlite:///{tmp_path / 'c.db'}")
+    data["models"] = {
+        role: {"pipeline": str(path), "steps": 2} for role, path in tiny_models.items()
+    }
+    path = write_config(tmp_path, data)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a sign that says "OPEN"\na fox in the snow\n')
+    result = run(
+        "-c",
+        str(path),
+        "calibrate",
+        "--prompts",
+        str(prompts),
+        "--repeats",
+        "2",
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr
+    for metric in ("colour_shift_de", "typography_cer", "latency ratio"):
+        assert metric in result.stdout
+    rows = [line for line in result.stdout.splitlines() if "colour_shift_de" in line]
+    assert " 4 " in rows[0]  # two prompts x two rounds = four A/A pairs

@@ -1,0 +1,162 @@
+"""The shadow log: recorded pairs for an SRE to review, filtered.
+
+One row per request and image: both roles' status and latency, the probes'
+scores, and where the two images are. Filters that SQL can answer run in SQL;
+`failing` (pairs that are on the wrong side of a check's tolerance) needs the
+policy and runs on the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session, aliased
+
+from controller.artifacts import artifact_path
+from controller.tables import Output, Request, Rollout, Score
+from policies.judge import RATE_STATUSES
+from policies.policy import Check, Policy
+
+ROLES = ("incumbent", "candidate")
+
+
+@dataclass(frozen=True)
+class Filters:
+    since: datetime | None = None
+    stage: str | None = None
+    role: str | None = None
+    status: str | None = None
+    failing: str | None = None
+    prompt_contains: str | None = None
+    limit: int = 50
+
+
+def shadow_log(
+    session: Session, rollout: Rollout, policy: Policy, filters: Filters, artifact_dir: Path
+) -> list[dict[str, Any]]:
+    """Pairs, newest first, that match every filter given."""
+    check = _check(policy, filters.failing)
+    query = select(Request).where(Request.rollout_id == rollout.id)
+    if filters.since is not None:
+        query = query.where(Request.created_at >= filters.since)
+    if filters.stage is not None:
+        query = query.where(Request.stage == filters.stage)
+    if filters.role is not None:
+        query = query.where(Request.primary_role == filters.role)
+    if filters.prompt_contains:
+        query = query.where(Request.prompt.contains(filters.prompt_contains, autoescape=True))
+    if filters.status is not None:
+        matching = aliased(Output)
+        query = query.where(
+            exists().where(matching.request_id == Request.id, matching.status == filters.status)
+        )
+    query = query.order_by(Request.created_at.desc(), Request.id)
+    rows: list[dict[str, Any]] = []
+    batch = 500
+    offset = 0
+    while len(rows) < filters.limit:
+        requests = session.scalars(query.offset(offset).limit(batch)).all()
+        if not requests:
+            break
+        offset += batch
+        for row in _pairs(session, requests, artifact_dir):
+            if filters.status is not None and filters.status not in (
+                row["incumbent"]["status"],
+                row["candidate"]["status"],
+            ):
+                continue  # the status matched another image of the same request
+            if check is None or _fails(check, row):
+                rows.append(row)
+            if len(rows) >= filters.limit:
+                break
+    return rows
+
+
+def _check(policy: Policy, name: str | None) -> Check | None:
+    if name is None:
+        return None
+    for check in policy.checks:
+        if check.name == name:
+            return check
+    raise ValueError(
+        f"no check named {name!r} in the policy; checks are {', '.join(c.name for c in policy.checks)}"
+    )
+
+
+def _pairs(session: Session, requests: list[Request], artifact_dir: Path) -> list[dict[str, Any]]:
+    ids = [r.id for r in requests]
+    outputs = session.scalars(select(Output).where(Output.request_id.in_(ids))).all()
+    scores: dict[str, dict[str, float | None]] = {}
+    for output_id, probe, value in session.execute(
+        select(Score.output_id, Score.probe, Score.value).where(
+            Score.output_id.in_([o.id for o in outputs])
+        )
+    ):
+        scores.setdefault(output_id, {})[probe] = value
+    by_request: dict[str, dict[int, dict[str, Output]]] = {}
+    for output in outputs:
+        by_request.setdefault(output.request_id, {}).setdefault(output.image_index, {})[
+            output.role
+        ] = output
+    rows = []
+    for request in requests:
+        images = by_request.get(request.id) or {0: {}}
+        for index in sorted(images):
+            roles = images[index]
+            rows.append(
+                {
+                    "request_id": request.id,
+                    "image_index": index,
+                    "created_at": request.created_at.isoformat(),
+                    "stage": request.stage,
+                    "served_by": request.primary_role,
+                    "user": request.sticky_key,
+                    "prompt": request.prompt,
+                    "seed": request.seed,
+                    "params": request.params,
+                    **{role: _side(roles.get(role), scores, artifact_dir) for role in ROLES},
+                }
+            )
+    return rows
+
+
+def _side(
+    output: Output | None, scores: dict[str, dict[str, float | None]], artifact_dir: Path
+) -> dict[str, Any]:
+    if output is None:
+        return {"status": None, "latency_ms": None, "error": None, "scores": {}, "artifact": None}
+    path = artifact_path(artifact_dir, output.artifact_sha256) if output.artifact_sha256 else None
+    return {
+        "status": output.status,
+        "latency_ms": None if output.latency_ms is None else round(output.latency_ms, 1),
+        "error": output.error,
+        "scores": scores.get(output.id, {}),
+        "artifact": str(path) if path else None,
+    }
+
+
+def _fails(check: Check, row: dict[str, Any]) -> bool:
+    """Whether this pair is on the wrong side of the check's tolerance."""
+    cand, inc = row["candidate"], row["incumbent"]
+    if check.kind == "rate":
+        return cand["status"] in RATE_STATUSES[check.metric]
+    if check.kind == "quantile":
+        if cand["status"] != "ok" or inc["status"] != "ok":
+            return False  # latency checks judge successful outputs only, as the judge does
+        ratio = check.tolerance.ratio or 1.0
+        return cand["latency_ms"] > ratio * inc["latency_ms"] + (check.tolerance.absolute or 0.0)
+    value = cand["scores"].get(check.metric)
+    if value is None:
+        return False
+    if check.pair_value == "difference":
+        other = inc["scores"].get(check.metric)
+        if other is None:
+            return False
+        value -= other
+    if check.direction == "higher_is_better":
+        value = -value
+    return value > (check.tolerance.absolute or 0.0)
