@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint chromium
 
 setup: $(STAMP)
 
@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	bash examples/walkthrough.sh
 
+# The report test needs Debian's chromium; as root it is installed here, otherwise that test skips.
+chromium:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || apt-get install -y -q chromium >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) || true
+
 # pytest exits 5 when it collected nothing: that is a failure here, never green.
-test: setup
+test: setup chromium
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 

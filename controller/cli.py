@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -550,6 +551,31 @@ def shadow_log_command(
             sys.stdout.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         else:
             out.print(render_shadow_log(rows))
+
+    _run(run)
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    out_path: Annotated[
+        str, typer.Option("--out", help="Where to write the HTML file.")
+    ] = "report.html",
+) -> None:
+    """One self-contained HTML report: timeline, checks over time, latency, pairs worst first, failures."""
+    from controller.report import build_report
+    from policies.policy import load_policy
+
+    def run() -> None:
+        config = _config(ctx)
+        policy = load_policy(config.base_dir / config.policy if config.policy else None)
+        with _store(config) as store:
+            store.require_schema()
+            with store.reader() as session:
+                html = build_report(session, get_rollout(session, config.name), config, policy)
+        target = Path(out_path)
+        target.write_text(html, encoding="utf-8")
+        out.print(f"report written to {target.resolve()} ({len(html) / 1e6:.1f} MB)")
 
     _run(run)
 

@@ -1,0 +1,194 @@
+"""`cutover report`: one self-contained HTML file for the review after (or during) a rollout.
+
+Everything is inside the file (images as data URIs, charts as inline SVG, no
+scripts), so it can be attached to a ticket or opened offline. The template is
+rendered with autoescaping: a prompt is shown as text, whatever it contains.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controller.config import Config
+from controller.shadow_log import Filters, shadow_log
+from controller.status import event_dict, rollout_status
+from controller.tables import Output, Request, Rollout, RolloutEvent, Verdict
+from policies.policy import Policy
+
+GALLERY_PER_CHECK = 6
+FAILURES_SHOWN = 10
+CHART_W, CHART_H = 520, 140
+
+
+def build_report(session: Session, rollout: Rollout, config: Config, policy: Policy) -> str:
+    env = Environment(
+        loader=PackageLoader("controller", "templates"), autoescape=select_autoescape(default=True)
+    )
+    events = session.scalars(
+        select(RolloutEvent)
+        .where(RolloutEvent.rollout_id == rollout.id)
+        .order_by(RolloutEvent.version)
+    ).all()
+    verdicts = session.scalars(
+        select(Verdict).where(Verdict.rollout_id == rollout.id).order_by(Verdict.evaluated_at)
+    ).all()
+    pairs = shadow_log(session, rollout, policy, Filters(limit=2000), config.artifact_path)
+    return env.get_template("report.html.j2").render(
+        status=rollout_status(session, rollout, config),
+        events=[event_dict(e) for e in events],
+        charts=[_check_chart(check.name, verdicts) for check in policy.checks],
+        latency=_latency_chart(session, rollout),
+        galleries=[
+            _gallery(check, pairs) for check in policy.checks if check.kind == "paired_mean"
+        ],
+        failures=_failures(session, rollout),
+    )
+
+
+def _check_chart(name: str, verdicts: list[Verdict]) -> dict[str, Any]:
+    """The check's estimate and bounds over evaluations, as SVG polylines."""
+    points = [(v.evaluated_at, c) for v in verdicts for c in v.checks if c.get("name") == name]
+    series = {key: [c.get(key) for _, c in points] for key in ("lower", "estimate", "upper")}
+    values = [x for xs in series.values() for x in xs if x is not None]
+    if not values:
+        return {"name": name, "empty": True, "latest": None}
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+
+    def polyline(xs: list[float | None]) -> str:
+        n = max(len(xs) - 1, 1)
+        return " ".join(
+            f"{i / n * CHART_W:.1f},{CHART_H - (x - low) / span * CHART_H:.1f}"
+            for i, x in enumerate(xs)
+            if x is not None
+        )
+
+    return {
+        "name": name,
+        "empty": False,
+        "w": CHART_W,
+        "h": CHART_H,
+        "low": low,
+        "high": high,
+        "lines": {key: polyline(xs) for key, xs in series.items()},
+        "latest": points[-1][1],
+        "decisions": [c.get("decision") for _, c in points],
+    }
+
+
+def _latency_chart(session: Session, rollout: Rollout) -> dict[str, Any]:
+    rows = session.execute(
+        select(Output.role, Output.latency_ms)
+        .join(Request, Output.request_id == Request.id)
+        .where(
+            Request.rollout_id == rollout.id, Output.status == "ok", Output.latency_ms.is_not(None)
+        )
+    ).all()
+    values = {"incumbent": [], "candidate": []}
+    for role, latency in rows:
+        values[role].append(latency)
+    everything = values["incumbent"] + values["candidate"]
+    if not everything:
+        return {"empty": True}
+    top = sorted(everything)[int(0.99 * (len(everything) - 1))] or 1.0
+    bins = 30
+    counts = {role: [0] * bins for role in values}
+    for role, xs in values.items():
+        for x in xs:
+            counts[role][min(int(x / top * bins), bins - 1)] += 1
+    peak = max(max(c) for c in counts.values()) or 1
+    width = CHART_W / bins
+    bars = {
+        role: [
+            (i * width, CHART_H - c / peak * CHART_H, width / 2, c / peak * CHART_H)
+            for i, c in enumerate(cs)
+        ]
+        for role, cs in counts.items()
+    }
+    quantiles = {role: _quantiles(xs) for role, xs in values.items()}
+    return {
+        "empty": False,
+        "w": CHART_W,
+        "h": CHART_H,
+        "bars": bars,
+        "top": top,
+        "quantiles": quantiles,
+    }
+
+
+def _quantiles(xs: list[float]) -> dict[str, float | None]:
+    ordered = sorted(xs)
+    return {
+        f"p{q}": (ordered[min(int(q / 100 * len(ordered)), len(ordered) - 1)] if ordered else None)
+        for q in (50, 95, 99)
+    }
+
+
+def _gallery(check: Any, pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pairs with the check's metric, worst first, images inlined."""
+
+    def value(row: dict[str, Any]) -> float | None:
+        cand = row["candidate"]["scores"].get(check.metric)
+        if cand is None:
+            return None
+        if check.pair_value == "difference":
+            inc = row["incumbent"]["scores"].get(check.metric)
+            return None if inc is None else cand - inc
+        return cand
+
+    scored = [(value(row), row) for row in pairs]
+    ranked = sorted(
+        ((v, row) for v, row in scored if v is not None),
+        key=lambda item: item[0],
+        reverse=check.direction == "lower_is_better",
+    )[:GALLERY_PER_CHECK]
+    return {
+        "name": check.name,
+        "metric": check.metric,
+        "pairs": [
+            {
+                "value": v,
+                "prompt": row["prompt"],
+                "request_id": row["request_id"],
+                "stage": row["stage"],
+                "incumbent": _data_uri(row["incumbent"]["artifact"]),
+                "candidate": _data_uri(row["candidate"]["artifact"]),
+                "scores": row["candidate"]["scores"],
+            }
+            for v, row in ranked
+        ],
+    }
+
+
+def _failures(session: Session, rollout: Rollout) -> list[dict[str, Any]]:
+    rows = session.execute(
+        select(Output, Request.prompt, Request.stage)
+        .join(Request, Output.request_id == Request.id)
+        .where(Request.rollout_id == rollout.id, Output.status != "ok")
+        .order_by(Output.created_at.desc())
+        .limit(FAILURES_SHOWN)
+    ).all()
+    return [
+        {
+            "role": o.role,
+            "status": o.status,
+            "error": o.error,
+            "prompt": prompt,
+            "stage": stage,
+            "request_id": o.request_id,
+            "at": o.created_at.isoformat(),
+        }
+        for o, prompt, stage in rows
+    ]
+
+
+def _data_uri(path: str | None) -> str | None:
+    if not path or not Path(path).exists():
+        return None
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()

@@ -1,0 +1,187 @@
+"""`cutover report`: a self-contained HTML file that a real headless Chromium renders safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from datetime import timedelta
+
+import pytest
+from typer.testing import CliRunner
+
+from controller.artifacts import store_artifact
+from controller.cli import app
+from controller.config import load_config
+from controller.rollout import Command, Verb
+from controller.store import Store
+from controller.tables import Output, Request, Score, Verdict, utcnow
+from controller.transitions import apply_command, create_rollout, get_rollout
+from tests.conftest import base_config, write_config
+from tests.test_scorer import poster_png
+
+INJECTED = "<script>document.title='pwned';window.parent.document.title='pwned'</script> a sign"
+
+
+@pytest.fixture
+def report_path(tmp_path):
+    path = write_config(
+        tmp_path, base_config(f"sqlite:///{tmp_path / 'c.db'}") | {"artifact_dir": "art"}
+    )
+    config = load_config(path)
+    store = Store(config.resolved_database_url)
+    store.upgrade()
+    create_rollout(store, config, actor="tester")
+    now = utcnow()
+    with store.session() as session:
+        rollout = get_rollout(session, config.name)
+        for i, prompt in enumerate(['a sign that says "OPEN"', INJECTED, "a fox"]):
+            request = Request(
+                id=f"req{i}",
+                rollout_id=rollout.id,
+                stage="shadow",
+                primary_role="incumbent",
+                sticky_key="u",
+                prompt=prompt,
+                params={},
+                seed=i,
+                mirrored=True,
+                created_at=now - timedelta(seconds=10 - i),
+            )
+            session.add(request)
+            session.flush()
+            for role, tint in (("incumbent", (0, 0, 0)), ("candidate", (40 * i, 0, 0))):
+                sha = store_artifact(config.artifact_path, poster_png("OPEN", tint))
+                output = Output(
+                    id=f"req{i}-{role}",
+                    request_id=request.id,
+                    role=role,
+                    image_index=0,
+                    is_primary=role == "incumbent",
+                    status="ok" if i < 2 or role == "incumbent" else "error",
+                    error=None if i < 2 or role == "incumbent" else "RuntimeError: <b>boom</b>",
+                    latency_ms=100 + 10 * i,
+                    created_at=now,
+                    artifact_sha256=sha,
+                )
+                session.add(output)
+                session.flush()
+                if role == "candidate" and output.status == "ok":
+                    session.add(
+                        Score(
+                            output_id=output.id,
+                            probe="colour_shift_de",
+                            value=4.0 * i + 1,
+                            created_at=now,
+                        )
+                    )
+        for k in range(4):
+            session.add(
+                Verdict(
+                    rollout_id=rollout.id,
+                    stage="shadow",
+                    evaluated_at=now + timedelta(seconds=k),
+                    decision="FAIL" if k == 3 else "INCONCLUSIVE",
+                    samples=10 * k,
+                    checks=[
+                        {
+                            "name": "colour_shift",
+                            "decision": "FAIL" if k == 3 else "INCONCLUSIVE",
+                            "estimate": 5.0,
+                            "lower": 1.0 + k,
+                            "upper": 12.0 - k,
+                            "samples": 10 * k,
+                            "critical": True,
+                            "reason": "colour drifts",
+                        }
+                    ],
+                )
+            )
+    apply_command(
+        store, config, Command(Verb.ROLLBACK, reason="colour_shift: colour drifts"), "controller"
+    )
+    store.close()
+    out = tmp_path / "report.html"
+    result = CliRunner().invoke(
+        app, ["-c", str(path), "report", "--out", str(out)], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_report_is_self_contained_and_escapes_prompts(report_path):
+    html = report_path.read_text()
+    assert "&lt;script&gt;document.title" in html and "<script>document" not in html
+    assert html.count("data:image/png;base64,") >= 4
+    assert 'src="http' not in html and "<link" not in html
+    for words in (
+        "Timeline",
+        "rollback",
+        "colour_shift",
+        "Latency",
+        "Example failures",
+        "&lt;b&gt;boom",
+    ):
+        assert words in html
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"),
+    reason="Debian's chromium is not installed (make test installs it when run as root)",
+)
+def test_report_in_headless_chromium_loads_images_and_runs_no_injected_script(
+    report_path, tmp_path
+):
+    assert CHROMIUM, "chromium must be installed under CI (.ci/run installs it)"
+    wrapper = tmp_path / "wrapper.html"
+    wrapper.write_text(f"""<!doctype html><html><head><title>wrapper</title></head><body>
+<iframe id="r" src="{report_path.name}" width="1200" height="800"></iframe>
+<script>
+document.getElementById('r').addEventListener('load', () => {{
+  const doc = document.getElementById('r').contentDocument;
+  const images = Array.from(doc.images);
+  const result = {{
+    images: images.length,
+    loaded: images.filter(i => i.complete && i.naturalWidth > 0).length,
+    reportTitle: doc.title,
+    wrapperTitle: document.title,
+    promptShownAsText: Array.from(doc.querySelectorAll('.prompt')).some(e => e.textContent.includes('<script>')),
+  }};
+  document.body.setAttribute('data-result', JSON.stringify(result));
+}});
+</script></body></html>""")
+    profile = tmp_path / "profile"
+    dom = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--allow-file-access-from-files",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            wrapper.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    marker = 'data-result="'
+    assert marker in dom, dom[-2000:]
+    raw = dom.split(marker, 1)[1].split('"', 1)[0].replace("&quot;", '"').replace("&amp;", "&")
+    result = json.loads(raw.replace("&lt;", "<").replace("&gt;", ">"))
+    assert result["images"] >= 4 and result["loaded"] == result["images"], result
+    assert (
+        result["reportTitle"].startswith("cutover report") and result["wrapperTitle"] == "wrapper"
+    ), result
+    assert result["promptShownAsText"], result
