@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	bash examples/walkthrough.sh
+	$(VENV)/bin/cutover demo
 
 # The report test needs Debian's chromium; as root it is installed here, otherwise that test skips.
 chromium:

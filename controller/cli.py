@@ -580,6 +580,30 @@ def report(
     _run(run)
 
 
+@app.command()
+def demo(
+    scenario: Annotated[str, typer.Option(help="healthy, regression or both.")] = "both",
+    workdir: Annotated[
+        str, typer.Option(help="Where models, database, artifacts and reports go.")
+    ] = ".cutover/demo",
+    timeout: Annotated[
+        float, typer.Option(help="Seconds a scenario may take before it counts as failed.")
+    ] = 600,
+) -> None:
+    """The playbook end to end on tiny CPU models: a healthy candidate reaches 100%, a regressed one rolls back."""
+    from controller.demo import EXPECTED, render_summary, run_demo
+
+    if scenario not in ("healthy", "regression", "both"):
+        err.print(f"[red]refused:[/red] --scenario {scenario!r}: use healthy, regression or both")
+        raise typer.Exit(EXIT_REFUSED)
+    scenarios = list(EXPECTED) if scenario == "both" else [scenario]
+    outcomes = run_demo(scenarios, Path(workdir), out, timeout)
+    out.print(render_summary(outcomes))
+    if not all(o.ok for o in outcomes):
+        err.print("[red]the demo did not end as expected[/red]")
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,81 @@
+"""`cutover demo`: each scenario ends as expected, exits 0, and leaves no process behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from sqlalchemy import create_engine, text
+
+from controller.demo import ray_temp_dir
+
+pytestmark = pytest.mark.ray
+
+
+def leftovers(workdir: Path) -> list[str]:
+    """Processes whose command line mentions the demo's directory (its Ray lives there)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(workdir) in part for part in proc.info["cmdline"] or ()):
+                found.append(" ".join(proc.info["cmdline"])[:200])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.mark.parametrize(
+    ("scenario", "state", "stage"),
+    [("regression", "rolled_back", None), ("healthy", "promoted", "100")],
+)
+def test_demo_scenario(tmp_path, scenario, state, stage):
+    workdir = tmp_path / "demo"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "controller",
+            "demo",
+            "--scenario",
+            scenario,
+            "--workdir",
+            str(workdir),
+            "--timeout",
+            "400",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    engine = create_engine(f"sqlite:///{workdir / 'cutover.db'}")
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT state, stage_index, stages FROM rollouts WHERE name = :n"),
+            {"n": f"demo-{scenario}"},
+        ).one()
+        events = conn.execute(
+            text(
+                "SELECT verb, actor, reason FROM rollout_events e JOIN rollouts r "
+                "ON e.rollout_id = r.id WHERE r.name = :n ORDER BY e.version"
+            ),
+            {"n": f"demo-{scenario}"},
+        ).all()
+    engine.dispose()
+    assert row.state == state
+    if scenario == "regression":
+        verb, actor, reason = events[-1]
+        assert (verb, actor) == ("rollback", "controller")
+        assert "automatic rollback" in reason and any(
+            c in reason for c in ("colour_shift", "error_rate")
+        )
+    else:
+        assert [v for v, _, _ in events].count("advance") == 4 and all(
+            a == "controller" for _, a, _ in events[1:]
+        )
+    assert (workdir / f"report-{scenario}.html").stat().st_size > 10_000
+    assert not leftovers(workdir), leftovers(workdir)
+    assert not leftovers(ray_temp_dir(workdir)), leftovers(ray_temp_dir(workdir))
