@@ -16,7 +16,6 @@ from a slow candidate, target <= 1.10).
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import tempfile
 import time
@@ -24,12 +23,6 @@ from pathlib import Path
 
 import httpx
 import structlog
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -49,7 +42,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from controller.app import build_app
+    from controller.app import build_app, free_port
     from controller.config import Config
     from controller.store import Store
     from controller.transitions import create_rollout

@@ -43,6 +43,15 @@ def build_app(config: Config) -> Any:
     ).bind(data, base_dir, servers["incumbent"], servers["candidate"])
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (for demos, tests and benchmarks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def cpus_needed(config: Config) -> float:
     models = [getattr(config.models, role) for role in ROLES]
     return (

@@ -12,7 +12,6 @@ returns.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import random
 import tempfile
 import threading
@@ -119,28 +118,33 @@ class Traffic:
         self.sent = 0
         self.failed = 0
         self._stop = threading.Event()
+        self._slots = threading.Semaphore(concurrency)
         self._thread = threading.Thread(target=self._run, name="cutover-demo-traffic", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def _one(self, n: int) -> None:
-        body = {"prompt": self.rng.choice(self.prompts), "user": f"user-{self.rng.randrange(500)}"}
+    def _one(self, body: dict[str, str]) -> None:
         try:
             response = self.client.post("/v1/images/generations", json=body)
             self.failed += response.status_code != 200
         except httpx.HTTPError:
             self.failed += 1
-        self.sent += 1
+        finally:
+            self.sent += 1
+            self._slots.release()
 
     def _run(self) -> None:
+        """Keep `concurrency` requests in flight, never more, until stopped."""
         with ThreadPoolExecutor(self.concurrency) as pool:
-            for n in itertools.count():
-                if self._stop.is_set():
-                    break
-                pool.submit(self._one, n)
-                while pool._work_queue.qsize() > self.concurrency and not self._stop.is_set():
-                    time.sleep(0.01)
+            while not self._stop.is_set():
+                if not self._slots.acquire(timeout=0.1):
+                    continue
+                body = {
+                    "prompt": self.rng.choice(self.prompts),
+                    "user": f"user-{self.rng.randrange(500)}",
+                }
+                pool.submit(self._one, body)
 
     def stop(self) -> None:
         self._stop.set()
@@ -236,7 +240,6 @@ def run_demo(
     scenarios: list[str], workdir: Path, console: Console, timeout: float = 600
 ) -> list[Outcome]:
     import logging
-    import socket
 
     import ray
 
@@ -244,10 +247,10 @@ def run_demo(
         logging.WARNING
     )  # Serve's INFO lines would break the live display
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    from controller.app import free_port
+
     workdir.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(
         num_cpus=4,
         include_dashboard=False,

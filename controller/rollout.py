@@ -85,7 +85,9 @@ class Evidence:
         if self.samples < self.min_samples:
             holds.append(f"samples {self.samples}/{self.min_samples}")
         if self.elapsed_s < self.min_duration_s:
-            holds.append(f"time in stage {_human(self.elapsed_s)} of {_human(self.min_duration_s)}")
+            holds.append(
+                f"time in stage {human_duration(self.elapsed_s)} of {human_duration(self.min_duration_s)}"
+            )
         if self.verdict != PASS:
             shown = self.verdict or "none yet"
             detail = f" ({self.verdict_detail})" if self.verdict_detail else ""
@@ -244,7 +246,8 @@ _HANDLERS = {
 }
 
 
-def _human(seconds: float) -> str:
+def human_duration(seconds: float) -> str:
+    """Seconds as a person reads them in refusals and status: 45s, 12m, 3h05m."""
     seconds = int(seconds)
     if seconds < 120:
         return f"{seconds}s"

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller.config import Config
-from controller.rollout import RolloutView, State
+from controller.rollout import RolloutView, State, human_duration
 from controller.tables import Rollout, RolloutEvent, utcnow
 from controller.traffic import routing_table
 from controller.transitions import evidence_for, latest_verdict, view_of
@@ -203,14 +203,7 @@ def _gate(met: bool, text: str) -> Text:
 
 
 def _seconds(value: float | None) -> str:
-    if value is None:
-        return "-"
-    value = float(value)
-    if value < 120:
-        return f"{value:.0f}s"
-    if value < 7200:
-        return f"{value / 60:.0f}m"
-    return f"{value / 3600:.1f}h"
+    return "-" if value is None else human_duration(float(value))
 
 
 def render_shadow_log(rows: list[dict[str, Any]]) -> Table:

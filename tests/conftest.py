@@ -99,19 +99,13 @@ def image_distance(a, b) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_serve() -> Iterator[int]:
     """One local Ray with Serve's HTTP proxy for the whole session (starting one takes ~20 s); yields its port."""
     import ray
     from ray import serve
+
+    from controller.app import free_port
 
     port = free_port()
     ray.init(
