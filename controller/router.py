@@ -97,11 +97,13 @@ class Router:
                 created_at=utcnow(),
             )
         )
-        if mirrored:
-            self._spawn(self._mirror(other(role), jobs, table.stage))
         headers["x-cutover-served-by"] = role
 
         results = await self._call_all(role, jobs, self.limits.request_timeout)
+        if mirrored:
+            # Dispatched once the primary has answered: the mirror's routing and its result's
+            # handling then never share the event loop with the user's request.
+            self._spawn(self._mirror(other(role), jobs, table.stage))
         self._record_outputs(role, jobs, results, is_primary=True)
         log.info(
             "served",
