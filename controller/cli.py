@@ -597,7 +597,7 @@ def demo(
         err.print(f"[red]refused:[/red] --scenario {scenario!r}: use healthy, regression or both")
         raise typer.Exit(EXIT_REFUSED)
     scenarios = list(EXPECTED) if scenario == "both" else [scenario]
-    outcomes = run_demo(scenarios, Path(workdir), out, timeout)
+    outcomes = _run(lambda: run_demo(scenarios, Path(workdir), out, timeout))
     out.print(render_summary(outcomes))
     if not all(o.ok for o in outcomes):
         err.print("[red]the demo did not end as expected[/red]")

@@ -249,6 +249,7 @@ def run_demo(
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     from controller.app import free_port
 
+    workdir = workdir.resolve()  # the configs it writes name paths that must not depend on the cwd
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     ray.init(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def leftovers(workdir: Path) -> list[str]:
     [("regression", "rolled_back", None), ("healthy", "promoted", "100")],
 )
 def test_demo_scenario(tmp_path, scenario, state, stage):
-    workdir = tmp_path / "demo"
+    workdir = tmp_path / ".cutover" / "demo"
     result = subprocess.run(
         [
             sys.executable,
@@ -41,14 +42,15 @@ def test_demo_scenario(tmp_path, scenario, state, stage):
             "demo",
             "--scenario",
             scenario,
-            "--workdir",
-            str(workdir),
+            # No --workdir: the default, relative `.cutover/demo`, as `make demo` runs it.
             "--timeout",
             "400",
         ],
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=tmp_path,
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     engine = create_engine(f"sqlite:///{workdir / 'cutover.db'}")
