@@ -42,7 +42,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from controller.app import build_app, free_port
+    from controller.app import build_app, free_port, start_local_ray
     from controller.config import Config
     from controller.store import Store
     from controller.transitions import create_rollout
@@ -53,7 +53,7 @@ def main() -> None:
     store.upgrade()
     variants = {"off": (0, args.delay), "on": (100, args.delay), "slow": (100, args.delay * 10)}
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    start_local_ray(4, "cutover-bench")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for name, (mirror, candidate_delay) in variants.items():
 

@@ -52,6 +52,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def start_local_ray(
+    num_cpus: int, namespace: str, *, logging_level: str = "WARNING", temp_dir: str | None = None
+) -> None:
+    """A Ray on this machine: dashboard off, workers' output kept out of the caller's terminal."""
+    import ray
+
+    extra = {"_temp_dir": temp_dir} if temp_dir else {}
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        namespace=namespace,
+        logging_level=logging_level,
+        log_to_driver=False,
+        **extra,
+    )
+
+
 def cpus_needed(config: Config) -> float:
     models = [getattr(config.models, role) for role in ROLES]
     return (
@@ -97,13 +114,7 @@ def start(config: Config, address: str | None = None, *, http_port: int | None =
         if address:
             ray.init(address=address, namespace="cutover", logging_level="WARNING")
         else:
-            ray.init(
-                num_cpus=max(math.ceil(cpus_needed(config)) + 1, os.cpu_count() or 1),
-                include_dashboard=False,
-                namespace="cutover",
-                logging_level="WARNING",
-                log_to_driver=False,
-            )
+            start_local_ray(max(math.ceil(cpus_needed(config)) + 1, os.cpu_count() or 1), "cutover")
     serve.start(http_options={"host": config.server.host, "port": http_port or config.server.port})
     handle = serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
     log.info(

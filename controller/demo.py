@@ -241,25 +241,16 @@ def run_demo(
 ) -> list[Outcome]:
     import logging
 
-    import ray
-
     logging.getLogger("ray").setLevel(
         logging.WARNING
     )  # Serve's INFO lines would break the live display
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    from controller.app import free_port
+    from controller.app import free_port, start_local_ray
 
     workdir = workdir.resolve()  # the configs it writes name paths that must not depend on the cwd
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        namespace="cutover-demo",
-        logging_level="ERROR",
-        log_to_driver=False,
-        _temp_dir=str(ray_temp_dir(workdir)),
-    )
+    start_local_ray(4, "cutover-demo", logging_level="ERROR", temp_dir=str(ray_temp_dir(workdir)))
     try:
         from ray import serve
 

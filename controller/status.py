@@ -19,7 +19,7 @@ from controller.config import Config
 from controller.rollout import RolloutView, State, human_duration
 from controller.tables import Rollout, RolloutEvent, utcnow
 from controller.traffic import routing_table
-from controller.transitions import evidence_for, latest_verdict, view_of
+from controller.transitions import evidence_for, view_of
 
 STATUS_SCHEMA = 1
 
@@ -30,7 +30,7 @@ def rollout_status(
     now = now or utcnow()
     view = view_of(row)
     evidence = evidence_for(session, row, config, now)
-    verdict = latest_verdict(session, row)
+    verdict = evidence.verdict_snapshot  # read once, by evidence_for
     table = routing_table(row.name, view, row.version, config)
     stage = view.stage.name
     max_duration = config.rollout.for_stage("max_duration", stage)
@@ -75,11 +75,11 @@ def rollout_status(
         "verdict": None
         if verdict is None
         else {
-            "decision": verdict.decision,
-            "evaluated_at": verdict.evaluated_at.isoformat(),
-            "samples": verdict.samples,
+            "decision": verdict["decision"],
+            "evaluated_at": verdict["evaluated_at"],
+            "samples": verdict["samples"],
         },
-        "checks": [] if verdict is None else [_check_row(c) for c in verdict.checks],
+        "checks": [] if verdict is None else [_check_row(c) for c in verdict["checks"]],
         "version": row.version,
         "candidate": row.candidate,
         "incumbent": row.incumbent,

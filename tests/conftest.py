@@ -105,16 +105,10 @@ def ray_serve() -> Iterator[int]:
     import ray
     from ray import serve
 
-    from controller.app import free_port
+    from controller.app import free_port, start_local_ray
 
     port = free_port()
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        namespace="cutover-tests",
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
+    start_local_ray(4, "cutover-tests")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
