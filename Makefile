@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint chromium
+.PHONY: setup demo test lint system-packages
 
 setup: $(STAMP)
 
@@ -19,13 +19,16 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/cutover demo
 
-# The report test needs Debian's chromium; as root it is installed here, otherwise that test skips.
-chromium:
-	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || apt-get install -y -q chromium >/dev/null 2>&1 \
-	  || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) || true
+# Tests need two Debian packages: chromium (the report test) and tesseract-ocr (the second OCR
+# engine). As root they are installed here; otherwise those tests skip, saying why (under CI they fail).
+system-packages:
+	@for pkg in chromium:chromium tesseract:tesseract-ocr; do \
+	  command -v $${pkg%%:*} >/dev/null || [ "$$(id -u)" != 0 ] || apt-get install -y -q $${pkg#*:} >/dev/null 2>&1 \
+	    || (apt-get update -q >/dev/null && apt-get install -y -q $${pkg#*:} >/dev/null) || true; \
+	done
 
 # pytest exits 5 when it collected nothing: that is a failure here, never green.
-test: setup chromium
+test: setup system-packages
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 

@@ -11,7 +11,10 @@ are judged by a fixed-sample Mann-Whitney test re-run at every batch, the
 
 Regressions: candidate samples until the first FAIL (median and p90) for
 +2 pp errors on a 5% base at a 10% split, +20% p95 latency (whole distribution
-scaled, and tail only), and +0.05 mean typography CER (paired, sd 0.15).
+scaled, and tail only), and +0.05 mean typography CER (paired, sd 0.15). Each
+check runs at its share of the default policy's budget (`Policy.alpha_for`); the
+error and CER cases are also run under the other allocations a team might pick
+(even weights; typography made critical), so the cost of each choice is visible.
 """
 
 from __future__ import annotations
@@ -61,13 +64,16 @@ def simulate_rollout(
     """One healthy (A/A) rollout through every stage, judged after every batch."""
     from scipy.stats import mannwhitneyu
 
-    alpha = policy.alpha_per_check
     checks = {c.name: c for c in policy.checks}
     counts = {name: [0, 0, 0, 0] for name, c in checks.items() if c.kind == "rate"}
     base_rates = {"failure": 0.03, "oom": 0.005, "blank": 0.002, "error": 0.03, "timeout": 0.0}
     latencies: dict[str, list[float]] = {"candidate": [], "incumbent": []}
-    paired = {name: PairedTrack(c, alpha) for name, c in checks.items() if c.kind == "paired_mean"}
-    failed = control_failed = False
+    paired = {
+        name: PairedTrack(c, policy.alpha_for(c))
+        for name, c in checks.items()
+        if c.kind == "paired_mean"
+    }
+    failed = held = control_failed = False
     for _weight in STAGES:
         for _batch in range(0, requests_per_stage, BATCH):
             for _ in range(BATCH):
@@ -86,6 +92,7 @@ def simulate_rollout(
                     elif rng.random() < 0.4:  # typography prompts
                         track.add(max(-1.0, min(1.0, rng.gauss(0.0, 0.15))))
             for name, c in checks.items():
+                alpha = policy.alpha_for(c)
                 if c.kind == "rate":
                     result = evaluate_rate(c, RateData(*counts[name]), alpha)
                 elif c.kind == "quantile":
@@ -96,22 +103,23 @@ def simulate_rollout(
                     result = None
                 decision = result.decision if result else paired[name].decision()
                 failed |= decision == FAIL and c.critical
+                held |= decision == FAIL and not c.critical
             if control and not control_failed:
                 control_failed = (
                     mannwhitneyu(latencies["candidate"], latencies["incumbent"]).pvalue
                     < policy.alpha
                 )
             if failed and not control:
-                return {"failed": True, "control_failed": control_failed}
-    return {"failed": failed, "control_failed": control_failed}
+                return {"failed": True, "held": held, "control_failed": control_failed}
+    return {"failed": failed, "held": held, "control_failed": control_failed}
 
 
 def samples_until_fail(
     kind: str, rng: random.Random, policy: Policy, limit: int = 200_000
 ) -> int | None:
     """Candidate samples (outputs or pairs) until the relevant check FAILs, or None within `limit`."""
-    alpha = policy.alpha_per_check
     checks = {c.name: c for c in policy.checks}
+    alpha = policy.alpha_for(checks[CHECK_OF[kind]])
     if kind == "errors":
         tolerance = checks["error_rate"].tolerance.model_copy(
             update={"ratio": 1.0, "absolute": None}
@@ -164,21 +172,47 @@ def samples_until_fail(
     raise ValueError(kind)
 
 
-def _aa_chunk(args: tuple[int, int, int]) -> tuple[int, int, int]:
+CHECK_OF = {
+    "errors": "error_rate",
+    "latency": "latency_p95",
+    "latency_tail": "latency_p95",
+    "cer": "typography_cer",
+}
+
+
+def policy_variant(name: str) -> Policy:
+    """The default policy ("default"), with even weights ("even"), or with typography critical."""
+    policy = load_policy()
+    if name == "default":
+        return policy
+    if name == "even":
+        checks = [c.model_copy(update={"weight": 1.0}) for c in policy.checks]
+    elif name == "typography_critical":
+        checks = [
+            c.model_copy(update={"critical": True}) if c.name == "typography_cer" else c
+            for c in policy.checks
+        ]
+    else:
+        raise ValueError(name)
+    return policy.model_copy(update={"checks": checks})
+
+
+def _aa_chunk(args: tuple[int, int, int]) -> tuple[int, int, int, int]:
     seed, count, per_stage = args
     policy = load_policy()
     rng = random.Random(seed)
-    failed = control = 0
+    failed = held = control = 0
     for _ in range(count):
         result = simulate_rollout(policy, rng, per_stage, control=True)
         failed += result["failed"]
+        held += result["held"]
         control += result["control_failed"]
-    return failed, control, count
+    return failed, held, control, count
 
 
-def _regression_chunk(args: tuple[str, int, int]) -> list[int | None]:
-    kind, seed, runs = args
-    policy = load_policy()
+def _regression_chunk(args: tuple[str, str, int, int]) -> list[int | None]:
+    kind, variant, seed, runs = args
+    policy = policy_variant(variant)
     rng = random.Random(seed)
     return [samples_until_fail(kind, rng, policy) for _ in range(runs)]
 
@@ -200,40 +234,55 @@ def main() -> None:
     ]
     with ProcessPoolExecutor(args.workers) as pool:
         aa = list(pool.map(_aa_chunk, chunks))
-        failed, control, total = (sum(x[i] for x in aa) for i in range(3))
+        failed, held, control, total = (sum(x[i] for x in aa) for i in range(4))
+        critical = [c for c in policy.checks if c.critical]
         print(
-            f"A/A: {total} rollouts x {len(STAGES)} stages x {args.requests_per_stage} requests, judged every "
-            f"{BATCH} requests, alpha {policy.alpha} over {len(policy.checks)} checks"
+            f"A/A: {total} rollouts x {len(STAGES)} stages x {args.requests_per_stage} requests, judged "
+            f"every {BATCH} requests; alpha {policy.alpha} over {len(critical)} critical checks, "
+            f"advisory alpha {policy.advisory_alpha or policy.alpha} over "
+            f"{len(policy.checks) - len(critical)} other(s)"
         )
         print(
             f"  false-rollback rate (anytime-valid judge):        {failed / total:.4f}   target <= {policy.alpha}"
         )
+        print(f"  false-hold rate (a non-critical check FAILs):     {held / total:.4f}")
         print(
             f"  same latencies, Mann-Whitney re-run at each look:  {control / total:.4f}   (peeking control)"
         )
         print(
             f"Regressions ({args.regression_runs} runs each): candidate samples until the first FAIL"
         )
-        print(f"  {'case':<44} {'median':>8} {'p90':>8} {'never':>6}  target")
+        print(
+            f"  {'case':<44} {'policy':<20} {'alpha':>7} {'median':>7} {'p90':>7} {'never':>5}  target"
+        )
         cases = [
-            ("errors", "+2 pp errors on 5% base, 10% split (outputs)", "<= 1500"),
-            ("latency", "+20% latency, whole distribution (outputs)", ""),
-            ("latency_tail", "+20% latency, slowest 10% only (outputs)", ""),
-            ("cer", "+0.05 mean CER, paired sd 0.15 (pairs)", "<= 120"),
+            ("errors", "default", "+2 pp errors on 5% base, 10% split (outputs)", "<= 1500"),
+            ("errors", "even", "  the same, weights even", ""),
+            ("latency", "default", "+20% latency, whole distribution (outputs)", ""),
+            ("latency_tail", "default", "+20% latency, slowest 10% only (outputs)", ""),
+            ("cer", "default", "+0.05 mean CER, paired sd 0.15 (pairs)", "<= 120"),
+            ("cer", "typography_critical", "  the same, typography_cer critical", ""),
         ]
-        for kind, label, target in cases:
+        for kind, variant, label, target in cases:
             per = args.regression_runs // args.workers
             runs = [
                 n
                 for chunk in pool.map(
-                    _regression_chunk, [(kind, 7 + i, per) for i in range(args.workers)]
+                    _regression_chunk, [(kind, variant, 7 + i, per) for i in range(args.workers)]
                 )
                 for n in chunk
             ]
             found = sorted(n for n in runs if n is not None)
             median = statistics.median(found) if found else float("nan")
             p90 = found[min(int(0.9 * len(found)), len(found) - 1)] if found else float("nan")
-            print(f"  {label:<44} {median:>8.0f} {p90:>8.0f} {len(runs) - len(found):>6}  {target}")
+            variant_policy = policy_variant(variant)
+            alpha = variant_policy.alpha_for(
+                next(c for c in variant_policy.checks if c.name == CHECK_OF[kind])
+            )
+            print(
+                f"  {label:<44} {variant:<20} {alpha:>7.4f} {median:>7.0f} {p90:>7.0f} "
+                f"{len(runs) - len(found):>5}  {target}"
+            )
     print(
         f"(tolerances for the regression runs: 0 for the tested check, so any regression counts; "
         f"{time.perf_counter() - started:.0f}s)"

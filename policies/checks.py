@@ -172,7 +172,11 @@ def evaluate_quantile(
 
 
 def evaluate_paired(check: Check, values: Sequence[float], alpha: float) -> CheckResult:
-    """Mean paired regression (candidate minus incumbent, or the pair's own score) by a betting sequence."""
+    """Mean paired regression (candidate minus incumbent, or the pair's own score) by betting.
+
+    FAIL rests on the lower bound alone and PASS on the upper alone, each one-sided at
+    alpha, so a false FAIL has probability at most alpha.
+    """
     low, high = check.range
     sign = -1 if check.direction == "higher_is_better" else 1
     signed = [sign * v for v in values]
@@ -182,9 +186,15 @@ def evaluate_paired(check: Check, values: Sequence[float], alpha: float) -> Chec
     decision = _decide(check, bounds, len(signed))
     tolerance = _limit(check)
     what = "mean paired difference" if check.pair_value == "difference" else "mean per pair"
+    words = {
+        FAIL: f"at least {bounds.lower:+.4g} with {_confidence(alpha)} confidence",
+        PASS: f"at most {bounds.upper:+.4g} with {_confidence(alpha)} confidence",
+        INCONCLUSIVE: f"in [{bounds.lower:+.4g}, {bounds.upper:+.4g}], each end with "
+        f"{_confidence(alpha)} confidence",
+    }[decision]
     reason = (
-        f"{check.metric} {what} {mean:+.4g} over {len(signed)} pairs, in [{bounds.lower:+.4g}, "
-        f"{bounds.upper:+.4g}] with {_confidence(alpha)} confidence, tolerance {tolerance:g}"
+        f"{check.metric} {what} {mean:+.4g} over {len(signed)} pairs, {words}, "
+        f"tolerance {tolerance:g}"
     )
     return CheckResult(
         check.name,

@@ -3,8 +3,9 @@
 Data come from SQL: outputs of both roles since the attempt began (the last
 `init` or `retry`), and probe scores of pairs (same request, same image
 index, both outputs ok). Each check is a confidence sequence over that
-growing window, so evaluating after every record keeps the chance of any
-false FAIL over the whole attempt below the policy's alpha.
+growing window at its share of the policy's budget (`Policy.alpha_for`), so
+evaluating after every record keeps the chance of a false rollback over the
+whole attempt below `alpha`.
 """
 
 from __future__ import annotations
@@ -146,9 +147,9 @@ def paired_values(check: Check, pairs: list[tuple[float | None, float | None]]) 
 
 
 def evaluate(policy: Policy, window: Window) -> list[CheckResult]:
-    alpha = policy.alpha_per_check
     results = []
     for check in policy.checks:
+        alpha = policy.alpha_for(check)
         if check.kind == "rate":
             bad = RATE_STATUSES[check.metric]
             cand, inc = window.statuses.get("candidate", []), window.statuses.get("incumbent", [])

@@ -52,6 +52,9 @@ class Check(_Strict):
     quantile: float | None = Field(None, gt=0, lt=1)
     pair_value: Literal["difference", "candidate"] = "difference"
     range: tuple[float, float] = (-1.0, 1.0)
+    # This check's share of its budget (rollback alpha if critical, advisory alpha if not),
+    # relative to the other checks of the same criticality.
+    weight: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> Check:
@@ -74,16 +77,34 @@ class Check(_Strict):
 
 
 class Policy(_Strict):
+    """Two error budgets, each split across the checks it covers in proportion to their weights.
+
+    `alpha` bounds the chance of a false rollback over a rollout attempt. Only critical
+    checks roll back, so only they share it. `advisory_alpha` (default: `alpha`) bounds the
+    chance that a non-critical check falsely FAILs, which holds the rollout but never
+    rolls it back.
+    """
+
     alpha: float = Field(0.05, gt=0, lt=0.5)
+    advisory_alpha: float | None = Field(None, gt=0, lt=0.5)
     sample_rate: float = Field(1.0, gt=0, le=1, description="share of outputs the scorer scores")
     ocr_engine: Literal["rapidocr", "tesseract"] = "rapidocr"
     clip_model: str | None = None
     checks: list[Check] = Field(min_length=1)
 
-    @property
-    def alpha_per_check(self) -> float:
-        """Alpha split evenly (Bonferroni) so the chance of any false FAIL stays below alpha."""
-        return self.alpha / len(self.checks)
+    @model_validator(mode="after")
+    def _unique_names(self) -> Policy:
+        names = [c.name for c in self.checks]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"check names must be unique; repeated: {', '.join(repeated)}")
+        return self
+
+    def alpha_for(self, check: Check) -> float:
+        """The check's share of its budget (weighted Bonferroni): the shares add up to the budget."""
+        peers = [c for c in self.checks if c.critical == check.critical]
+        budget = self.alpha if check.critical else (self.advisory_alpha or self.alpha)
+        return budget * check.weight / sum(c.weight for c in peers)
 
 
 def load_policy(path: str | Path | None = None) -> Policy:

@@ -10,9 +10,11 @@ Two constructions, both from Ville's inequality on a nonnegative martingale:
   Bernoulli mean (Robbins 1970; Howard et al. 2021, "Time-uniform, nonparametric,
   nonasymptotic confidence sequences", section on conjugate mixtures). Exact for
   0/1 data and tight at the small rates errors and OOMs have.
-- `bounded_mean_cs`: the predictable plug-in empirical-Bernstein sequence for
-  means of data in [0, 1] (Waudby-Smith & Ramdas 2023, "Estimating means of
-  bounded random variables by betting", Theorem 2); variance-adaptive.
+- `bounded_mean_cs`: betting bounds for means of bounded data, with the
+  variance-adaptive predictable plug-in stakes of Waudby-Smith & Ramdas 2023,
+  "Estimating means of bounded random variables by betting"; each end is a
+  one-sided sequence, because the judge's FAIL uses only the lower end and its
+  PASS only the upper.
 Quantiles use `bernoulli_cs` on the count of observations below the quantile
 (Howard & Ramdas 2022, "Sequential estimation of quantiles").
 """
@@ -94,18 +96,25 @@ def quantile_cs(values: Sequence[float], q: float, alpha: float) -> Interval:
 
 
 GRID = 2001  # candidate means on [0, 1] for the betting sequence
-# Largest share of what the bounds allow a bet may stake (Waudby-Smith & Ramdas suggest 1/2 to 3/4).
+# Largest share of what the bounds allow a bet may stake (Waudby-Smith & Ramdas suggest 1/2 to 3/4):
+# one observation at the far end of the range then costs a bet at most log(1 / (1 - BET_CAP)).
 BET_CAP = 0.75
 
 
 class BettingCS:
-    """Hedged-capital betting confidence sequence for a mean of data in [low, high], updated one point at a time.
+    """Betting confidence bounds for a mean of data in [low, high], updated one point at a time.
 
-    Waudby-Smith & Ramdas (2023), Theorem 3: for each candidate mean m, a gambler
-    bets on x - m with predictable fractions (their plug-in choice, capped at
-    BET_CAP of what the bounds allow) both ways; the capital is a nonnegative
-    martingale when m is the true mean, so m is excluded once the hedged
-    capital reaches 1/alpha (Ville). The interval is the set of m never excluded.
+    Waudby-Smith & Ramdas (2023): for each candidate mean m, one gambler bets
+    that the mean is above m (stake lambda * (x - m)) and another that it is below; each
+    one's capital is a nonnegative supermartingale whenever the true mean lies on the side
+    it bets against, so by Ville's inequality the chance that it ever reaches 1/alpha is
+    at most alpha. The lower bound is the smallest m the "above" gambler has not beaten,
+    the upper bound the largest m the "below" gambler has not: each bound is a one-sided
+    (1 - alpha) sequence, and the two together a (1 - 2 alpha) interval. The judge uses
+    the lower bound to FAIL and the upper bound to PASS, so each claim is wrong with
+    probability at most alpha; hedging both bets into one capital would charge every
+    claim for both (log 2 more evidence). Stakes are the predictable plug-in of their
+    empirical-Bernstein sequence, capped at BET_CAP of what the range allows.
     """
 
     def __init__(self, alpha: float, low: float = 0.0, high: float = 1.0, grid: int = GRID) -> None:
@@ -116,9 +125,9 @@ class BettingCS:
         self.m = np.linspace(0.0, 1.0, grid)
         self._log_up = np.zeros(grid)
         self._log_down = np.zeros(grid)
-        self._excluded = np.zeros(grid, dtype=bool)
+        self._below = np.zeros(grid, dtype=bool)  # means the "above" gambler has beaten
+        self._above = np.zeros(grid, dtype=bool)  # means the "below" gambler has beaten
         self._limit = math.log(1.0 / alpha)
-        self._log_term = math.log(2.0 / alpha)
         with np.errstate(divide="ignore"):
             self._cap_up = np.minimum(BET_CAP / self.m, 1e6)
             self._cap_down = np.minimum(BET_CAP / (1.0 - self.m), 1e6)
@@ -131,24 +140,24 @@ class BettingCS:
         x = min(max((raw - self.low) / self.span, 0.0), 1.0)
         self.n += 1
         t = self.n
-        lam = math.sqrt(2 * self._log_term / (self._var * t * math.log(1 + t)))
+        lam = math.sqrt(2 * self._limit / (self._var * t * math.log(1 + t)))
         self._log_up += np.log1p(np.minimum(lam, self._cap_up) * (x - self.m))
         self._log_down += np.log1p(-np.minimum(lam, self._cap_down) * (x - self.m))
-        self._excluded |= np.logaddexp(self._log_up, self._log_down) + math.log(0.5) >= self._limit
+        self._below |= self._log_up >= self._limit
+        self._above |= self._log_down >= self._limit
         self._sum += x
         mean = (0.5 + self._sum) / (t + 1)
         self._sum_sq += (x - mean) ** 2
         self._var = (0.25 + self._sum_sq) / (t + 1)
 
     def interval(self) -> Interval:
-        kept = self.m[~self._excluded]
-        if (
-            kept.size == 0
-        ):  # every mean excluded: possible only with probability < alpha; report the estimate
-            centre = self._sum / max(self.n, 1)
-            return Interval(self.low + self.span * centre, self.low + self.span * centre)
+        """[lower, upper]: each end a one-sided bound at 1 - alpha (see the class docstring)."""
         step = 1.0 / (self.m.size - 1)
-        lower, upper = max(float(kept.min()) - step, 0.0), min(float(kept.max()) + step, 1.0)
+        not_below, not_above = self.m[~self._below], self.m[~self._above]
+        lower = max(float(not_below.min()) - step, 0.0) if not_below.size else 1.0
+        upper = min(float(not_above.max()) + step, 1.0) if not_above.size else 0.0
+        if lower > upper:  # the two claims contradict: possible only with probability < 2 alpha
+            lower = upper = self._sum / max(self.n, 1)
         return Interval(self.low + self.span * lower, self.low + self.span * upper)
 
 
@@ -177,7 +186,7 @@ def accepted_counts(n: int, q: float, alpha: float) -> tuple[int, int]:
 def bounded_mean_cs(
     values: Sequence[float], alpha: float, low: float = 0.0, high: float = 1.0
 ) -> Interval:
-    """The betting confidence sequence after all of `values`."""
+    """The betting bounds after all of `values`: each end one-sided at 1 - alpha."""
     sequence = BettingCS(alpha, low, high)
     for value in values:
         sequence.update(value)

@@ -21,6 +21,7 @@ from policies.policy import Check, Tolerance, load_policy
 from policies.sequential import (
     PRIOR_A,
     PRIOR_B,
+    BettingCS,
     bernoulli_cs,
     bounded_mean_cs,
     log_mixture_ratio,
@@ -81,21 +82,78 @@ def test_time_uniform_coverage_of_the_bernoulli_sequence():
 
 
 def test_time_uniform_coverage_of_quantile_and_betting_sequences():
+    """Quantile sequences miss at most alpha in all; each end of the betting bounds at most alpha."""
     rng = random.Random(11)
-    alpha, quantile_misses, mean_misses = 0.1, 0, 0
-    true_p90 = -math.log(0.1)  # Exp(1)
+    alpha, quantile_misses, below_lower, above_upper = 0.1, 0, 0, 0
+    true_p90, true_mean = -math.log(0.1), 2 / 7  # Exp(1) and Beta(2, 5)
     for _ in range(150):
         values, bounded = [], []
-        q_missed = m_missed = False
+        q_missed = low_missed = high_missed = False
         for t in range(1, 401):
             values.append(rng.expovariate(1.0))
             bounded.append(rng.betavariate(2, 5))
             if t % 25 == 0:
                 q_missed |= true_p90 not in quantile_cs(values, 0.9, alpha)
-                m_missed |= (2 / 7) not in bounded_mean_cs(bounded, alpha)
+                bounds = bounded_mean_cs(bounded, alpha)
+                low_missed |= true_mean < bounds.lower
+                high_missed |= true_mean > bounds.upper
         quantile_misses += q_missed
-        mean_misses += m_missed
-    assert quantile_misses / 150 <= alpha and mean_misses / 150 <= alpha
+        below_lower += low_missed
+        above_upper += high_missed
+    assert quantile_misses / 150 <= alpha
+    assert below_lower / 150 <= alpha and above_upper / 150 <= alpha
+
+
+def test_each_betting_bound_is_one_sided_at_alpha():
+    """A mean sitting exactly at the tolerance: the lower bound alone wrongly exceeds it in at most
+    alpha of runs (a false FAIL), checked after every point. Data at the two ends of the range
+    make the bets as risky as they can be."""
+    rng = random.Random(17)
+    alpha, false_fails = 0.2, 0
+    for _ in range(300):
+        sequence = BettingCS(alpha, -1.0, 1.0, grid=401)
+        for _step in range(300):
+            sequence.update(rng.choice((-1.0, 1.0)) if rng.random() < 0.1 else 0.0)
+            if sequence.interval().lower > 0.0:
+                false_fails += 1
+                break
+    assert false_fails / 300 <= alpha
+
+
+def test_one_sided_bounds_fail_sooner_than_a_hedged_two_sided_sequence():
+    """The point of one-sided bounds: the same data cross the tolerance sooner than the hedged
+    (two-sided, alpha) sequence would, here computed independently from its definition."""
+    rng = random.Random(23)
+    values = [max(-1.0, min(1.0, rng.gauss(0.05, 0.15))) for _ in range(400)]
+    alpha = 0.01
+
+    def first_fail_one_sided() -> int:
+        sequence = BettingCS(alpha, -1.0, 1.0, grid=401)
+        for n, value in enumerate(values, 1):
+            sequence.update(value)
+            if sequence.interval().lower > 0.0:
+                return n
+        return len(values) + 1
+
+    def first_fail_hedged() -> int:
+        # Capital of the "above 0" and "below 0" bets at m = 1/2 (0 on the [-1, 1] scale),
+        # averaged: it must reach 1/alpha, i.e. either bet about 2/alpha.
+        up = down = 0.0
+        total, squares, var = 0.0, 0.0, 0.25
+        for n, value in enumerate(values, 1):
+            x = (value + 1) / 2
+            lam = math.sqrt(2 * math.log(2 / alpha) / (var * n * math.log(1 + n)))
+            up += math.log1p(min(lam, 0.75 / 0.5) * (x - 0.5))
+            down += math.log1p(-min(lam, 0.75 / 0.5) * (x - 0.5))
+            if math.log((math.exp(up) + math.exp(down)) / 2) >= math.log(1 / alpha):
+                return n
+            total += x
+            squares += (x - (0.5 + total) / (n + 1)) ** 2
+            var = (0.25 + squares) / (n + 1)
+        return len(values) + 1
+
+    one_sided, hedged = first_fail_one_sided(), first_fail_hedged()
+    assert one_sided <= len(values) and one_sided < hedged
 
 
 def check(kind, metric, **extra):
@@ -207,3 +265,47 @@ def test_ratio_rate_check_passes_two_clean_arms_through_negligible():
     events = [(0.5, True)] * 150 + [(0.5, False)] * 30
     fail = evaluate_rate(c, RateData(160, 3000, 40, 3000, events), 0.01)
     assert fail.decision == FAIL and "count test" in fail.reason
+
+
+def test_alpha_is_shared_by_weight_within_each_budget(tmp_path):
+    """Critical checks share alpha, the others advisory_alpha; the shares add up to each budget."""
+    policy = load_policy()
+    critical = [c for c in policy.checks if c.critical]
+    advisory = [c for c in policy.checks if not c.critical]
+    assert sum(policy.alpha_for(c) for c in critical) == pytest.approx(policy.alpha)
+    assert sum(policy.alpha_for(c) for c in advisory) == pytest.approx(policy.alpha)
+    by_name = {c.name: policy.alpha_for(c) for c in policy.checks}
+    assert by_name["error_rate"] == pytest.approx(3 * by_name["latency_p95"])
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "alpha: 0.04\nadvisory_alpha: 0.1\nchecks:\n"
+        "  - {name: a, kind: rate, metric: oom, tolerance: {absolute: 0.01}}\n"
+        "  - {name: b, kind: rate, metric: blank, tolerance: {absolute: 0.01}, weight: 3}\n"
+        "  - {name: c, kind: rate, metric: error, tolerance: {absolute: 0.01}, critical: false}\n"
+    )
+    custom = load_policy(path)
+    assert [custom.alpha_for(c) for c in custom.checks] == pytest.approx([0.01, 0.03, 0.1])
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (
+            "  - {name: a, kind: rate, metric: oom, tolerance: {absolute: 0.01}, weight: 0}\n",
+            "weight",
+        ),
+        (
+            "  - {name: a, kind: rate, metric: oom, tolerance: {absolute: 0.01}}\n"
+            "  - {name: a, kind: rate, metric: blank, tolerance: {absolute: 0.01}}\n",
+            "repeated: a",
+        ),
+    ],
+)
+def test_bad_weights_and_repeated_names_are_refused(tmp_path, body, words):
+    from controller.yaml_source import SourceError
+
+    path = tmp_path / "policy.yaml"
+    path.write_text("alpha: 0.05\nchecks:\n" + body)
+    with pytest.raises(SourceError) as error:
+        load_policy(path)
+    assert "policy.yaml" in str(error.value) and words in str(error.value)

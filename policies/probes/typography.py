@@ -87,6 +87,12 @@ class Tesseract:
     def read(self, image: np.ndarray) -> str:
         from PIL import Image
 
+        if shutil.which(self.binary) is None:
+            raise FileNotFoundError(
+                f"OCR engine {self.binary!r} is not on PATH: install Debian's tesseract-ocr "
+                "(apt-get install tesseract-ocr) or set `ocr_engine: rapidocr` in the policy"
+            )
+
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "in.png"
             Image.fromarray(image).save(path)
