@@ -88,7 +88,7 @@ def rollout_status(
 
 
 def _check_row(check: dict[str, Any]) -> dict[str, Any]:
-    keys = ("name", "decision", "estimate", "lower", "upper", "reason")
+    keys = ("name", "decision", "estimate", "lower", "upper", "alpha", "critical", "reason")
     return {k: check.get(k) for k in keys}
 
 

@@ -35,6 +35,7 @@ class CheckResult:
     samples: int
     critical: bool
     reason: str
+    alpha: float  # the check's share of its budget: each of its FAIL and PASS claims is wrong w.p. <= alpha
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,6 +131,7 @@ def evaluate_rate(check: Check, data: RateData, alpha: float) -> CheckResult:
         data.candidate_total,
         check.critical,
         _min_samples_note(check, data.candidate_total, reason),
+        alpha,
     )
 
 
@@ -168,6 +170,7 @@ def evaluate_quantile(
         samples,
         check.critical,
         _min_samples_note(check, samples, reason),
+        alpha,
     )
 
 
@@ -205,6 +208,7 @@ def evaluate_paired(check: Check, values: Sequence[float], alpha: float) -> Chec
         len(signed),
         check.critical,
         _min_samples_note(check, len(signed), reason),
+        alpha,
     )
 
 

@@ -241,6 +241,11 @@ def test_control_once_and_status_show_the_verdict(setup):
     relied_on = status["last_event"]["verdict"]
     assert relied_on["decision"] == "PASS"
     assert {c["name"] for c in relied_on["checks"]} == {"error_rate", "latency_p50"}
+    # Each check shows the share of alpha it ran at: two critical checks, 0.05 between them.
+    assert {c["name"]: c["alpha"] for c in relied_on["checks"]} == {
+        "error_rate": pytest.approx(0.025),
+        "latency_p50": pytest.approx(0.025),
+    }
 
 
 def test_default_policy_loads_and_bad_policy_names_the_line(tmp_path):
