@@ -339,6 +339,11 @@ class Config(_Strict):
     def spill_path(self) -> Path:
         return (self._base_dir / Path(self.spill_dir).expanduser()).resolve()
 
+    @property
+    def policy_path(self) -> Path | None:
+        """The policy file, relative to the config; None means the bundled default policy."""
+        return self._base_dir / self.policy if self.policy else None
+
     def to_wire(self) -> tuple[dict[str, Any], str]:
         """What another process (a Ray replica) needs to rebuild this config: data and base dir."""
         return self.model_dump(mode="json"), str(self._base_dir)

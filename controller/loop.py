@@ -96,9 +96,7 @@ class ControllerLoop:
     ) -> None:
         self.config = config
         self.store = store or Store(config.resolved_database_url)
-        self.policy = policy or load_policy(
-            config.base_dir / config.policy if config.policy else None
-        )
+        self.policy = policy or load_policy(config.policy_path)
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.lease_ttl = timedelta(seconds=lease_ttl or config.rollout.lease_ttl)
         self.scorer = Scorer(self.policy, config.artifact_path)

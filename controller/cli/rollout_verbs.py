@@ -1,0 +1,143 @@
+"""The release engineer's verbs: create the rollout, then move it (every move a compare-and-swap).
+
+Each verb is one `Command` applied by `controller.transitions.apply_command`; a
+refusal (gates unmet, wrong state, stale --from) exits 2 with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from controller.cli.core import Refused, app, cli_config, err, guarded, open_store, out
+from controller.rollout import Command, Refusal, Verb
+from controller.transitions import apply_command, create_rollout, get_rollout
+
+
+@app.command(rich_help_panel="Rollout")
+def init(ctx: typer.Context) -> None:
+    """Create the database tables (migrations) and the rollout described by the config."""
+
+    def run() -> None:
+        config = cli_config(ctx)
+        with open_store(config) as store:
+            store.upgrade()
+            row, created = create_rollout(store, config, ctx.obj.actor)
+            stored = [name for name, _ in row.stages]
+            wanted = [s.name for s in config.stages]
+            if created:
+                out.print(
+                    f"created rollout [bold]{row.name}[/bold] at stage {stored[0]} ({store.safe_url})"
+                )
+            else:
+                out.print(
+                    f"rollout [bold]{row.name}[/bold] already exists: {row.state} at stage "
+                    f"{stored[row.stage_index]} (nothing changed)"
+                )
+                if stored != wanted:
+                    err.print(
+                        f"[yellow]warning:[/yellow] the stored stages {stored} differ from the config's "
+                        f"{wanted}; the stored ones stay in force. Use a new rollout name to change them."
+                    )
+
+    guarded(run)
+
+
+def _act(ctx: typer.Context, command: Command, expected_stage: str | None = None) -> None:
+    def run() -> None:
+        config = cli_config(ctx)
+        with open_store(config) as store:
+            store.require_schema()
+            result = apply_command(
+                store, config, command, ctx.obj.actor, expected_stage=expected_stage
+            )
+        if isinstance(result, Refusal):
+            raise Refused(result.reason)
+        forced = " [yellow](forced)[/yellow]" if result.forced else ""
+        out.print(
+            f"{command.verb.value}: {result.from_state}@{result.from_stage} → "
+            f"[bold]{result.to_state}@{result.to_stage}[/bold]{forced} (event {result.version}: {result.reason})",
+            soft_wrap=True,
+        )
+
+    guarded(run)
+
+
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why, for the audit trail.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Override unmet gates (needs --reason; recorded).")
+]
+
+
+@app.command(rich_help_panel="Rollout")
+def advance(
+    ctx: typer.Context,
+    to: Annotated[str | None, typer.Option("--to", help="Jump to this later stage.")] = None,
+    force: ForceOpt = False,
+    reason: ReasonOpt = "",
+    from_stage: Annotated[
+        str | None, typer.Option("--from", help="Only if the rollout is still at this stage.")
+    ] = None,
+) -> None:
+    """Move to the next stage (or --to a later one) once the stage's gates are met."""
+    _act(ctx, Command(Verb.ADVANCE, reason=reason, force=force, to=to), expected_stage=from_stage)
+
+
+@app.command(rich_help_panel="Rollout")
+def promote(
+    ctx: typer.Context,
+    full: Annotated[
+        bool, typer.Option("--full", help="Skip the remaining stages: straight to 100%.")
+    ] = False,
+    force: ForceOpt = False,
+    reason: ReasonOpt = "",
+) -> None:
+    """Advance one stage, or with --full straight to the last stage (gates still apply)."""
+
+    def run() -> str | None:
+        if not full:
+            return None
+        config = cli_config(ctx)
+        with open_store(config) as store, store.reader() as session:
+            return [name for name, _ in get_rollout(session, config.name).stages][-1]
+
+    _act(ctx, Command(Verb.ADVANCE, reason=reason, force=force, to=guarded(run)))
+
+
+@app.command(rich_help_panel="Rollout")
+def pause(ctx: typer.Context, reason: ReasonOpt = "") -> None:
+    """Freeze the rollout where it is (traffic split unchanged)."""
+    _act(ctx, Command(Verb.PAUSE, reason=reason))
+
+
+@app.command(rich_help_panel="Rollout")
+def resume(ctx: typer.Context, reason: ReasonOpt = "") -> None:
+    """Continue a paused rollout."""
+    _act(ctx, Command(Verb.RESUME, reason=reason))
+
+
+@app.command(rich_help_panel="Rollout")
+def rollback(
+    ctx: typer.Context, reason: Annotated[str, typer.Option("--reason", help="Why (required).")]
+) -> None:
+    """Send all traffic back to the incumbent and stop mirroring."""
+    _act(ctx, Command(Verb.ROLLBACK, reason=reason))
+
+
+@app.command(rich_help_panel="Rollout")
+def retry(ctx: typer.Context, reason: ReasonOpt = "") -> None:
+    """Start a rolled-back rollout again from the first stage."""
+    _act(ctx, Command(Verb.RETRY, reason=reason))
+
+
+@app.command(rich_help_panel="Rollout")
+def finalize(ctx: typer.Context, reason: ReasonOpt = "") -> None:
+    """Make the promoted candidate the incumbent; the rollout ends."""
+    _act(ctx, Command(Verb.FINALIZE, reason=reason))
+
+
+@app.command(rich_help_panel="Rollout")
+def abort(ctx: typer.Context, reason: ReasonOpt = "") -> None:
+    """End the rollout for good, all traffic on the incumbent."""
+    _act(ctx, Command(Verb.ABORT, reason=reason))

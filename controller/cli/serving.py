@@ -1,0 +1,119 @@
+"""Long-running commands: `serve` (Ray Serve plus the loop), `control` (the loop alone), `demo`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from controller.cli.core import EXIT_REFUSED, app, cli_config, err, guarded, open_store, out
+
+
+@app.command(rich_help_panel="Run")
+def serve(
+    ctx: typer.Context,
+    address: Annotated[
+        str | None, typer.Option(help="An existing Ray cluster (default: start a local one).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: server.port).")] = None,
+) -> None:
+    """Deploy the incumbent, the candidate and the router on Ray Serve; run until interrupted."""
+    import signal
+    import threading
+
+    from controller import app as serving
+
+    def run() -> None:
+        config = cli_config(ctx, check_paths=True)
+        with open_store(config) as store:
+            store.require_schema()
+        serving.start(config, address, http_port=port)
+        from controller.loop import ControllerLoop
+
+        stopped = threading.Event()
+        loop = threading.Thread(
+            target=ControllerLoop(config).run,
+            args=(stopped,),
+            name="cutover-controller",
+            daemon=True,
+        )
+        loop.start()
+        out.print(
+            f"serving rollout [bold]{config.name}[/bold] on http://{config.server.host}:"
+            f"{port or config.server.port}/v1/images/generations (Ctrl-C stops)"
+        )
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopped.set())
+        try:
+            stopped.wait()
+        finally:
+            loop.join(timeout=30)
+            serving.stop()
+
+    guarded(run)
+
+
+@app.command(rich_help_panel="Run")
+def control(
+    ctx: typer.Context,
+    once: Annotated[bool, typer.Option("--once", help="One evaluation, then exit.")] = False,
+) -> None:
+    """Run the controller loop: score outputs, judge, roll back or advance (one active loop per rollout)."""
+    import signal
+    import threading
+
+    from controller.loop import ControllerLoop
+
+    def run() -> None:
+        config = cli_config(ctx)
+        with open_store(config) as store:
+            store.require_schema()
+            loop = ControllerLoop(config, store)
+            if once:
+                result = loop.tick()
+                action = result.action
+                what = (
+                    ""
+                    if action is None
+                    else f"; {getattr(action, 'to_state', None) or action.reason}"
+                )
+                out.print(
+                    f"leader={result.leader} scored={result.scored} verdict={result.verdict}{what}",
+                    soft_wrap=True,
+                )
+                return
+            stop = threading.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            out.print(
+                f"controller loop for [bold]{config.name}[/bold] every "
+                f"{config.rollout.evaluation_interval:g}s (Ctrl-C stops)"
+            )
+            loop.run(stop)
+
+    guarded(run)
+
+
+@app.command(rich_help_panel="Run")
+def demo(
+    scenario: Annotated[str, typer.Option(help="healthy, regression or both.")] = "both",
+    workdir: Annotated[
+        str, typer.Option(help="Where models, database, artifacts and reports go.")
+    ] = ".cutover/demo",
+    timeout: Annotated[
+        float, typer.Option(help="Seconds a scenario may take before it counts as failed.")
+    ] = 600,
+) -> None:
+    """The playbook end to end on tiny CPU models: a healthy candidate reaches 100%, a regressed one rolls back."""
+    from controller.demo import EXPECTED, render_summary, run_demo
+
+    if scenario not in ("healthy", "regression", "both"):
+        err.print(f"[red]refused:[/red] --scenario {scenario!r}: use healthy, regression or both")
+        raise typer.Exit(EXIT_REFUSED)
+    scenarios = list(EXPECTED) if scenario == "both" else [scenario]
+    outcomes = guarded(lambda: run_demo(scenarios, Path(workdir), out, timeout))
+    out.print(render_summary(outcomes))
+    if not all(o.ok for o in outcomes):
+        err.print("[red]the demo did not end as expected[/red]")
+        raise typer.Exit(1)

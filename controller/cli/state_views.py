@@ -1,0 +1,86 @@
+"""Read-only views of a rollout: `status` (where it is and why) and `history` (the audit trail)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+from sqlalchemy import select
+
+from controller.cli.core import app, cli_config, guarded, open_store, out
+from controller.config import Config
+from controller.status import event_dict, render_history, render_status, rollout_status
+from controller.store import Store
+from controller.tables import RolloutEvent
+from controller.transitions import get_rollout
+
+
+@app.command(rich_help_panel="Rollout")
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object, stable keys, for scripts.")
+    ] = False,
+    watch: Annotated[bool, typer.Option(help="Refresh until interrupted.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+) -> None:
+    """Where the rollout is, its traffic split, its gates and the latest verdict per check."""
+
+    def read(config: Config, store: Store) -> dict[str, Any]:
+        with store.reader() as session:
+            return rollout_status(session, get_rollout(session, config.name), config)
+
+    def run() -> None:
+        config = cli_config(ctx)
+        with open_store(config) as store:
+            store.require_schema()
+            if not watch:
+                snapshot = read(config, store)
+                if as_json:
+                    sys.stdout.write(json.dumps(snapshot, sort_keys=True) + "\n")
+                else:
+                    out.print(render_status(snapshot))
+                return
+            from rich.live import Live
+
+            with Live(render_status(read(config, store)), console=out, auto_refresh=False) as live:
+                try:
+                    while True:
+                        time.sleep(interval)
+                        live.update(render_status(read(config, store)), refresh=True)
+                except KeyboardInterrupt:
+                    pass
+
+    guarded(run)
+
+
+@app.command(rich_help_panel="Rollout")
+def history(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines, one event each.")] = False,
+    limit: Annotated[int, typer.Option(help="Newest N events.")] = 100,
+) -> None:
+    """The audit trail: every transition, who made it, why, and the verdict it relied on."""
+
+    def run() -> None:
+        config = cli_config(ctx)
+        with open_store(config) as store:
+            store.require_schema()
+            with store.reader() as session:
+                row = get_rollout(session, config.name)
+                events = session.scalars(
+                    select(RolloutEvent)
+                    .where(RolloutEvent.rollout_id == row.id)
+                    .order_by(RolloutEvent.version.desc())
+                    .limit(limit)
+                ).all()
+                rows = [event_dict(e) for e in reversed(events)]
+        if as_json:
+            sys.stdout.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        else:
+            out.print(render_history(rows))
+
+    guarded(run)
