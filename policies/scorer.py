@@ -72,13 +72,14 @@ class Scorer:
             .order_by(Output.created_at)
             .limit(limit)
         ).all()
+        siblings = _ok_outputs_by_request(session, {request.id for _, request in rows})
         settled = 0
         for output, request in rows:
             if output.status != "ok" or not sampled(output.id, self.policy.sample_rate):
                 self._settle(session, output, now)
                 settled += 1
                 continue
-            partners = self._partners(session, output)
+            partners = partners_of(output, siblings.get(output.request_id, []))
             waiting = output.role == "candidate" and "incumbent" not in partners
             if waiting and now - output.created_at < PARTNER_WAIT:
                 continue  # the incumbent's side of this pair is not recorded yet
@@ -95,23 +96,6 @@ class Scorer:
     @staticmethod
     def _settle(session: Session, output: Output, now: datetime) -> None:
         session.execute(update(Output).where(Output.id == output.id).values(scored_at=now))
-
-    def _partners(self, session: Session, output: Output) -> dict[str, Output]:
-        """Outputs of the same request that the probes compare against."""
-        others = session.scalars(
-            select(Output).where(
-                Output.request_id == output.request_id,
-                Output.id != output.id,
-                Output.status == "ok",
-            )
-        ).all()
-        found = {}
-        for other in others:
-            if other.image_index == output.image_index:
-                found[other.role] = other
-            elif other.role == output.role and other.image_index == output.image_index - 1:
-                found["previous"] = other
-        return found
 
     def _probe(
         self, output: Output, request: Request, partners: dict[str, Output]
@@ -136,9 +120,8 @@ class Scorer:
         for name, probe in probes:
             try:
                 value = probe()
-            except (
-                Exception
-            ) as exc:  # a probe's failure is recorded as such, never as a model error
+            # A probe's failure is recorded as such, never as a model error.
+            except Exception as exc:
                 log.warning(
                     "probe_failed",
                     probe=name,
@@ -165,3 +148,28 @@ class Scorer:
             return None
         path = artifact_path(self.artifact_dir, output.artifact_sha256)
         return from_png(path.read_bytes()) if path.exists() else None
+
+
+def _ok_outputs_by_request(session: Session, request_ids: set[str]) -> dict[str, list[Output]]:
+    """Every ok output of these requests, in one query (the probes' partners come from here)."""
+    found: dict[str, list[Output]] = {}
+    if request_ids:
+        for other in session.scalars(
+            select(Output).where(Output.request_id.in_(request_ids), Output.status == "ok")
+        ):
+            found.setdefault(other.request_id, []).append(other)
+    return found
+
+
+def partners_of(output: Output, siblings: list[Output]) -> dict[str, Output]:
+    """What the probes compare `output` against: the other role's image of the same index
+    ("incumbent" / "candidate"), and this role's previous image of the request ("previous")."""
+    found = {}
+    for other in siblings:
+        if other.id == output.id:
+            continue
+        if other.image_index == output.image_index:
+            found[other.role] = other
+        elif other.role == output.role and other.image_index == output.image_index - 1:
+            found["previous"] = other
+    return found

@@ -16,7 +16,7 @@ from controller.tables import Output, Request, Score, utcnow
 from controller.transitions import create_rollout, get_rollout
 from policies.judge import evaluate, load_window
 from policies.policy import load_policy
-from policies.scorer import Scorer
+from policies.scorer import Scorer, partners_of
 from tests.conftest import base_config, write_config
 
 
@@ -110,3 +110,20 @@ def test_scorer_writes_scores_and_probe_errors(tmp_path, db_url):
     results = {r.name: r for r in evaluate(load_policy(), window)}
     assert results["colour_shift"].samples == 2 and results["typography_cer"].samples == 2
     store.close()
+
+
+def test_partners_are_the_other_role_and_the_previous_image():
+    """Colour shift compares with the other role's image of the same index; frame drift with
+    this role's previous image of the request. The output itself is never its own partner."""
+
+    def output(role: str, index: int) -> Output:
+        return Output(id=f"{role}-{index}", request_id="r", role=role, image_index=index)
+
+    siblings = [output(role, i) for role in ("incumbent", "candidate") for i in range(3)]
+    partners = partners_of(siblings[4], siblings)  # candidate, image 1
+    assert {k: v.id for k, v in partners.items()} == {
+        "incumbent": "incumbent-1",
+        "previous": "candidate-0",
+    }
+    first = partners_of(siblings[0], siblings)  # incumbent, image 0: no previous image
+    assert {k: v.id for k, v in first.items()} == {"candidate": "candidate-0"}
