@@ -17,7 +17,8 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import Session, aliased
 
 from controller.artifacts import artifact_path
-from controller.tables import Output, Request, Rollout, Score
+from controller.pairs import group_pairs, scores_by_output
+from controller.tables import Output, Request, Rollout
 from policies.judge import RATE_STATUSES
 from policies.policy import Check, Policy
 
@@ -90,18 +91,10 @@ def _check(policy: Policy, name: str | None) -> Check | None:
 def _pairs(session: Session, requests: list[Request], artifact_dir: Path) -> list[dict[str, Any]]:
     ids = [r.id for r in requests]
     outputs = session.scalars(select(Output).where(Output.request_id.in_(ids))).all()
-    scores: dict[str, dict[str, float | None]] = {}
-    for output_id, probe, value in session.execute(
-        select(Score.output_id, Score.probe, Score.value).where(
-            Score.output_id.in_([o.id for o in outputs])
-        )
-    ):
-        scores.setdefault(output_id, {})[probe] = value
+    scores = scores_by_output(session, [o.id for o in outputs])
     by_request: dict[str, dict[int, dict[str, Output]]] = {}
-    for output in outputs:
-        by_request.setdefault(output.request_id, {}).setdefault(output.image_index, {})[
-            output.role
-        ] = output
+    for (request_id, index), roles in group_pairs(outputs).items():
+        by_request.setdefault(request_id, {})[index] = roles
     rows = []
     for request in requests:
         images = by_request.get(request.id) or {0: {}}
@@ -125,7 +118,7 @@ def _pairs(session: Session, requests: list[Request], artifact_dir: Path) -> lis
 
 
 def _side(
-    output: Output | None, scores: dict[str, dict[str, float | None]], artifact_dir: Path
+    output: Output | None, scores: dict[str, dict[str, float]], artifact_dir: Path
 ) -> dict[str, Any]:
     if output is None:
         return {"status": None, "latency_ms": None, "error": None, "scores": {}, "artifact": None}

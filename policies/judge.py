@@ -19,7 +19,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller.tables import Output, Request, Rollout, RolloutEvent, Score, Verdict, utcnow
+from controller.pairs import group_pairs, scores_by_output
+from controller.tables import Output, Request, Rollout, RolloutEvent, Verdict, utcnow
 from policies.checks import (
     CheckResult,
     RateData,
@@ -73,7 +74,6 @@ def load_window(session: Session, rollout: Rollout, gpus: dict[str, float]) -> W
     weights = {name: weight / 100 for name, weight in rollout.stages}
     statuses: dict[str, list[str]] = defaultdict(list)
     samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    by_pair: dict[tuple[str, int], dict[str, Output]] = defaultdict(dict)
     unit_info: dict[tuple[str, int], tuple[float, bool]] = {}
     for output, request_id, stage, mirrored in rows:
         unit_info[(request_id, output.image_index)] = (weights.get(stage, 0.0), mirrored)
@@ -88,7 +88,7 @@ def load_window(session: Session, rollout: Rollout, gpus: dict[str, float]) -> W
                 * gpus.get(output.role, 0.0)
                 / max(output.batch_size or 1, 1)
             )
-        by_pair[(request_id, output.image_index)][output.role] = output
+    by_pair = group_pairs(row[0] for row in rows)
     pairs = {
         key: roles
         for key, roles in by_pair.items()
@@ -97,7 +97,7 @@ def load_window(session: Session, rollout: Rollout, gpus: dict[str, float]) -> W
         and roles["candidate"].status == "ok"
         and roles["incumbent"].status == "ok"
     }
-    scores = _scores(session, [o.id for roles in pairs.values() for o in roles.values()])
+    scores = scores_by_output(session, [o.id for roles in pairs.values() for o in roles.values()])
     pair_scores: dict[str, list[tuple[float | None, float | None]]] = defaultdict(list)
     for roles in pairs.values():
         cand, inc = scores.get(roles["candidate"].id, {}), scores.get(roles["incumbent"].id, {})
@@ -125,19 +125,6 @@ def attributions(window: Window, bad: set[str]) -> list[tuple[float, bool]]:
         if len(failed) == 1 and (len(statuses) == 2 or 0.0 < share < 1.0):
             events.append((share, "candidate" in failed))
     return events
-
-
-def _scores(session: Session, output_ids: list[str]) -> dict[str, dict[str, float]]:
-    found: dict[str, dict[str, float]] = defaultdict(dict)
-    for start in range(0, len(output_ids), 500):
-        chunk = output_ids[start : start + 500]
-        for output_id, probe, value in session.execute(
-            select(Score.output_id, Score.probe, Score.value).where(
-                Score.output_id.in_(chunk), Score.value.is_not(None)
-            )
-        ):
-            found[output_id][probe] = value
-    return found
 
 
 def paired_values(check: Check, pairs: list[tuple[float | None, float | None]]) -> list[float]:

@@ -1,0 +1,40 @@
+"""The unit both the judge and the shadow log compare: one request's image, from each role.
+
+Outputs of the same request and image index form a pair (incumbent and candidate,
+same prompt, parameters and seed); probe scores hang off each output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controller.tables import Output, Score
+
+PairKey = tuple[str, int]  # (request id, image index)
+
+# Keeps each IN (...) list well inside every database's limit on bound parameters.
+_CHUNK = 500
+
+
+def group_pairs(outputs: Iterable[Output]) -> dict[PairKey, dict[str, Output]]:
+    """Outputs by (request, image index), then by role; insertion order is the outputs' order."""
+    pairs: dict[PairKey, dict[str, Output]] = {}
+    for output in outputs:
+        pairs.setdefault((output.request_id, output.image_index), {})[output.role] = output
+    return pairs
+
+
+def scores_by_output(session: Session, output_ids: list[str]) -> dict[str, dict[str, float]]:
+    """Probe values (errors left out) per output id: {output id: {probe: value}}."""
+    found: dict[str, dict[str, float]] = {}
+    for start in range(0, len(output_ids), _CHUNK):
+        for output_id, probe, value in session.execute(
+            select(Score.output_id, Score.probe, Score.value).where(
+                Score.output_id.in_(output_ids[start : start + _CHUNK]), Score.value.is_not(None)
+            )
+        ):
+            found.setdefault(output_id, {})[probe] = value
+    return found
