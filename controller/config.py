@@ -361,20 +361,46 @@ class Config(_Strict):
         return self._source.problem(path, message)
 
     def check_model_paths(self) -> None:
-        """Refuse early when a local pipeline directory is missing (before Ray starts)."""
+        """Refuse early, before Ray starts, a pipeline that is neither a local directory nor a hub id.
+
+        Relative paths are relative to the config file, never to the current directory: a
+        bare `models/x` that exists only in the current directory would otherwise be sent to
+        the hub as a model id, or loaded from the wrong place.
+        """
         problems = []
         for role in ("incumbent", "candidate"):
             model: ModelConfig = getattr(self.models, role)
-            if model.is_local(self._base_dir) and not model.pipeline_path(self._base_dir).is_dir():
-                problems.append(
-                    self.problem(
-                        ("models", role, "pipeline"),
-                        f"{model.pipeline!r} is not a directory (resolved to {model.pipeline_path(self._base_dir)}); "
-                        "build a tiny one with `cutover models make-tiny DIR` or give a hub id",
-                    )
-                )
+            message = _pipeline_problem(model, self._base_dir)
+            if message:
+                problems.append(self.problem(("models", role, "pipeline"), message))
         if problems:
             raise ConfigError(problems)
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
+
+
+def _pipeline_problem(model: ModelConfig, base_dir: Path) -> str | None:
+    text, resolved = model.pipeline, model.pipeline_path(base_dir)
+    if model.is_local(base_dir):
+        if resolved.is_dir():
+            return None
+        return (
+            f"{text!r} is not a directory (resolved to {resolved}); build a tiny one with "
+            "`cutover models make-tiny DIR` or give a hub id (org/name)"
+        )
+    if (Path.cwd() / text).is_dir():
+        return (
+            f"{text!r} is not next to the config ({base_dir}) but is a directory in the current "
+            f"one; paths are relative to the config file: write {str((Path.cwd() / text).resolve())!r} "
+            "or a path relative to the config, starting with ./"
+        )
+    if not HUB_ID.match(text):
+        return (
+            f"{text!r} is neither a directory next to the config ({resolved}) nor a hub id "
+            "(org/name); local paths are relative to the config file"
+        )
+    return None
 
 
 def find_config_path(explicit: str | os.PathLike[str] | None) -> Path:

@@ -256,6 +256,33 @@ def test_missing_local_pipeline_directory_is_named(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("pipeline", "words"),
+    [
+        ("models/tiny/incumbent", "neither a directory next to the config"),
+        ("models/x", "is a directory in the current one"),
+        ("org/model-a", None),  # a hub id: checked by the hub, not here
+    ],
+)
+def test_pipeline_paths_are_relative_to_the_config_not_the_current_directory(
+    tmp_path, monkeypatch, pipeline, words
+):
+    """A bare relative path must not be mistaken for a hub id, nor loaded from the wrong place."""
+    config_dir, elsewhere = tmp_path / "conf", tmp_path / "cwd"
+    config_dir.mkdir()
+    (elsewhere / "models" / "x").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    path = config_dir / "c.yaml"
+    path.write_text(GOOD.replace("org/model-a", pipeline))
+    if words is None:
+        load_config(path, check_paths=True)
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, check_paths=True)
+    (problem,) = caught.value.problems
+    assert problem.key == "models.incumbent.pipeline" and words in problem.message
+
+
+@pytest.mark.parametrize(
     "case", ["bad-yaml", "unknown-sampler", "stages-not-increasing", "empty-file"]
 )
 def test_cli_reports_config_errors_without_traceback(tmp_path, case):
