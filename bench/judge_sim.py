@@ -20,6 +20,7 @@ error and CER cases are also run under the other allocations a team might pick
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import time
@@ -29,7 +30,7 @@ from typing import Any
 
 from policies.checks import FAIL, RateData, evaluate_quantile, evaluate_rate
 from policies.policy import Policy, load_policy
-from policies.sequential import BettingCS
+from policies.sequential import BET_CAP, BettingCS, attribution_log_evalue
 
 BATCH = 50
 STAGES = (0, 10, 30, 60, 100)
@@ -120,7 +121,7 @@ def samples_until_fail(
     """Candidate samples (outputs or pairs) until the relevant check FAILs, or None within `limit`."""
     checks = {c.name: c for c in policy.checks}
     alpha = policy.alpha_for(checks[CHECK_OF[kind]])
-    if kind == "errors":
+    if kind in ("errors", "errors_oracle"):
         tolerance = checks["error_rate"].tolerance.model_copy(
             update={"ratio": 1.0, "absolute": None}
         )
@@ -134,7 +135,12 @@ def samples_until_fail(
                 counts[1 if on_candidate else 3] += 1
                 if failed:
                     events.append((0.1, on_candidate))
-            if evaluate_rate(check, RateData(*counts, events), alpha).decision == FAIL:
+            if kind == "errors_oracle":  # the count test told the true lift (x1.4) in advance
+                if counts[1] >= check.min_samples and attribution_log_evalue(
+                    events, 1.0, lifts=(0.07 / 0.05,)
+                ) >= math.log(1 / alpha):
+                    return counts[1]
+            elif evaluate_rate(check, RateData(*counts, events), alpha).decision == FAIL:
                 return counts[1]
         return None
     if kind in ("latency", "latency_tail"):
@@ -174,6 +180,7 @@ def samples_until_fail(
 
 CHECK_OF = {
     "errors": "error_rate",
+    "errors_oracle": "error_rate",
     "latency": "latency_p95",
     "latency_tail": "latency_p95",
     "cer": "typography_cer",
@@ -195,6 +202,42 @@ def policy_variant(name: str) -> Policy:
     else:
         raise ValueError(name)
     return policy.model_copy(update={"checks": checks})
+
+
+def cer_limits(policy: Policy) -> str:
+    """Fewest pairs any valid test of the +0.05 CER case can need on average, and what ours can.
+
+    For data known only to lie in [-1, 1] the best a bet against "mean <= 0" can grow is
+    g = max over lambda in [0, 1] of E log(1 + lambda x) (stakes beyond 1 can lose everything
+    on x = -1), so reaching 1/alpha takes about log(1/alpha) / g pairs on average (Wald),
+    whatever the method; BET_CAP limits our stakes to lambda <= 0.75.
+    """
+    rng = random.Random(5)
+    xs = [max(-1.0, min(1.0, rng.gauss(0.05, 0.15))) for _ in range(100_000)]
+
+    def growth(top: float) -> float:
+        return max(
+            sum(math.log1p(lam * x) for x in xs) / len(xs)
+            for lam in [top * k / 50 for k in range(1, 51)]
+        )
+
+    best, capped = growth(1.0), growth(BET_CAP)
+    typography = policy_variant("typography_critical")
+    alphas = [
+        ("default", policy.alpha_for(next(c for c in policy.checks if c.name == "typography_cer"))),
+        (
+            "typography critical",
+            typography.alpha_for(next(c for c in typography.checks if c.name == "typography_cer")),
+        ),
+    ]
+    rows = "; ".join(
+        f"{name}, alpha {a:.4f}: {math.log(1 / a) / best:.0f} / {math.log(1 / a) / capped:.0f}"
+        for name, a in alphas
+    )
+    return (
+        "  limit for +0.05 CER: mean pairs any valid test needs, stakes up to 1 / capped at "
+        f"{BET_CAP:g}\n    {rows}"
+    )
 
 
 def _aa_chunk(args: tuple[int, int, int]) -> tuple[int, int, int, int]:
@@ -258,6 +301,8 @@ def main() -> None:
         cases = [
             ("errors", "default", "+2 pp errors on 5% base, 10% split (outputs)", "<= 1500"),
             ("errors", "even", "  the same, weights even", ""),
+            ("errors_oracle", "default", "  limit: a test told the lift in advance", ""),
+            ("errors_oracle", "even", "  limit, weights even", ""),
             ("latency", "default", "+20% latency, whole distribution (outputs)", ""),
             ("latency_tail", "default", "+20% latency, slowest 10% only (outputs)", ""),
             ("cer", "default", "+0.05 mean CER, paired sd 0.15 (pairs)", "<= 120"),
@@ -283,6 +328,7 @@ def main() -> None:
                 f"  {label:<44} {variant:<20} {alpha:>7.4f} {median:>7.0f} {p90:>7.0f} "
                 f"{len(runs) - len(found):>5}  {target}"
             )
+    print(cer_limits(policy))
     print(
         f"(tolerances for the regression runs: 0 for the tested check, so any regression counts; "
         f"{time.perf_counter() - started:.0f}s)"

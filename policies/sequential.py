@@ -197,7 +197,9 @@ def bounded_mean_cs(
 LIFTS = (1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
 
 
-def attribution_log_evalue(events: Sequence[tuple[float, bool]], null_ratio: float) -> float:
+def attribution_log_evalue(
+    events: Sequence[tuple[float, bool]], null_ratio: float, lifts: Sequence[float] = LIFTS
+) -> float:
     """Sequential count test of H0: candidate rate <= null_ratio x incumbent rate.
 
     Each informative failure is attributed to one arm: under H0 (at its boundary) it is the
@@ -209,12 +211,12 @@ def attribution_log_evalue(events: Sequence[tuple[float, bool]], null_ratio: flo
     one failed, w = 1/2 and the test is on the odds ratio, which equals the rate ratio for
     small rates.
     """
-    logs = [0.0] * len(LIFTS)
+    logs = [0.0] * len(lifts)
     for share, from_candidate in events:
         if not 0.0 < share < 1.0:
             continue
         theta0 = share * null_ratio / (share * null_ratio + 1 - share)
-        for k, lift in enumerate(LIFTS):
+        for k, lift in enumerate(lifts):
             ratio = null_ratio * lift
             theta1 = share * ratio / (share * ratio + 1 - share)
             logs[k] += (
@@ -223,4 +225,4 @@ def attribution_log_evalue(events: Sequence[tuple[float, bool]], null_ratio: flo
                 else math.log((1 - theta1) / (1 - theta0))
             )
     top = max(logs)
-    return top + math.log(sum(math.exp(v - top) for v in logs) / len(LIFTS))
+    return top + math.log(sum(math.exp(v - top) for v in logs) / len(lifts))
