@@ -52,6 +52,7 @@ class RateData:
 
 
 def _confidence(alpha: float) -> str:
+    """Every bound here is one-sided: a FAIL, a PASS or either end of an interval is wrong w.p. <= alpha."""
     return f"{(1 - alpha) * 100:.4g}%"
 
 
@@ -75,7 +76,8 @@ def _decide(check: Check, bounds: Interval, samples: int) -> str:
 def evaluate_rate(check: Check, data: RateData, alpha: float) -> CheckResult:
     """Two Bernoulli rates.
 
-    Absolute tolerance: per-arm confidence sequences (alpha/2 each) bound the difference.
+    Absolute tolerance: per-arm one-sided bounds at alpha/2 each bound the difference; its
+    lower end (candidate's lower minus incumbent's upper) is wrong w.p. <= alpha, as is its upper.
     Ratio tolerance: FAIL by the sequential count test (failures attributed at the traffic
     split); PASS when the candidate's upper bound is within ratio x the incumbent's lower
     bound, or below `negligible`.
@@ -100,7 +102,7 @@ def evaluate_rate(check: Check, data: RateData, alpha: float) -> CheckResult:
             f"{1 / alpha:.3g})",
             PASS: f"candidate rate <= {cand.upper:.2%}",
             INCONCLUSIVE: f"candidate rate in [{cand.lower:.2%}, {cand.upper:.2%}], incumbent in "
-            f"[{inc.lower:.2%}, {inc.upper:.2%}]",
+            f"[{inc.lower:.2%}, {inc.upper:.2%}], each end",
         }[decision]
         reason = (
             f"candidate {check.metric} rate {p_c:.1%} vs {p_i:.1%} {counts}, {words} with "
@@ -116,7 +118,8 @@ def evaluate_rate(check: Check, data: RateData, alpha: float) -> CheckResult:
         words = {
             FAIL: f"difference >= {bounds.lower * 100:+.1f} pp",
             PASS: f"difference <= {bounds.upper * 100:+.1f} pp",
-            INCONCLUSIVE: f"difference in [{bounds.lower * 100:+.1f}, {bounds.upper * 100:+.1f}] pp",
+            INCONCLUSIVE: f"difference in [{bounds.lower * 100:+.1f}, {bounds.upper * 100:+.1f}] pp, "
+            "each end",
         }[decision]
         reason = (
             f"candidate {check.metric} rate {p_c:.1%} vs {p_i:.1%} {counts}, {words} with "
@@ -138,7 +141,7 @@ def evaluate_rate(check: Check, data: RateData, alpha: float) -> CheckResult:
 def evaluate_quantile(
     check: Check, candidate: Sequence[float], incumbent: Sequence[float], alpha: float
 ) -> CheckResult:
-    """Quantile of each arm from its own confidence sequence (alpha/2 each), compared by the tolerance."""
+    """Quantile of each arm from its own one-sided bounds (alpha/2 each), compared by the tolerance."""
     q = check.quantile or 0.5
     cand = quantile_cs(candidate, q, alpha / 2)
     inc = quantile_cs(incumbent, q, alpha / 2)
@@ -157,8 +160,8 @@ def evaluate_quantile(
     decision = _decide(check, bounds, samples)
     reason = (
         f"candidate p{q * 100:g} {check.metric} {est_c:.4g} vs {est_i:.4g}; candidate in "
-        f"[{cand.lower:.4g}, {cand.upper:.4g}], incumbent in [{inc.lower:.4g}, {inc.upper:.4g}] "
-        f"with {_confidence(alpha)} confidence, {tolerance_text}"
+        f"[{cand.lower:.4g}, {cand.upper:.4g}], incumbent in [{inc.lower:.4g}, {inc.upper:.4g}], "
+        f"the regression's bounds each with {_confidence(alpha)} confidence, {tolerance_text}"
     )
     ratio = est_c / est_i if est_i else None
     return CheckResult(

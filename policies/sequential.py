@@ -2,14 +2,18 @@
 
 A fixed-sample test re-run after every request will, sooner or later, reject a
 true null (that is what "peeking" means). A confidence sequence holds at every
-sample size at once: P(the true value ever leaves the interval) <= alpha. The
-judge may therefore recompute a verdict after every record.
+sample size at once. Here each end is its own one-sided sequence:
+P(the true value is ever below the lower end) <= alpha, and the same for the
+upper end. The judge's FAIL rests on lower ends and its PASS on upper ends, so
+no claim pays for the other side. The judge may recompute a verdict after
+every record.
 
-Two constructions, both from Ville's inequality on a nonnegative martingale:
-- `bernoulli_cs`: the conjugate (beta) mixture of likelihood ratios for a
+Two constructions, both from Ville's inequality on a nonnegative supermartingale:
+- `bernoulli_cs`: conjugate (beta) mixtures of likelihood ratios for a
   Bernoulli mean (Robbins 1970; Howard et al. 2021, "Time-uniform, nonparametric,
-  nonasymptotic confidence sequences", section on conjugate mixtures). Exact for
-  0/1 data and tight at the small rates errors and OOMs have.
+  nonasymptotic confidence sequences", section on conjugate mixtures), the prior
+  restricted to one side of each hypothesised rate. Exact for 0/1 data and tight
+  at the small rates errors and OOMs have.
 - `bounded_mean_cs`: betting bounds for means of bounded data, with the
   variance-adaptive predictable plug-in stakes of Waudby-Smith & Ramdas 2023,
   "Estimating means of bounded random variables by betting"; each end is a
@@ -24,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 # Beta(1/2, 1/2) (Jeffreys) mixing prior for Bernoulli likelihood ratios.
 PRIOR_A = 0.5
@@ -47,43 +52,69 @@ def _log_beta(a: float, b: float) -> float:
     return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
 
 
-def log_mixture_ratio(successes: int, n: int, p: float) -> float:
-    """log of the beta-mixture likelihood ratio against Bernoulli(p): a martingale under p."""
-    if not 0.0 < p < 1.0:
-        return math.inf if (p <= 0.0 and successes > 0) or (p >= 1.0 and successes < n) else 0.0
-    log_mix = _log_beta(PRIOR_A + successes, PRIOR_B + n - successes) - _log_beta(PRIOR_A, PRIOR_B)
+Side = Literal["both", "above", "below"]
+
+
+def log_mixture_ratio(successes: int, n: int, p: float, side: Side = "both") -> float:
+    """log of the beta-mixture likelihood ratio against Bernoulli(p).
+
+    side "both": the Jeffreys prior over every rate, a martingale under p. side "above": the
+    prior restricted to rates above p (renormalised), a supermartingale under every rate <= p,
+    so crossing 1/alpha rejects "rate <= p" and bounds the rate from below; "below" mirrors
+    it. Restricting the prior to one side spends no evidence on the other.
+    """
+    if p <= 0.0 or p >= 1.0:
+        impossible = (p <= 0.0 and successes > 0 and side != "below") or (
+            p >= 1.0 and successes < n and side != "above"
+        )
+        return math.inf if impossible else 0.0
+    a, b = PRIOR_A + successes, PRIOR_B + n - successes
+    log_mix = _log_beta(a, b) - _log_beta(PRIOR_A, PRIOR_B)
+    if side != "both":
+        from scipy.special import betainc, betaincc
+
+        tail = betaincc if side == "above" else betainc
+        posterior, prior = tail(a, b, p), tail(PRIOR_A, PRIOR_B, p)
+        if posterior <= 0.0:  # the data put (almost) no weight on that side: nothing rejected
+            return -math.inf
+        log_mix += math.log(posterior) - math.log(prior)
     return log_mix - successes * math.log(p) - (n - successes) * math.log1p(-p)
 
 
 def bernoulli_cs(successes: int, n: int, alpha: float) -> Interval:
-    """Time-uniform (1 - alpha) interval for a Bernoulli mean: {p : mixture ratio < 1/alpha}."""
+    """Time-uniform bounds for a Bernoulli mean, each end one-sided at 1 - alpha.
+
+    The lower end is the largest rate that the "above" mixture rejects, the upper the smallest
+    that the "below" mixture rejects: P(rate ever below lower) <= alpha, and the same above.
+    """
     if n == 0:
         return Interval(0.0, 1.0)
     threshold = math.log(1.0 / alpha)
     centre = min(max(successes / n, 1e-12), 1 - 1e-12)
 
-    def outside(p: float) -> bool:
-        return log_mixture_ratio(successes, n, p) >= threshold
+    def edge(side: Side, out: float) -> float:
+        def rejected(p: float) -> bool:
+            return log_mixture_ratio(successes, n, p, side) >= threshold
 
-    def edge(inside: float, out: float) -> float:
+        if not rejected(out):
+            return 0.0 if side == "above" else 1.0
+        inside = centre
         for _ in range(80):
             mid = (inside + out) / 2
-            if outside(mid):
+            if rejected(mid):
                 out = mid
             else:
                 inside = mid
         return inside
 
-    lower = 0.0 if not outside(1e-15) else edge(centre, 1e-15)
-    upper = 1.0 if not outside(1 - 1e-15) else edge(centre, 1 - 1e-15)
-    return Interval(lower, upper)
+    return Interval(edge("above", 1e-15), edge("below", 1 - 1e-15))
 
 
 def quantile_cs(values: Sequence[float], q: float, alpha: float) -> Interval:
-    """Time-uniform interval for the q-quantile: order statistics picked by a Bernoulli(q) sequence.
+    """Time-uniform bounds for the q-quantile, each end one-sided at 1 - alpha.
 
     The number of observations at or below the true quantile is Binomial(n, q); the counts
-    the beta mixture does not reject (at p = q) map to order statistics.
+    the one-sided mixtures do not reject (at p = q) map to order statistics.
     """
     n = len(values)
     if n == 0:
@@ -162,14 +193,21 @@ class BettingCS:
 
 
 def accepted_counts(n: int, q: float, alpha: float) -> tuple[int, int]:
-    """The range of counts s in [0, n] the mixture does not reject at p = q (an interval: convex in s)."""
+    """The counts s in [0, n] that the one-sided mixtures at p = q do not reject, as (low, high).
+
+    A count below `low` is rejected by the "below" mixture and one above `high` by the
+    "above" mixture, each with probability at most alpha ever when the rate is q.
+    """
     threshold = math.log(1.0 / alpha)
     centre = min(max(round(n * q), 0), n)
 
-    def rejected(s: int) -> bool:
-        return log_mixture_ratio(s, n, q) >= threshold
+    def edge(side: Side, out: int) -> int:
+        def rejected(s: int) -> bool:
+            return log_mixture_ratio(s, n, q, side) >= threshold
 
-    def edge(inside: int, out: int) -> int:
+        if not rejected(out):
+            return out
+        inside = centre
         while abs(out - inside) > 1:
             mid = (inside + out) // 2
             if rejected(mid):
@@ -178,9 +216,7 @@ def accepted_counts(n: int, q: float, alpha: float) -> tuple[int, int]:
                 inside = mid
         return inside
 
-    low = 0 if not rejected(0) else edge(centre, 0)
-    high = n if not rejected(n) else edge(centre, n)
-    return low, high
+    return edge("below", 0), edge("above", n)
 
 
 def bounded_mean_cs(
