@@ -17,6 +17,10 @@ import yaml
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from controller.config import Config, load_config
+from controller.store import Store
+from controller.transitions import create_rollout
+
 PG_ENV = "CUTOVER_TEST_DATABASE_URL"
 PG_HINT = (
     f"PostgreSQL tests skipped: set {PG_ENV}=postgresql+psycopg://postgres@127.0.0.1:5432/test "
@@ -79,6 +83,16 @@ def write_config(directory: Path, data: dict, name: str = "cutover.yaml") -> Pat
     path = directory / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def prepare_rollout(path: Path) -> tuple[Config, Store]:
+    """Load the config at `path`, migrate its database and create its rollout: where every
+    test of a live rollout starts. The caller closes the store."""
+    config = load_config(path)
+    store = Store(config.resolved_database_url)
+    store.upgrade()
+    create_rollout(store, config, actor="tester")
+    return config, store
 
 
 @pytest.fixture(scope="session")

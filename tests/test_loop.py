@@ -16,14 +16,12 @@ import yaml
 from sqlalchemy import insert, select
 
 from controller import lease
-from controller.config import load_config
 from controller.loop import ControllerLoop, Facts, plan_action
 from controller.rollout import Evidence, RolloutView, State, Verb
-from controller.store import Store
 from controller.tables import Output, Request, RolloutEvent, utcnow
-from controller.transitions import create_rollout, get_rollout
+from controller.transitions import get_rollout
 from policies.policy import load_policy
-from tests.conftest import base_config, write_config
+from tests.conftest import base_config, prepare_rollout, write_config
 
 RATE_POLICY = {
     "alpha": 0.05,
@@ -57,10 +55,7 @@ def setup(tmp_path, db_url):
     )
     data["policy"] = "policy.yaml"
     path = write_config(tmp_path, data)
-    config = load_config(path)
-    store = Store(config.resolved_database_url)
-    store.upgrade()
-    create_rollout(store, config, actor="tester")
+    config, store = prepare_rollout(path)
     yield path, config, store
     store.close()
 

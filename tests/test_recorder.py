@@ -15,20 +15,15 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
 from controller.artifacts import artifact_path
-from controller.config import load_config
 from controller.recorder import OutputRecord, Recorder, RequestRecord
 from controller.store import Store
 from controller.tables import Output, Request, utcnow
-from controller.transitions import create_rollout
-from tests.conftest import base_config, postgres_admin_url, write_config
+from tests.conftest import base_config, postgres_admin_url, prepare_rollout, write_config
 
 
 @pytest.fixture
 def prepared(tmp_path, db_url):
-    config = load_config(write_config(tmp_path, base_config(db_url)))
-    store = Store(config.resolved_database_url)
-    store.upgrade()
-    create_rollout(store, config, actor="tester")
+    config, store = prepare_rollout(write_config(tmp_path, base_config(db_url)))
     yield config, store
     store.close()
 
@@ -124,10 +119,7 @@ def test_batches_land_in_sql_with_content_addressed_artifacts(tmp_path, prepared
 
 
 def test_sqlite_locked_during_traffic_then_released(tmp_path, sqlite_url):
-    config = load_config(write_config(tmp_path, base_config(sqlite_url)))
-    store = Store(config.resolved_database_url)
-    store.upgrade()
-    create_rollout(store, config, actor="tester")
+    config, store = prepare_rollout(write_config(tmp_path, base_config(sqlite_url)))
     recorder = make_recorder(config, tmp_path, sqlite_busy_ms=200)
     send(recorder, config, 0, 20)
     assert recorder.flush(30)
@@ -154,10 +146,7 @@ def test_sqlite_locked_during_traffic_then_released(tmp_path, sqlite_url):
 
 @pytest.mark.postgres
 def test_postgres_down_during_traffic_then_back(tmp_path, postgres_url):
-    config = load_config(write_config(tmp_path, base_config(postgres_url)))
-    store = Store(config.resolved_database_url)
-    store.upgrade()
-    create_rollout(store, config, actor="tester")
+    config, store = prepare_rollout(write_config(tmp_path, base_config(postgres_url)))
     store.close()
     database = make_url(postgres_url).database
     admin = create_engine(postgres_admin_url(), isolation_level="AUTOCOMMIT")

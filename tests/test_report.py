@@ -13,12 +13,10 @@ from typer.testing import CliRunner
 
 from controller.artifacts import store_artifact
 from controller.cli import app
-from controller.config import load_config
 from controller.rollout import Command, Verb
-from controller.store import Store
 from controller.tables import Output, Request, Score, Verdict, utcnow
-from controller.transitions import apply_command, create_rollout, get_rollout
-from tests.conftest import base_config, write_config
+from controller.transitions import apply_command, get_rollout
+from tests.conftest import base_config, prepare_rollout, write_config
 from tests.test_scorer import poster_png
 
 INJECTED = "<script>document.title='pwned';window.parent.document.title='pwned'</script> a sign"
@@ -29,10 +27,7 @@ def report_path(tmp_path):
     path = write_config(
         tmp_path, base_config(f"sqlite:///{tmp_path / 'c.db'}") | {"artifact_dir": "art"}
     )
-    config = load_config(path)
-    store = Store(config.resolved_database_url)
-    store.upgrade()
-    create_rollout(store, config, actor="tester")
+    config, store = prepare_rollout(path)
     now = utcnow()
     with store.session() as session:
         rollout = get_rollout(session, config.name)

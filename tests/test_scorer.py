@@ -10,14 +10,12 @@ from PIL import Image, ImageDraw, ImageFont
 from sqlalchemy import select
 
 from controller.artifacts import store_artifact
-from controller.config import load_config
-from controller.store import Store
 from controller.tables import Output, Request, Score, utcnow
-from controller.transitions import create_rollout, get_rollout
+from controller.transitions import get_rollout
 from policies.judge import evaluate, load_window
 from policies.policy import load_policy
 from policies.scorer import Scorer, partners_of
-from tests.conftest import base_config, write_config
+from tests.conftest import base_config, prepare_rollout, write_config
 
 
 def poster_png(text: str, tint=(0, 0, 0)) -> bytes:
@@ -32,10 +30,7 @@ def poster_png(text: str, tint=(0, 0, 0)) -> bytes:
 
 
 def test_scorer_writes_scores_and_probe_errors(tmp_path, db_url):
-    config = load_config(write_config(tmp_path, base_config(db_url)))
-    store = Store(config.resolved_database_url)
-    store.upgrade()
-    create_rollout(store, config, actor="tester")
+    config, store = prepare_rollout(write_config(tmp_path, base_config(db_url)))
     artifacts = tmp_path / "artifacts"
     now = utcnow()
     with store.session() as session:

@@ -21,12 +21,11 @@ from sqlalchemy.engine import make_url
 
 from controller import app as serving
 from controller.artifacts import artifact_path
-from controller.config import ModelConfig, load_config
+from controller.config import ModelConfig
 from controller.rollout import Command, Verb
-from controller.store import Store
 from controller.tables import Output, Request
-from controller.transitions import apply_command, create_rollout, get_rollout
-from tests.conftest import image_distance, write_config
+from controller.transitions import apply_command, get_rollout
+from tests.conftest import image_distance, prepare_rollout, write_config
 from tests.test_api import MALFORMED
 from workers.jobs import ImageJob
 from workers.pipeline import PipelineRunner, from_png
@@ -62,10 +61,7 @@ def deployed(tmp_path_factory, tiny_models, ray_serve):
             },
         },
     )
-    config = load_config(path)
-    store = Store(config.resolved_database_url)
-    store.upgrade()
-    create_rollout(store, config, actor="tester")
+    config, store = prepare_rollout(path)
     router = serving.start(config, http_port=port)
     from ray import serve
 

@@ -9,11 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from controller.cli import app
-from controller.config import load_config
-from controller.store import Store
 from controller.tables import Output, Request, Score, utcnow
-from controller.transitions import create_rollout, get_rollout
-from tests.conftest import base_config, write_config
+from controller.transitions import get_rollout
+from tests.conftest import base_config, prepare_rollout, write_config
 
 # name: (minutes ago, stage, served by, prompt, incumbent (status, ms), candidate (status, ms), candidate scores,
 #        incumbent scores)
@@ -66,10 +64,7 @@ PAIRS = {
 @pytest.fixture
 def config_path(tmp_path, db_url):
     path = write_config(tmp_path, base_config(db_url))
-    config = load_config(path)
-    store = Store(config.resolved_database_url)
-    store.upgrade()
-    create_rollout(store, config, actor="tester")
+    config, store = prepare_rollout(path)
     now = utcnow()
     with store.session() as session:
         rollout = get_rollout(session, config.name)

@@ -12,7 +12,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select
 
-from controller.config import load_config
 from controller.rollout import Command, Refusal, Verb, decide
 from controller.store import Store
 from controller.tables import Base, Rollout, RolloutEvent
@@ -21,11 +20,10 @@ from controller.transitions import (
     Applied,
     _persist,
     apply_command,
-    create_rollout,
     evidence_for,
     view_of,
 )
-from tests.conftest import base_config, write_config
+from tests.conftest import base_config, prepare_rollout, write_config
 
 TABLES = {
     "rollouts",
@@ -69,10 +67,7 @@ def test_sqlite_runs_in_wal_mode_with_busy_timeout(sqlite_url):
 
 def _prepared(tmp_path, db_url):
     path = write_config(tmp_path, base_config(db_url))
-    config = load_config(path)
-    store = Store(config.resolved_database_url)
-    store.upgrade()
-    create_rollout(store, config, actor="tester")
+    config, store = prepare_rollout(path)
     return path, config, store
 
 
