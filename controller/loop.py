@@ -105,7 +105,12 @@ class ControllerLoop:
         }
 
     def tick(self, now: datetime | None = None) -> TickResult:
-        now = now or utcnow()
+        """One evaluation. Every event logged inside it (scorer and judge included) carries
+        the `rollout` key, so an SRE can filter a tick's events by rollout."""
+        with structlog.contextvars.bound_contextvars(rollout=self.config.name):
+            return self._tick(now or utcnow())
+
+    def _tick(self, now: datetime) -> TickResult:
         with self.store.reader() as session:
             row = get_rollout(session, self.config.name)
         if not lease.acquire(self.store, row.id, self.holder, self.lease_ttl, now):

@@ -126,6 +126,7 @@ class Scorer:
                     "probe_failed",
                     probe=name,
                     request_id=request.id,
+                    stage=request.stage,
                     role=output.role,
                     error=str(exc),
                 )

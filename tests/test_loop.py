@@ -18,6 +18,7 @@ from sqlalchemy import insert, select
 from controller import lease
 from controller.loop import ControllerLoop, Facts, plan_action
 from controller.rollout import Evidence, RolloutView, State, Verb
+from controller.status import rollout_status
 from controller.tables import Output, Request, RolloutEvent, utcnow
 from controller.transitions import get_rollout
 from policies.policy import load_policy
@@ -126,6 +127,41 @@ def test_injected_regression_rolls_back_within_one_evaluation(setup):
     assert (last.verb, last.to_state, last.actor) == ("rollback", "rolled_back", "controller")
     assert "error_rate" in last.reason and "automatic rollback" in last.reason
     assert last.verdict["decision"] == "FAIL"
+
+
+def test_status_shows_the_alpha_each_check_ran_at(setup):
+    """Too few samples to decide: the verdict is stored, and `status --json` rows say at which
+    alpha each check ran (the policy's 0.05 shared by its two critical checks)."""
+    _, config, store = setup
+    record_traffic(store, config, 10)
+    assert ControllerLoop(config, store).tick().verdict == "INCONCLUSIVE"
+    with store.reader() as session:
+        status = rollout_status(session, get_rollout(session, config.name), config)
+    assert {c["name"]: (c["alpha"], c["critical"]) for c in status["checks"]} == {
+        "error_rate": (pytest.approx(0.025), True),
+        "latency_p50": (pytest.approx(0.025), True),
+    }
+
+
+def test_every_event_of_a_tick_names_the_rollout(setup):
+    """The scorer and judge log without knowing the rollout's name; the tick binds it."""
+    import logging
+
+    import structlog
+
+    _, config, store = setup
+    record_traffic(store, config, 10)
+    previous = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with structlog.testing.capture_logs(
+            processors=[structlog.contextvars.merge_contextvars]
+        ) as logs:
+            ControllerLoop(config, store).tick()
+    finally:
+        structlog.configure(**previous)
+    skipped = [e for e in logs if e["event"] == "probe_skipped"]  # logged by the scorer
+    assert skipped and all(e["rollout"] == config.name for e in logs)
 
 
 def test_healthy_run_advances_through_every_stage(setup):
