@@ -52,32 +52,30 @@ def _log_beta(a: float, b: float) -> float:
     return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
 
 
-Side = Literal["both", "above", "below"]
+Side = Literal["above", "below"]
 
 
-def log_mixture_ratio(successes: int, n: int, p: float, side: Side = "both") -> float:
-    """log of the beta-mixture likelihood ratio against Bernoulli(p).
+def log_mixture_ratio(successes: int, n: int, p: float, side: Side) -> float:
+    """log of a one-sided beta-mixture likelihood ratio against Bernoulli(p).
 
-    side "both": the Jeffreys prior over every rate, a martingale under p. side "above": the
-    prior restricted to rates above p (renormalised), a supermartingale under every rate <= p,
-    so crossing 1/alpha rejects "rate <= p" and bounds the rate from below; "below" mirrors
-    it. Restricting the prior to one side spends no evidence on the other.
+    side "above": the Jeffreys prior restricted to rates above p (renormalised), a
+    supermartingale under every rate <= p, so crossing 1/alpha rejects "rate <= p" and bounds
+    the rate from below; "below" mirrors it. A prior over both sides would spend part of its
+    evidence on the side the bound does not claim.
     """
     if p <= 0.0 or p >= 1.0:
-        impossible = (p <= 0.0 and successes > 0 and side != "below") or (
-            p >= 1.0 and successes < n and side != "above"
+        impossible = (p <= 0.0 and successes > 0 and side == "above") or (
+            p >= 1.0 and successes < n and side == "below"
         )
         return math.inf if impossible else 0.0
-    a, b = PRIOR_A + successes, PRIOR_B + n - successes
-    log_mix = _log_beta(a, b) - _log_beta(PRIOR_A, PRIOR_B)
-    if side != "both":
-        from scipy.special import betainc, betaincc
+    from scipy.special import betainc, betaincc
 
-        tail = betaincc if side == "above" else betainc
-        posterior, prior = tail(a, b, p), tail(PRIOR_A, PRIOR_B, p)
-        if posterior <= 0.0:  # the data put (almost) no weight on that side: nothing rejected
-            return -math.inf
-        log_mix += math.log(posterior) - math.log(prior)
+    a, b = PRIOR_A + successes, PRIOR_B + n - successes
+    tail = betaincc if side == "above" else betainc
+    posterior, prior = tail(a, b, p), tail(PRIOR_A, PRIOR_B, p)
+    if posterior <= 0.0:  # the data put (almost) no weight on that side: nothing rejected
+        return -math.inf
+    log_mix = _log_beta(a, b) - _log_beta(PRIOR_A, PRIOR_B) + math.log(posterior / prior)
     return log_mix - successes * math.log(p) - (n - successes) * math.log1p(-p)
 
 
