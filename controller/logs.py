@@ -68,3 +68,10 @@ def configure_logging(
         cache_logger_on_first_use=False,  # tests (and tools) may re-route logs after loggers exist
     )
     _configured = True
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line for a log event: its type and its message's first line
+    (a driver error's own message, not SQLAlchemy's wrapper with the statement)."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"

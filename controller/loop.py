@@ -21,6 +21,7 @@ import structlog
 
 from controller import lease
 from controller.config import Config
+from controller.logs import one_line
 from controller.rollout import PASS, Command, Evidence, Refusal, RolloutView, State, Verb
 from controller.store import Store
 from controller.tables import utcnow
@@ -33,6 +34,11 @@ from policies.scorer import Scorer
 log = structlog.get_logger("cutover.loop")
 
 ACTOR = "controller"
+
+
+def actor_of(holder: str) -> str:
+    """The audit trail's actor for a loop: which loop acted, not only that a loop did."""
+    return f"{ACTOR}@{holder}"
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class ControllerLoop:
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.lease_ttl = timedelta(seconds=lease_ttl or config.rollout.lease_ttl)
         self.scorer = Scorer(self.policy, config.artifact_path)
+        self.standby = False
         self.gpus = {
             role: getattr(config.models, role).num_gpus for role in ("incumbent", "candidate")
         }
@@ -114,10 +121,11 @@ class ControllerLoop:
         with self.store.reader() as session:
             row = get_rollout(session, self.config.name)
         if not lease.acquire(self.store, row.id, self.holder, self.lease_ttl, now):
+            self._note_role(standby=True, rollout_id=row.id)
             return TickResult(leader=False)
+        self._note_role(standby=False, rollout_id=row.id)
         result = TickResult(leader=True)
-        with self.store.session() as session:
-            result.scored = self.scorer.score_pending(session, row.id, now=now)
+        result.scored = self.scorer.score_pending(self.store, row.id, now=now)
         if view_of(row).state not in (State.SHADOWING, State.CANARY, State.PROMOTED):
             return result
         with self.store.session() as session:
@@ -143,28 +151,61 @@ class ControllerLoop:
         command = plan_action(facts)
         if command is not None:
             result.action = apply_command(
-                self.store, self.config, command, ACTOR, expected_stage=view.stage.name, now=now
+                self.store,
+                self.config,
+                command,
+                actor_of(self.holder),
+                expected_stage=view.stage.name,
+                now=now,
             )
-            log.info(
+            # A rollback or pause changes what users get without anyone typing a verb: an
+            # operator must see it at the default log level, with the reason.
+            level = log.info if command.verb is Verb.ADVANCE else log.warning
+            level(
                 "controller_action",
                 rollout=self.config.name,
                 stage=view.stage.name,
                 verb=command.verb.value,
                 outcome=type(result.action).__name__,
                 reason=command.reason[:300],
+                actor=actor_of(self.holder),
             )
         return result
+
+    def _note_role(self, *, standby: bool, rollout_id: int) -> None:
+        """Say once when this loop becomes standby (another holds the lease) or leader."""
+        if standby == self.standby:
+            return
+        self.standby = standby
+        if standby:
+            held = lease.holder_of(self.store, rollout_id)
+            log.info("controller_standby", holder=self.holder, leader=held and held[0])
+        else:
+            log.info("controller_leader", holder=self.holder)
 
     def run(self, stop: threading.Event) -> None:
         """Tick every evaluation interval until `stop` is set; errors are logged and retried."""
         log.info("controller_started", rollout=self.config.name, holder=self.holder)
-        while not stop.is_set():
-            try:
-                self.tick()
-            except Exception:
-                log.exception("controller_tick_failed", rollout=self.config.name)
-            stop.wait(self.config.rollout.evaluation_interval)
-        with self.store.reader() as session:
-            rollout_id = get_rollout(session, self.config.name).id
-        lease.release(self.store, rollout_id, self.holder)
+        try:
+            while not stop.is_set():
+                try:
+                    self.tick()
+                except Exception as exc:
+                    # One line with the cause: a database outage must not print a traceback a tick.
+                    log.error(
+                        "controller_tick_failed", rollout=self.config.name, error=one_line(exc)
+                    )
+                stop.wait(self.config.rollout.evaluation_interval)
+        finally:
+            self.release()
         log.info("controller_stopped", rollout=self.config.name, holder=self.holder)
+
+    def release(self) -> None:
+        """Hand the lease back so another loop (say `cutover serve`'s) may act at once."""
+        try:
+            with self.store.reader() as session:
+                rollout_id = get_rollout(session, self.config.name).id
+            lease.release(self.store, rollout_id, self.holder)
+        except Exception as exc:  # the database is gone: the lease expires after its TTL
+            log.warning("lease_release_failed", holder=self.holder, error=one_line(exc))
+

@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from controller.artifacts import artifact_path
+from controller.store import Store
 from controller.tables import Output, Request, Score, utcnow
 from policies.policy import Policy
 from policies.probes.colour import colour_shift
@@ -58,44 +59,60 @@ class Scorer:
         return ClipScorer(self.policy.clip_model)
 
     def score_pending(
-        self, session: Session, rollout_id: int, limit: int = 64, now: datetime | None = None
+        self, store: Store, rollout_id: int, limit: int = 64, now: datetime | None = None
     ) -> int:
-        """Score up to `limit` outputs of the rollout; returns how many were settled."""
+        """Score up to `limit` outputs of the rollout; returns how many were settled.
+
+        Three steps, so the probes (OCR takes a third of a second an image) never run inside a
+        transaction: read the outputs, probe them with no session open, then write the scores
+        in one short transaction. On SQLite that write is the only moment the scorer holds the
+        write lock, so the recorder's inserts are never starved by scoring.
+        """
         now = now or utcnow()
         if self.clip is None and not self._clip_skip_logged:
             log.info("probe_skipped", probe="clip_score", reason="no clip_model in the policy")
             self._clip_skip_logged = True
-        rows = session.execute(
-            select(Output, Request)
-            .join(Request, Output.request_id == Request.id)
-            .where(Request.rollout_id == rollout_id, Output.scored_at.is_(None))
-            .order_by(Output.created_at)
-            .limit(limit)
-        ).all()
-        siblings = _ok_outputs_by_request(session, {request.id for _, request in rows})
-        settled = 0
+        with store.reader() as session:
+            rows = session.execute(
+                select(Output, Request)
+                .join(Request, Output.request_id == Request.id)
+                .where(Request.rollout_id == rollout_id, Output.scored_at.is_(None))
+                .order_by(Output.created_at)
+                .limit(limit)
+            ).all()
+            siblings = _ok_outputs_by_request(session, {request.id for _, request in rows})
+        settled: dict[str, list[tuple[str, Any, Any]]] = {}
         for output, request in rows:
             if output.status != "ok" or not sampled(output.id, self.policy.sample_rate):
-                self._settle(session, output, now)
-                settled += 1
+                settled[output.id] = []
                 continue
             partners = partners_of(output, siblings.get(output.request_id, []))
             waiting = output.role == "candidate" and "incumbent" not in partners
             if waiting and now - output.created_at < PARTNER_WAIT:
                 continue  # the incumbent's side of this pair is not recorded yet
-            for probe, value, error in self._probe(output, request, partners):
-                session.add(
-                    Score(
-                        output_id=output.id, probe=probe, value=value, error=error, created_at=now
-                    )
-                )
-            self._settle(session, output, now)
-            settled += 1
-        return settled
+            settled[output.id] = self._probe(output, request, partners)
+        return self._write(store, settled, now)
 
     @staticmethod
-    def _settle(session: Session, output: Output, now: datetime) -> None:
-        session.execute(update(Output).where(Output.id == output.id).values(scored_at=now))
+    def _write(store: Store, settled: dict[str, list[tuple[str, Any, Any]]], now: datetime) -> int:
+        """Scores and `scored_at` in one transaction. An output another scorer settled
+        meanwhile keeps that scorer's rows: it is never scored twice."""
+        written = 0
+        with store.session() as session:
+            for output_id, results in settled.items():
+                claimed = session.execute(
+                    update(Output)
+                    .where(Output.id == output_id, Output.scored_at.is_(None))
+                    .values(scored_at=now)
+                ).rowcount
+                if not claimed:
+                    continue
+                session.add_all(
+                    Score(output_id=output_id, probe=probe, value=value, error=error, created_at=now)
+                    for probe, value, error in results
+                )
+                written += 1
+        return written
 
     def _probe(
         self, output: Output, request: Request, partners: dict[str, Output]

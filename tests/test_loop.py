@@ -7,11 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import timedelta
 
 import pytest
+import structlog
 import yaml
 from sqlalchemy import insert, select
 
@@ -19,6 +21,7 @@ from controller import lease
 from controller.loop import ControllerLoop, Facts, plan_action
 from controller.rollout import Evidence, RolloutView, State, Verb
 from controller.status import rollout_status
+from controller.store import Store
 from controller.tables import Output, Request, RolloutEvent, utcnow
 from controller.transitions import get_rollout
 from policies.policy import load_policy
@@ -121,10 +124,13 @@ def events(store, config):
 def test_injected_regression_rolls_back_within_one_evaluation(setup):
     _, config, store = setup
     record_traffic(store, config, 400, candidate_error=0.4, incumbent_error=0.0)
-    result = ControllerLoop(config, store).tick()
+    loop = ControllerLoop(config, store)
+    result = loop.tick()
     assert result.leader and result.verdict == "FAIL"
     last = events(store, config)[-1]
-    assert (last.verb, last.to_state, last.actor) == ("rollback", "rolled_back", "controller")
+    # The audit trail names the loop that acted (host:pid:id), not only that a loop did.
+    assert (last.verb, last.to_state) == ("rollback", "rolled_back")
+    assert last.actor == f"controller@{loop.holder}" and str(os.getpid()) in last.actor
     assert "error_rate" in last.reason and "automatic rollback" in last.reason
     assert last.verdict["decision"] == "FAIL"
 
@@ -266,9 +272,12 @@ def test_control_once_and_status_show_the_verdict(setup):
             timeout=60,
         ).stdout
     )
-    assert (
-        status["stage"] == "10" and status["last_event"]["actor"] == "controller"
-    )  # auto-advance moved it
+    assert status["stage"] == "10"  # auto-advance moved it ...
+    assert status["last_event"]["actor"].startswith("controller@")  # ... a loop, named
+    # --once handed its lease back on exit: another loop may act at once, not after the TTL.
+    with store.reader() as session:
+        rollout_id = get_rollout(session, config.name).id
+    assert lease.acquire(store, rollout_id, "serve-loop", timedelta(seconds=60))
     relied_on = status["last_event"]["verdict"]
     assert relied_on["decision"] == "PASS"
     assert {c["name"] for c in relied_on["checks"]} == {"error_rate", "latency_p50"}
@@ -291,3 +300,43 @@ def test_default_policy_loads_and_bad_policy_names_the_line(tmp_path):
     with pytest.raises(SourceError) as caught:
         load_policy(bad)
     assert "does not fit kind rate" in str(caught.value) and f"{bad}:3" in str(caught.value)
+
+
+def test_a_standby_loop_says_so_once(setup):
+    _, config, store = setup
+    leader, standby = (
+        ControllerLoop(config, store, holder="a"),
+        ControllerLoop(config, store, holder="b"),
+    )
+    assert leader.tick().leader
+    with structlog.testing.capture_logs() as logs:
+        assert not standby.tick().leader and not standby.tick().leader
+    said = [e for e in logs if e["event"] == "controller_standby"]
+    assert len(said) == 1 and said[0]["leader"] == "a" and said[0]["holder"] == "b"
+
+
+class _StopAfter(threading.Event):
+    """A stop event that sets itself after `n` waits: drives run() tick by tick, no sleeping."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.left = n
+
+    def wait(self, timeout=None):
+        self.left -= 1
+        if self.left <= 0:
+            self.set()
+        return self.is_set()
+
+
+def test_a_failing_tick_logs_one_line_with_its_cause(tmp_path, setup):
+    _, config, _ = setup
+    empty = Store(f"sqlite:///{tmp_path / 'empty.db'}")  # no tables: every tick fails
+    loop = ControllerLoop(config, empty)
+    with structlog.testing.capture_logs() as logs:
+        loop.run(_StopAfter(3))
+    failed = [e for e in logs if e["event"] == "controller_tick_failed"]
+    assert len(failed) == 3
+    assert all("no such table" in e["error"] and "exc_info" not in e for e in failed)
+    assert all(len(e["error"]) < 400 for e in failed)
+    empty.close()

@@ -83,8 +83,8 @@ def test_scorer_writes_scores_and_probe_errors(tmp_path, db_url):
         )
         session.add(broken)
     scorer = Scorer(load_policy(), artifacts)
-    with store.session() as session:
-        assert scorer.score_pending(session, rollout.id) == 5
+    assert scorer.score_pending(store, rollout.id) == 5
+    assert scorer.score_pending(store, rollout.id) == 0  # settled outputs are never scored twice
     with store.reader() as session:
         scores = {
             (s.output_id, s.probe): (s.value, s.error) for s in session.scalars(select(Score))
@@ -122,3 +122,74 @@ def test_partners_are_the_other_role_and_the_previous_image():
     }
     first = partners_of(siblings[0], siblings)  # incumbent, image 0: no previous image
     assert {k: v.id for k, v in first.items()} == {"candidate": "candidate-0"}
+
+
+class _WritesWhileReading:
+    """The real OCR engine, plus a check made while it runs: can another writer take SQLite's
+    write lock right now (busy timeout 0)? The recorder needs it at any moment."""
+
+    def __init__(self, engine, database: str) -> None:
+        self.engine = engine
+        self.database = database
+        self.lock_free: list[bool] = []
+
+    def read(self, image):
+        import sqlite3
+
+        probe = sqlite3.connect(self.database, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            self.lock_free.append(True)
+        except sqlite3.OperationalError:
+            self.lock_free.append(False)
+        finally:
+            probe.close()
+        return self.engine.read(image)
+
+
+def test_probes_run_with_no_write_lock_held(tmp_path, sqlite_url):
+    """On SQLite the scorer once held the write lock while OCR ran over a batch, starving the
+    recorder into spilling with no outage. Probes now run outside any transaction."""
+    from sqlalchemy.engine import make_url
+
+    config, store = prepare_rollout(write_config(tmp_path, base_config(sqlite_url)))
+    artifacts = tmp_path / "artifacts"
+    now = utcnow()
+    with store.session() as session:
+        rollout = get_rollout(session, config.name)
+        for i in range(3):
+            request = Request(
+                id=f"r{i}",
+                rollout_id=rollout.id,
+                stage="shadow",
+                primary_role="incumbent",
+                sticky_key=f"u{i}",
+                prompt='a sign that says "OPEN"',
+                params={},
+                seed=i,
+                mirrored=False,
+                created_at=now,
+            )
+            session.add(request)
+            session.flush()
+            session.add(
+                Output(
+                    id=f"o{i}",
+                    request_id=request.id,
+                    role="incumbent",
+                    image_index=0,
+                    is_primary=True,
+                    status="ok",
+                    created_at=now,
+                    artifact_sha256=store_artifact(artifacts, poster_png("OPEN")),
+                )
+            )
+    scorer = Scorer(load_policy(), artifacts)
+    watcher = _WritesWhileReading(scorer.ocr, make_url(sqlite_url).database)
+    scorer.__dict__["ocr"] = watcher
+    assert scorer.score_pending(store, rollout.id) == 3
+    assert watcher.lock_free == [True, True, True]
+    with store.reader() as session:
+        assert len(session.scalars(select(Score).where(Score.probe == "typography_cer")).all()) == 3
+    store.close()

@@ -71,15 +71,20 @@ def control(
             store.require_schema()
             loop = ControllerLoop(config, store)
             if once:
-                result = loop.tick()
+                try:
+                    result = loop.tick()
+                finally:
+                    loop.release()  # or the serve loop could not act until the lease expired
                 action = result.action
                 what = (
                     ""
                     if action is None
                     else f"; {getattr(action, 'to_state', None) or action.reason}"
                 )
+                standby = "" if result.leader else " (standby: another loop holds the lease)"
                 out.print(
-                    f"leader={result.leader} scored={result.scored} verdict={result.verdict}{what}",
+                    f"leader={result.leader} scored={result.scored} verdict={result.verdict}"
+                    f"{what}{standby}",
                     soft_wrap=True,
                 )
                 return
