@@ -300,9 +300,30 @@ class ServerConfig(_Strict):
     replicas: int = Field(1, ge=1)
 
 
+class DatabaseConfig(_Strict):
+    """How long any database call may take before it counts as an outage.
+
+    Without these a database that stalls without refusing connections (a network
+    partition) hangs every caller: the recorder would hold records in memory instead of
+    spilling them to disk.
+    """
+
+    connect_timeout: Duration = Field(3.0, description="opening a connection (PostgreSQL)")
+    statement_timeout: Duration = Field(30.0, description="one statement, enforced by the server")
+    pool_timeout: Duration = Field(10.0, description="waiting for a pooled connection")
+    write_timeout: Duration = Field(
+        5.0,
+        description="one recorder transaction, enforced by the client: past it the batch spills",
+    )
+    sqlite_busy_timeout: Duration = Field(
+        30.0, description="a SQLite writer waiting for the lock (the recorder uses 2 s)"
+    )
+
+
 class Config(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     database_url: str = "sqlite:///.cutover/cutover.db"
+    database: DatabaseConfig = DatabaseConfig()
     artifact_dir: str = ".cutover/artifacts"
     spill_dir: str = ".cutover/spill"
     models: Models

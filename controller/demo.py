@@ -163,7 +163,7 @@ def run_scenario(
     from policies.policy import load_policy
 
     config = load_config(write_config(workdir, scenario, port), check_paths=True)
-    store = Store(config.resolved_database_url)
+    store = Store.for_config(config)
     store.upgrade()
     create_rollout(store, config, actor="demo")
     started = time.monotonic()

@@ -101,7 +101,7 @@ class ControllerLoop:
         lease_ttl: float | None = None,
     ) -> None:
         self.config = config
-        self.store = store or Store(config.resolved_database_url)
+        self.store = store or Store.for_config(config)
         self.policy = policy or load_policy(config.policy_path)
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.lease_ttl = timedelta(seconds=lease_ttl or config.rollout.lease_ttl)
@@ -208,4 +208,3 @@ class ControllerLoop:
             lease.release(self.store, rollout_id, self.holder)
         except Exception as exc:  # the database is gone: the lease expires after its TTL
             log.warning("lease_release_failed", holder=self.holder, error=one_line(exc))
-

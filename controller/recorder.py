@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import queue
 import threading
 import time
@@ -20,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import insert, select
+from sqlalchemy import false, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from controller.artifacts import store_artifact
+from controller.config import DatabaseConfig
+from controller.logs import one_line
 from controller.spill import SpillFile
-from controller.store import Store
+from controller.store import Store, TransactionTimeout
 from controller.tables import Output, Request, Rollout, utcnow
 
 log = structlog.get_logger("cutover.recorder")
@@ -75,6 +78,7 @@ class Counters:
     dead_letters: int = 0
     queue_full: int = 0
     batches: int = 0
+    db_failures: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -124,9 +128,18 @@ class Recorder:
         flush_interval: float = 0.2,
         max_queue: int = 50_000,
         retry_interval: float = 1.0,
-        sqlite_busy_ms: int = 2_000,
+        reminder_interval: float = 60.0,
+        timeouts: DatabaseConfig | None = None,
+        sqlite_busy: float = 2.0,
     ) -> None:
-        self.store = Store(database_url, sqlite_busy_ms=sqlite_busy_ms, connect_timeout=3)
+        # A short SQLite busy timeout: past it the batch spills rather than stalls. No pre-ping:
+        # a ping has no client-side bound, and a stale connection fails the write fast anyway.
+        timeouts = (timeouts or DatabaseConfig()).model_copy(
+            update={"sqlite_busy_timeout": sqlite_busy}
+        )
+        self.store = Store(database_url, timeouts, pre_ping=False)
+        self._write_timeout = timeouts.write_timeout
+        self.outage = OutageLog(reminder_interval)
         self.artifact_dir = artifact_dir
         self.spill = SpillFile(spill_dir)
         self.counters = Counters()
@@ -233,15 +246,16 @@ class Recorder:
             return False
         try:
             self._insert(rows)
-        except DBAPIError as exc:
+        except UNAVAILABLE as exc:
             self._db_down(exc)
             return False
         self.counters.recorded += len(rows)
         self.counters.batches += 1
+        self._db_up()
         return True
 
     def _insert(self, rows: _Rows) -> None:
-        with self.store.session() as session:
+        with self.store.session(self._write_timeout) as session:
             if rows.requests:
                 session.execute(
                     insert(Request), [self._with_rollout_id(session, r) for r in rows.requests]
@@ -262,21 +276,35 @@ class Recorder:
             return
         self.spill.append(rows.as_spill())
         self.counters.spilled += len(rows)
-        log.warning("records_spilled", rows=len(rows), spill=str(self.spill.path))
+        self.outage.spilled(len(rows), str(self.spill.path))
 
     def _replay_if_due(self) -> None:
+        """Replay spilled rows once the database answers again.
+
+        The database is asked first with a write that changes nothing (on SQLite a read
+        succeeds under another writer's lock): while it cannot write, the spill file is left
+        as it is, so an outage leaves one file per recorder, not one per retry.
+        """
         if time.monotonic() < self._next_db_attempt or not self.spill.pending():
             return
+        if self.outage.active:
+            try:
+                with self.store.session(self._write_timeout) as session:
+                    session.execute(update(Rollout).where(false()).values(name=Rollout.name))
+            except UNAVAILABLE as exc:
+                self._db_down(exc)
+                return
         for batch in self.spill.take():
             try:
                 waiting = self._replay(_Rows.from_spill(batch.rows))
-            except DBAPIError as exc:
+            except UNAVAILABLE as exc:
                 batch.keep()
                 self._db_down(exc)
-                continue
+                return
             if len(waiting):
                 self.spill.append(waiting.as_spill())
             batch.done()
+        self._db_up()
 
     def _replay(self, rows: _Rows) -> _Rows:
         """Insert what is not in SQL yet; return outputs whose request row has not arrived yet.
@@ -285,7 +313,7 @@ class Recorder:
         request was still queued); it waits for a later replay rather than failing the batch.
         """
         try:
-            with self.store.session() as session:
+            with self.store.session(self._write_timeout) as session:
                 requests, skipped_r = _new_only(
                     session, Request, [self._with_rollout_id(session, r) for r in rows.requests]
                 )
@@ -311,6 +339,7 @@ class Recorder:
         inserted = len(requests) + len(outputs)
         self.counters.replayed += inserted
         self.counters.replay_duplicates += skipped_r + skipped_o
+        self.outage.replayed(inserted, skipped_r + skipped_o)
         log.info(
             "spill_replayed", rows=inserted, duplicates=skipped_r + skipped_o, waiting=len(waiting)
         )
@@ -329,9 +358,85 @@ class Recorder:
             error=str(getattr(why, "orig", why)),
         )
 
-    def _db_down(self, exc: DBAPIError) -> None:
+    def _db_down(self, exc: Exception) -> None:
         self._next_db_attempt = time.monotonic() + self._retry_interval
-        log.warning("database_unavailable", error=str(exc.orig or exc).splitlines()[0][:200])
+        self.counters.db_failures += 1
+        self.outage.down(one_line(exc))
+
+    def _db_up(self) -> None:
+        if not self.spill.pending():
+            self.outage.up()
+
+
+# What "the database cannot take this now" looks like: a driver error, or a transaction the
+# watchdog interrupted because the database stopped answering.
+UNAVAILABLE = (DBAPIError, TransactionTimeout)
+
+
+class OutageLog:
+    """The story of a database outage in a few events, however long it lasts.
+
+    One `database_unavailable` when it starts, a `database_still_unavailable` reminder at most
+    once per `reminder_interval`, and one `database_recovered` with the counts once every
+    spilled row is back in SQL. Spills outside an outage (a full queue) are rate-limited the
+    same way.
+    """
+
+    def __init__(self, reminder_interval: float) -> None:
+        self.reminder_interval = reminder_interval
+        self.active = False
+        self._since = 0.0
+        self._last_said = -math.inf
+        self._spilled = 0
+        self._replayed = 0
+        self._duplicates = 0
+        self._failures = 0
+
+    def down(self, error: str) -> None:
+        now = time.monotonic()
+        self._failures += 1
+        if not self.active:
+            self.active = True
+            self._since = now
+            self._last_said = now
+            self._spilled = self._replayed = self._duplicates = 0
+            self._failures = 1
+            log.warning("database_unavailable", error=error)
+        elif now - self._last_said >= self.reminder_interval:
+            self._last_said = now
+            log.warning(
+                "database_still_unavailable",
+                error=error,
+                down_s=round(now - self._since, 1),
+                spilled=self._spilled,
+                attempts=self._failures,
+            )
+
+    def spilled(self, rows: int, path: str) -> None:
+        self._spilled += rows
+        now = time.monotonic()
+        if self.active:
+            return  # counted, and said by the outage's own events
+        if now - self._last_said >= self.reminder_interval:
+            self._last_said = now
+            log.warning("records_spilled", rows=rows, spill=path, reason="queue_full")
+
+    def replayed(self, rows: int, duplicates: int) -> None:
+        self._replayed += rows
+        self._duplicates += duplicates
+
+    def up(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        log.warning(
+            "database_recovered",
+            down_s=round(time.monotonic() - self._since, 1),
+            spilled=self._spilled,
+            replayed=self._replayed,
+            duplicates=self._duplicates,
+            attempts=self._failures,
+        )
 
 
 def _existing(session: Any, table: type[Request] | type[Output], ids: set[str]) -> set[str]:

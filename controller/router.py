@@ -53,7 +53,10 @@ class Router:
         self.handles = {"incumbent": incumbent, "candidate": candidate}
         self.tables = TableSource(self.config)
         self.recorder = Recorder(
-            self.config.resolved_database_url, self.config.artifact_path, self.config.spill_path
+            self.config.resolved_database_url,
+            self.config.artifact_path,
+            self.config.spill_path,
+            timeouts=self.config.database,
         )
         self.mirrors_in_flight = 0
         self.mirrors_skipped = 0

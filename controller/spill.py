@@ -62,6 +62,7 @@ class SpillFile:
         self.path = directory / f"{self._stem}.jsonl"
         self._file = _open_locked(self.path, "a+")
         self._size = 0
+        self.sweep_empty()
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         """Durably add rows: they survive this process dying right after the call."""
@@ -77,6 +78,7 @@ class SpillFile:
 
     def take(self) -> list[SpillBatch]:
         """Everything waiting for replay, oldest first: orphans of dead recorders, then our own file."""
+        self.sweep_empty()
         batches = []
         for path in self._orphans():
             try:
@@ -91,6 +93,21 @@ class SpillFile:
                 self._file = _open_locked(self.path, "a+")
                 self._size = 0
         return batches
+
+    def sweep_empty(self) -> None:
+        """Delete the empty files of recorders that died (nothing to replay, only clutter)."""
+        for path in self.directory.glob(PATTERN):
+            if path == self.path or _size(path) > 0:
+                continue
+            try:
+                handle = _open_locked(path, "r")
+            except (BlockingIOError, FileNotFoundError):
+                continue  # a live recorder's file
+            try:
+                if _size(path) == 0:
+                    path.unlink(missing_ok=True)
+            finally:
+                handle.close()
 
     def _orphans(self) -> list[Path]:
         paths = (p for p in self.directory.glob(PATTERN) if p != self.path)

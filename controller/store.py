@@ -2,11 +2,18 @@
 
 SQLite is the embedded default, PostgreSQL the production store; both run the
 same Alembic migrations. SQLite gets WAL and a busy timeout so the router, the
-controller loop and operators' CLIs can share one file.
+controller loop and operators' CLIs can share one file. Every wait on the
+database is bounded (`database:` in the config), so an outage is noticed and
+handled rather than waited out.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import socket
+import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,9 +24,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
+from controller.config import Config, DatabaseConfig
 
 MIGRATIONS_DIR = Path(migrations.__file__).parent
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
 class StoreError(Exception):
@@ -27,27 +34,35 @@ class StoreError(Exception):
 
 
 def make_engine(
-    url: str,
-    *,
-    sqlite_busy_ms: int = SQLITE_BUSY_TIMEOUT_MS,
-    connect_timeout: int | None = None,
-    **kwargs: Any,
+    url: str, timeouts: DatabaseConfig | None = None, *, pre_ping: bool = True, **kwargs: Any
 ) -> Engine:
-    """An engine for `url`; creates the directory of a SQLite file.
+    """An engine for `url` whose every wait is bounded; creates the directory of a SQLite file.
 
-    `sqlite_busy_ms` is how long a SQLite writer waits for a lock; the recorder
-    uses a short one so it spills instead of stalling. `connect_timeout` bounds
-    how long a PostgreSQL connection attempt may hang when the server is gone.
+    SQLite: `sqlite_busy_timeout` bounds waiting for the write lock. PostgreSQL: connecting,
+    each statement (server side) and pool checkout are bounded; a stall the server never sees
+    (a partition) is bounded by `Store.session(timeout=…)`, which closes the socket.
     """
+    timeouts = timeouts or DatabaseConfig()
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": sqlite_busy_ms / 1000}, **kwargs)
-        event.listen(engine, "connect", lambda conn, _record: _sqlite_pragmas(conn, sqlite_busy_ms))
+        busy_ms = int(timeouts.sqlite_busy_timeout * 1000)
+        engine = create_engine(url, connect_args={"timeout": busy_ms / 1000}, **kwargs)
+        event.listen(engine, "connect", lambda conn, _record: _sqlite_pragmas(conn, busy_ms))
         return engine
-    connect_args = {"connect_timeout": connect_timeout} if connect_timeout else {}
-    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
+    connect_args = {
+        # libpq counts whole seconds and treats anything under 2 as 2.
+        "connect_timeout": max(2, math.ceil(timeouts.connect_timeout)),
+        "options": f"-c statement_timeout={int(timeouts.statement_timeout * 1000)}",
+    }
+    return create_engine(
+        url,
+        pool_pre_ping=pre_ping,
+        pool_timeout=timeouts.pool_timeout,
+        connect_args=connect_args,
+        **kwargs,
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, busy_ms: int) -> None:
@@ -59,19 +74,92 @@ def _sqlite_pragmas(dbapi_connection: Any, busy_ms: int) -> None:
     cursor.close()
 
 
+def interrupt(dbapi_connection: Any) -> None:
+    """Make a call blocked on this connection fail now, from another thread.
+
+    SQLite aborts the running statement. For PostgreSQL the socket is shut down: a server
+    that stopped answering cannot be asked to cancel, so the blocked read must end here.
+    """
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        dbapi_connection.interrupt()
+        return
+    fd = dbapi_connection.pgconn.socket
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class TransactionTimeout(Exception):
+    """A transaction outlived `Store.session(timeout=…)` and was interrupted."""
+
+
+class _Watchdog:
+    """Interrupts one connection if the transaction on it outlives its timeout."""
+
+    def __init__(self, dbapi_connection: Any, timeout: float) -> None:
+        self._connection = dbapi_connection
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._fired = False
+        self._timer = threading.Timer(timeout, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if not self._stopped:
+                self._fired = True
+                interrupt(self._connection)
+
+    def stop(self) -> bool:
+        """Disarm; True if it had already fired (the connection is unusable)."""
+        with self._lock:
+            self._stopped = True
+        self._timer.cancel()
+        return self._fired
+
+
 class Store:
     """An engine plus a session factory; one per process, shared by its threads."""
 
-    def __init__(self, url: str, **engine_kwargs: Any) -> None:
+    def __init__(
+        self, url: str, timeouts: DatabaseConfig | None = None, **engine_kwargs: Any
+    ) -> None:
         self.url = url
-        self.engine = make_engine(url, **engine_kwargs)
+        self.engine = make_engine(url, timeouts, **engine_kwargs)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
+    @classmethod
+    def for_config(cls, config: Config, **engine_kwargs: Any) -> Store:
+        """The store a config names, with its timeouts."""
+        return cls(config.resolved_database_url, config.database, **engine_kwargs)
+
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A session whose transaction commits on success and rolls back on error."""
-        with self._sessions() as session, session.begin():
-            yield session
+    def session(self, timeout: float | None = None) -> Iterator[Session]:
+        """A session whose transaction commits on success and rolls back on error.
+
+        With `timeout`, a transaction still running after that many seconds, commit
+        included, is interrupted and raises the driver's error, as an outage would.
+        """
+        with self._sessions() as session:
+            if timeout is None:
+                with session.begin():
+                    yield session
+                return
+            session.begin()
+            watchdog = _Watchdog(session.connection().connection.dbapi_connection, timeout)
+            try:
+                yield session
+                session.commit()
+            except BaseException as exc:
+                if not watchdog.stop():
+                    session.rollback()
+                    raise
+                session.invalidate()  # its socket is shut: never hand it back to the pool
+                raise TransactionTimeout(
+                    f"the database did not finish a transaction within {timeout:g}s"
+                ) from exc
+            if watchdog.stop():  # fired just after the commit: the rows are in, the socket is not
+                session.invalidate()
 
     def reader(self) -> Session:
         return self._sessions()

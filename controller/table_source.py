@@ -44,7 +44,7 @@ class TableSource:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.interval = config.server.refresh_interval
-        self.store = Store(config.resolved_database_url, connect_timeout=3)
+        self.store = Store.for_config(config)
         self.table = safe_default(config)
         self._read_at = time.monotonic()
         self._stop = threading.Event()

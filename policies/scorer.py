@@ -108,7 +108,9 @@ class Scorer:
                 if not claimed:
                     continue
                 session.add_all(
-                    Score(output_id=output_id, probe=probe, value=value, error=error, created_at=now)
+                    Score(
+                        output_id=output_id, probe=probe, value=value, error=error, created_at=now
+                    )
                     for probe, value, error in results
                 )
                 written += 1

@@ -11,6 +11,7 @@ import time
 import uuid
 
 import pytest
+import structlog
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
@@ -120,7 +121,7 @@ def test_batches_land_in_sql_with_content_addressed_artifacts(tmp_path, prepared
 
 def test_sqlite_locked_during_traffic_then_released(tmp_path, sqlite_url):
     config, store = prepare_rollout(write_config(tmp_path, base_config(sqlite_url)))
-    recorder = make_recorder(config, tmp_path, sqlite_busy_ms=200)
+    recorder = make_recorder(config, tmp_path, sqlite_busy=0.2)
     send(recorder, config, 0, 20)
     assert recorder.flush(30)
 
@@ -244,3 +245,97 @@ def test_record_never_blocks_and_overflow_spills(tmp_path, prepared):
     assert recorder.flush(30, include_spill=True)
     recorder.close()
     assert counts(store) == (200, 400, 400)
+
+
+def wait_until(condition, timeout=30.0):
+    """Poll for a state the code under test reaches by itself (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def spill_files(tmp_path):
+    return sorted((tmp_path / "spill").glob("spill-*.jsonl"))
+
+
+@pytest.mark.postgres
+def test_postgres_stalled_without_refusing_spills_within_the_write_timeout(tmp_path, postgres_url):
+    """A partition: the server accepts the connection, then nothing comes back. Records must
+    spill within the write timeout, and land exactly once after the network heals."""
+    from controller.config import DatabaseConfig
+    from tests.stall_proxy import StallProxy
+
+    config, store = prepare_rollout(write_config(tmp_path, base_config(postgres_url)))
+    url = make_url(postgres_url)
+    proxy = StallProxy((url.host, url.port or 5432))
+    through_proxy = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    timeouts = DatabaseConfig(connect_timeout=2, write_timeout=1.5)
+    recorder = make_recorder(config, tmp_path, timeouts=timeouts)
+    recorder.store.close()
+    recorder.store = Store(through_proxy, timeouts, pre_ping=False)
+    with structlog.testing.capture_logs() as logs:
+        send(recorder, config, 0, 20)
+        assert recorder.flush(30)
+        proxy.stall()
+        stalled = time.monotonic()
+        send(recorder, config, 20, 30)
+        assert wait_until(lambda: recorder.counters.spilled >= 90, 20), recorder.counters
+        took = time.monotonic() - stalled
+        # Let it retry through the stall a few times: one spill file, one unavailable event.
+        assert wait_until(lambda: recorder.counters.db_failures >= 4, 30), recorder.counters
+        assert len(spill_files(tmp_path)) == 1
+        proxy.resume()
+        send(recorder, config, 50, 10)
+        assert recorder.flush(60, include_spill=True)
+    recorder.close()
+    proxy.close()
+    assert took < 1.5 + 2 + 2, f"spilling took {took:.1f}s after the stall began"
+    assert counts(store) == (60, 120, 120)  # nothing lost, nothing twice
+    events = [e["event"] for e in logs]
+    assert events.count("database_unavailable") == 1 and events.count("database_recovered") == 1
+    recovered = next(e for e in logs if e["event"] == "database_recovered")
+    assert recovered["spilled"] >= 90 and recovered["replayed"] + recovered["duplicates"] >= 90
+    store.close()
+
+
+def test_an_outage_logs_a_few_lines_and_leaves_one_spill_file(tmp_path, sqlite_url):
+    """Before: each 1 s retry rotated a new spill file and retried all of them, each logging
+    once (154 lines in a 20 s outage). Now: one file, one event at each end, reminders
+    rate-limited, however many retries the outage lasts."""
+    config, store = prepare_rollout(write_config(tmp_path, base_config(sqlite_url)))
+    recorder = make_recorder(config, tmp_path, sqlite_busy=0.05, reminder_interval=3600)
+    recorder._retry_interval = 0.02
+    lock = sqlite3.connect(make_url(config.resolved_database_url).database, isolation_level=None)
+    with structlog.testing.capture_logs() as logs:
+        lock.execute("BEGIN EXCLUSIVE")
+        for batch in range(5):
+            send(recorder, config, batch * 10, 10)
+            failures = recorder.counters.db_failures
+            assert wait_until(lambda f=failures: recorder.counters.db_failures >= f + 5)
+        assert len(spill_files(tmp_path)) == 1
+        lock.execute("COMMIT")
+        assert recorder.flush(30, include_spill=True)
+    lock.close()
+    recorder.close()
+    assert counts(store) == (50, 100, 100)
+    assert recorder.counters.db_failures >= 25
+    warnings = [e["event"] for e in logs if e["log_level"] in ("warning", "error")]
+    assert warnings == ["database_unavailable", "database_recovered"], warnings
+    assert not spill_files(tmp_path)
+    store.close()
+
+
+def test_empty_spill_files_of_dead_recorders_are_removed(tmp_path, prepared):
+    config, _ = prepared
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    dead = spill / "spill-deadhost-1-abc.jsonl"
+    dead.write_text("")
+    live = make_recorder(config, tmp_path)
+    assert not dead.exists()
+    # A live recorder's empty file is locked: another recorder leaves it alone.
+    other = make_recorder(config, tmp_path)
+    assert live.spill.path.exists() and other.spill.path.exists()

@@ -83,7 +83,7 @@ def cli_config(ctx: typer.Context, check_paths: bool = False) -> Config:
 
 @contextmanager
 def open_store(config: Config) -> Iterator[Store]:
-    store = Store(config.resolved_database_url)
+    store = Store.for_config(config)
     try:
         yield store
     finally:
