@@ -151,6 +151,9 @@ class FaultConfig(_Strict):
     timeout_percent: float = Field(0.0, ge=0, le=100)
     oom_percent: float = Field(0.0, ge=0, le=100)
     hang: Duration = 600.0
+    step_delay: Duration = Field(
+        0.0, description="added to every denoising step, as on a slow or throttled device"
+    )
     tint: tuple[int, int, int] | None = Field(None, description="RGB added to every output")
     stand_in: bool = Field(
         False, description="skip the pipeline: a solid image after `delay` (overhead benchmarks)"
@@ -171,6 +174,7 @@ class FaultConfig(_Strict):
             or self.timeout_percent
             or self.oom_percent
             or self.tint
+            or self.step_delay
         )
 
 
@@ -205,6 +209,11 @@ class ModelConfig(_Strict):
     simulated_memory: SimulatedMemory | None = None
     oom_unhealthy_after: int = Field(
         3, ge=1, description="consecutive OOMs of single images before unhealthy"
+    )
+    wedged_after: Duration = Field(
+        60.0,
+        description="a pipeline call still running this long after every caller's deadline "
+        "fails the health check (it did not stop between steps)",
     )
     num_cpus: float = Field(1.0, gt=0)
     replicas: int = Field(1, ge=1, le=1024)

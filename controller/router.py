@@ -8,6 +8,7 @@ counted, never queued behind users.
 
 import asyncio
 import base64
+import dataclasses
 import secrets
 import time
 import uuid
@@ -34,7 +35,14 @@ log = structlog.get_logger("cutover.router")
 http = FastAPI(title="cutover", description="Images API with shadow traffic and staged cutover.")
 
 # What a failed primary answer becomes for the client.
-FAILURE_STATUS = {"error": 502, "oom": 503, "timeout": 504, "blank": 502, "rejected": 422}
+FAILURE_STATUS = {
+    "error": 502,
+    "oom": 503,
+    "timeout": 504,
+    "blank": 502,
+    "rejected": 422,
+    "overload": 503,
+}
 
 
 @serve.deployment
@@ -218,6 +226,9 @@ class Router:
 
     async def _call(self, role: str, job: ImageJob, timeout: float) -> ImageResult:
         start = time.perf_counter()
+        # The deadline travels with the job: the model server refuses work that cannot finish
+        # by then, drops it unstarted once it has passed, and stops sampling between steps.
+        job = dataclasses.replace(job, deadline=time.time() + timeout)
         response = self.handles[role].generate.remote(job)
         try:
             return await asyncio.wait_for(response, timeout)

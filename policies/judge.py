@@ -36,7 +36,7 @@ RATE_STATUSES = {
     "timeout": {"timeout"},
     "oom": {"oom"},
     "blank": {"blank"},
-    "failure": {"error", "timeout"},
+    "failure": {"error", "timeout", "overload"},
 }
 
 

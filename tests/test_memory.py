@@ -102,9 +102,9 @@ def test_consecutive_single_image_ooms_make_the_replica_unhealthy(runner):
     executor = BatchExecutor(runner, SimulatedProbe(10, B), CostModel(B), oom_unhealthy_after=3)
     for i in range(2):
         assert executor.render(jobs(1, start=i))[0].status == "oom"
-        assert executor.healthy
+        assert executor.health_problem(wedged_after=60) is None
     executor.render(jobs(1, start=5))
-    assert not executor.healthy
+    assert "3 single images in a row ran out of memory" in executor.health_problem(60)
 
 
 def test_planner_counts_when_memory_is_not_managed(tiny_models):

@@ -11,7 +11,9 @@ batch in halves down to single images, so a replica never dies of OOM.
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ import numpy as np
 import structlog
 
 from controller.config import ModelConfig
+from workers.deadlines import DeadlineExceeded, SpeedModel, expired, stop_when_expired
 from workers.jobs import ImageJob
 from workers.memory import MemoryProbe, pixels
 
@@ -108,25 +111,61 @@ class Rendered:
 
 
 class BatchExecutor:
-    """Runs batches through a pipeline runner, splitting on OOM; tracks replica health."""
+    """Runs batches through a pipeline runner, splitting on OOM and stopping calls whose
+    callers have all given up; tracks replica health (OOMs in a row, a wedged call)."""
 
     def __init__(
-        self, runner: Any, probe: MemoryProbe, cost: CostModel, oom_unhealthy_after: int
+        self,
+        runner: Any,
+        probe: MemoryProbe,
+        cost: CostModel,
+        oom_unhealthy_after: int,
+        speed: SpeedModel | None = None,
+        step_delay: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.runner = runner
         self.probe = probe
         self.cost = cost
+        self.speed = speed
+        self.step_delay = step_delay
         self.oom_unhealthy_after = oom_unhealthy_after
         self.single_ooms_in_a_row = 0
         self.total_ooms = 0
+        # The latest deadline of the call running now (None: idle, or a caller waits for ever).
+        self.running_deadline: float | None = None
 
-    @property
-    def healthy(self) -> bool:
-        return self.single_ooms_in_a_row < self.oom_unhealthy_after
+    def health_problem(self, wedged_after: float, now: float | None = None) -> str | None:
+        """Why this replica should be restarted, or None while it is healthy.
+
+        Repeated OOMs of single images mean the device is in a bad state; a call that runs on
+        long after every caller's deadline did not stop between steps (a hung kernel, or one
+        step that alone outlasts the deadline) and holds the replica for nobody.
+        """
+        if self.single_ooms_in_a_row >= self.oom_unhealthy_after:
+            return f"{self.single_ooms_in_a_row} single images in a row ran out of memory"
+        deadline = self.running_deadline
+        overdue = 0.0 if deadline is None else (now or time.time()) - deadline
+        if overdue > wedged_after:
+            return (
+                f"a pipeline call has run {overdue:.0f}s past the deadline of every request in "
+                f"it (wedged_after {wedged_after:g}s) and did not stop between steps"
+            )
+        return None
 
     def render(self, jobs: list[ImageJob]) -> list[Rendered]:
+        """One outcome per job, in order. A job whose deadline passed while it queued is
+        dropped unstarted: nobody waits for it, and the jobs behind it do."""
         results: list[Rendered | None] = [None] * len(jobs)
-        for indices in group_jobs(jobs):
+        live = []
+        for index, job in enumerate(jobs):
+            if expired(job):
+                results[index] = Rendered(
+                    "timeout", error="dropped unstarted: its deadline passed while it waited"
+                )
+            else:
+                live.append(index)
+        for group in group_jobs([jobs[i] for i in live]):
+            indices = [live[i] for i in group]
             ooms_before = self.total_ooms
             outcomes = self._render_group([jobs[i] for i in indices], ooms=0)
             for index, outcome in zip(indices, outcomes, strict=True):
@@ -137,15 +176,28 @@ class BatchExecutor:
     def _render_group(self, jobs: list[ImageJob], ooms: int) -> list[Rendered]:
         import torch
 
+        on_step = stop_when_expired(jobs, self.step_delay())
+        deadlines = [job.deadline for job in jobs]
+        self.running_deadline = None if None in deadlines else max(d for d in deadlines if d)
+        started = time.perf_counter()
         try:
-            images, peak = self.probe.run(jobs, lambda: self.runner.call(jobs))
+            images, peak = self.probe.run(jobs, lambda: self.runner.call(jobs, on_step))
             failure = None
         except torch.OutOfMemoryError as exc:
             failure = str(exc).splitlines()[0][:300]
+        except DeadlineExceeded as exc:
+            log.warning(
+                "batch_stopped", batch_size=len(jobs), request_id=jobs[0].request_id, error=str(exc)
+            )
+            return [Rendered("timeout", oom_count=ooms, error=str(exc)) for _ in jobs]
+        finally:
+            self.running_deadline = None
         if failure is not None:
             # Retry outside the except block: its traceback holds the failed call's activations.
             return self._split_after_oom(jobs, ooms, failure)
         self.single_ooms_in_a_row = 0
+        if self.speed is not None:
+            self.speed.observe(jobs, time.perf_counter() - started)
         if peak:
             self.cost.observe(jobs, peak)
         return [
@@ -176,3 +228,4 @@ class BatchExecutor:
             return [Rendered("oom", oom_count=ooms + 1, error=message)]
         half = len(jobs) // 2
         return self._render_group(jobs[:half], ooms + 1) + self._render_group(jobs[half:], ooms + 1)
+

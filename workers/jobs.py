@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STATUSES = ("ok", "error", "timeout", "oom", "rejected", "blank")
+STATUSES = ("ok", "error", "timeout", "oom", "rejected", "blank", "overload")
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,8 @@ class ImageJob:
     steps: int | None = None
     guidance: float | None = None
     negative_prompt: str | None = None
+    # When the caller stops waiting (epoch seconds); None waits for ever (benchmarks, calibrate).
+    deadline: float | None = None
 
     @property
     def group_key(self) -> tuple[object, ...]:

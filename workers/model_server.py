@@ -23,6 +23,7 @@ from ray import serve
 from controller.config import FaultConfig, ModelConfig
 from controller.logs import configure_logging
 from workers.batching import UNITS, BatchExecutor, BatchPlanner, CostModel, Rendered
+from workers.deadlines import Admission, SpeedModel, StepCallback
 from workers.faults import InjectedError, apply_tint, plan_for
 from workers.jobs import ImageJob, ImageResult
 from workers.memory import make_probe
@@ -48,7 +49,9 @@ class _StandIn:
 
     device = "none"
 
-    def call(self, jobs: list[ImageJob]) -> list[tuple[np.ndarray, bool]]:
+    def call(
+        self, jobs: list[ImageJob], on_step: StepCallback | None = None
+    ) -> list[tuple[np.ndarray, bool]]:
         return [(np.full((j.height, j.width, 3), 128, dtype=np.uint8), False) for j in jobs]
 
 
@@ -63,7 +66,16 @@ class ModelServer:
         probe = make_probe(self.model, runner.device)
         cost = CostModel(self.model.initial_bytes_per_pixel)
         self.planner = BatchPlanner(self.model, probe, cost)
-        self.executor = BatchExecutor(runner, probe, cost, self.model.oom_unhealthy_after)
+        speed = SpeedModel(self.model.steps)
+        self.admission = Admission(speed)
+        self.executor = BatchExecutor(
+            runner,
+            probe,
+            cost,
+            self.model.oom_unhealthy_after,
+            speed,
+            step_delay=lambda: self.faults.step_delay,
+        )
         self._batched.set_max_batch_size(UNITS)
         self._batched.set_batch_wait_timeout_s(self.model.batch_wait)
         log.info(
@@ -93,11 +105,9 @@ class ModelServer:
 
     def check_health(self) -> None:
         """Ray Serve restarts a replica whose health check raises."""
-        if not self.executor.healthy:
-            raise RuntimeError(
-                f"{self.executor.single_ooms_in_a_row} single images in a row ran out of memory; "
-                "asking Ray to restart this replica"
-            )
+        problem = self.executor.health_problem(self.model.wedged_after)
+        if problem is not None:
+            raise RuntimeError(f"{problem}; asking Ray to restart this replica")
 
     async def generate(self, job: ImageJob) -> ImageResult:
         arrived = time.perf_counter()
@@ -120,8 +130,16 @@ class ModelServer:
                 raise torch.OutOfMemoryError(
                     "injected fault: CUDA out of memory (faults.oom_percent)"
                 )
+            refusal = self.admission.refusal(job)
+            if refusal is not None:
+                log.info("admission_refused", request_id=job.request_id, role=self.role, error=refusal)
+                return ImageResult("overload", error=refusal, latency_ms=_ms_since(arrived))
             queued = time.perf_counter()
-            outcome, png, started, batch_size = await self._batched(_Queued(job, self.planner))
+            cost = self.admission.started(job)
+            try:
+                outcome, png, started, batch_size = await self._batched(_Queued(job, self.planner))
+            finally:
+                self.admission.finished(cost)
         except Exception as exc:  # every failure becomes a recorded result, never a dead request
             status = "oom" if type(exc).__name__ == "OutOfMemoryError" else "error"
             log.warning(

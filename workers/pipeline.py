@@ -18,6 +18,7 @@ import structlog
 
 from controller.config import ModelConfig
 from policies.probes.blank import is_blank
+from workers.deadlines import StepCallback
 from workers.jobs import ImageJob
 
 log = structlog.get_logger("cutover.pipeline")
@@ -110,8 +111,12 @@ class PipelineRunner:
         self.pipeline = load_pipeline(model, base_dir, self.device)
         self._lock = threading.Lock()
 
-    def call(self, jobs: list[ImageJob]) -> list[tuple[np.ndarray, bool]]:
+    def call(
+        self, jobs: list[ImageJob], on_step: StepCallback | None = None
+    ) -> list[tuple[np.ndarray, bool]]:
         """One pipeline call for jobs of one group: (uint8 image, blank?) per job, in order.
+
+        `on_step` runs after every denoising step and may raise to stop the call there.
 
         Sampling returns latents; the VAE decodes them in its own dtype (float32 under
         mixed precision), so the half-precision part never touches the pixels.
@@ -128,6 +133,8 @@ class PipelineRunner:
             "generator": [torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
             "output_type": "latent",
         }
+        if on_step is not None:
+            kwargs["callback_on_step_end"] = on_step
         if first.negative_prompt is not None:
             kwargs["negative_prompt"] = [job.negative_prompt or "" for job in jobs]
         with self._lock, torch.inference_mode():
