@@ -20,6 +20,21 @@ MAX_SEED = 2**63 - 1
 MAX_BODY_BYTES = 1_000_000
 
 
+def error_envelope(
+    message: str,
+    type_: str,
+    *,
+    param: str | None = None,
+    errors: list[dict[str, str]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Every error body, 4xx and 5xx alike: the OpenAI envelope, one shape
+    (`message`, `type`, `param`, `errors`, then anything specific to the error)."""
+    return {
+        "error": {"message": message, "type": type_, "param": param, "errors": errors or []} | extra
+    }
+
+
 class BadRequest(Exception):
     """A client mistake: HTTP status, and one entry per offending field."""
 
@@ -29,15 +44,9 @@ class BadRequest(Exception):
         super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
 
     def body(self) -> dict[str, Any]:
-        first = self.errors[0]
-        return {
-            "error": {
-                "message": str(self),
-                "type": "invalid_request_error",
-                "param": first["field"],
-                "errors": self.errors,
-            }
-        }
+        return error_envelope(
+            str(self), "invalid_request_error", param=self.errors[0]["field"], errors=self.errors
+        )
 
 
 class ImagesRequest(BaseModel):
@@ -76,6 +85,18 @@ class ImagesRequest(BaseModel):
         limits: ServerConfig = info.context["limits"]
         if not 1 <= value <= limits.max_n:
             raise ValueError(f"n={value} is out of range: 1..{limits.max_n} images per request")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seeds_in_range(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # Image i uses seed + i: every one must be a seed a client could send back.
+        n = info.data.get("n", 1)
+        if value is not None and value + n - 1 > MAX_SEED:
+            raise ValueError(
+                f"seed {value} with n={n} would give image {n - 1} the seed {value + n - 1}, "
+                f"over the largest seed {MAX_SEED}; use a seed <= {MAX_SEED - n + 1}"
+            )
         return value
 
     @field_validator("steps")
@@ -133,7 +154,17 @@ def parse_images_request(raw: bytes, limits: ServerConfig) -> ImagesRequest:
         )
     try:
         # JSON has no NaN or Infinity, but clients send them; parse them so the field is named.
-        data = json.loads(raw, parse_constant=float)
+        data = json.loads(raw, parse_constant=float, object_pairs_hook=_refuse_duplicates)
+    except DuplicateKey as exc:
+        raise BadRequest(
+            422,
+            [
+                {
+                    "field": exc.key,
+                    "message": "appears more than once in the body; send each field once",
+                }
+            ],
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(
             422, [{"field": "body", "message": f"body is not valid JSON: {exc}"}]
@@ -152,6 +183,23 @@ def parse_images_request(raw: bytes, limits: ServerConfig) -> ImagesRequest:
         return ImagesRequest.model_validate(data, context={"limits": limits}, strict=True)
     except ValidationError as exc:
         raise BadRequest(422, [_field_error(e) for e in exc.errors()]) from None
+
+
+class DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Last-one-wins would silently pick one of two prompts or seeds: refuse, as the config
+    loader does."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(key)
+        seen[key] = value
+    return seen
 
 
 def _field_error(error: Any) -> dict[str, str]:

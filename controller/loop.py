@@ -22,6 +22,7 @@ import structlog
 from controller import lease
 from controller.config import Config
 from controller.logs import one_line
+from controller.lost import lost_after, reconcile_lost
 from controller.rollout import PASS, Command, Evidence, Refusal, RolloutView, State, Verb
 from controller.store import Store
 from controller.tables import utcnow
@@ -87,6 +88,7 @@ def plan_action(facts: Facts) -> Command | None:
 class TickResult:
     leader: bool
     scored: int = 0
+    lost: int = 0
     verdict: str | None = None
     action: Applied | Refusal | None = None
 
@@ -107,6 +109,8 @@ class ControllerLoop:
         self.lease_ttl = timedelta(seconds=lease_ttl or config.rollout.lease_ttl)
         self.scorer = Scorer(self.policy, config.artifact_path)
         self.standby = False
+        # Requests created before this were already reconciled; None: look at all (at start).
+        self._reconciled_until: datetime | None = None
         self.gpus = {
             role: getattr(config.models, role).num_gpus for role in ("incumbent", "candidate")
         }
@@ -124,7 +128,7 @@ class ControllerLoop:
             self._note_role(standby=True, rollout_id=row.id)
             return TickResult(leader=False)
         self._note_role(standby=False, rollout_id=row.id)
-        result = TickResult(leader=True)
+        result = TickResult(leader=True, lost=self._reconcile(row.id, now))
         result.scored = self.scorer.score_pending(self.store, row.id, now=now)
         if view_of(row).state not in (State.SHADOWING, State.CANARY, State.PROMOTED):
             return result
@@ -171,6 +175,18 @@ class ControllerLoop:
                 actor=actor_of(self.holder),
             )
         return result
+
+    def _reconcile(self, rollout_id: int, now: datetime) -> int:
+        """Give requests whose router died an outcome (`lost`), so counts add up."""
+        before = now - lost_after(self.config)
+        with self.store.session() as session:
+            lost = reconcile_lost(
+                session, rollout_id, before=before, since=self._reconciled_until, now=now
+            )
+        self._reconciled_until = before
+        if lost:
+            log.warning("outputs_lost", outputs=lost, note="their router replica died")
+        return lost
 
     def _note_role(self, *, standby: bool, rollout_id: int) -> None:
         """Say once when this loop becomes standby (another holds the lease) or leader."""

@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from controller.artifacts import store_artifact
 from controller.config import DatabaseConfig
 from controller.logs import one_line
+from controller.lost import supersede_lost
 from controller.spill import SpillFile
 from controller.store import Store, TransactionTimeout
 from controller.tables import Output, Request, Rollout, utcnow
@@ -326,6 +327,7 @@ class Recorder:
                 waiting = _Rows(outputs=[o for o in rows.outputs if o["request_id"] not in parents])
                 outputs, skipped_o = _new_only(session, Output, ready)
                 if outputs:
+                    supersede_lost(session, outputs)  # a late real outcome replaces `lost`
                     session.execute(insert(Output), outputs)
         except IntegrityError as exc:
             self._dead_letter(rows, exc)

@@ -21,13 +21,14 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from controller.api import BadRequest, ImagesRequest, parse_images_request
+from controller.api import BadRequest, ImagesRequest, error_envelope, parse_images_request
 from controller.config import Config
 from controller.logs import configure_logging
 from controller.recorder import OutputRecord, Recorder, RequestRecord
 from controller.routing import is_mirrored, other, primary_role
 from controller.table_source import TableSource
 from controller.tables import utcnow
+from controller.traffic import RoutingTable
 from workers.jobs import ImageJob, ImageResult
 
 log = structlog.get_logger("cutover.router")
@@ -76,6 +77,27 @@ class Router:
         request_id = str(uuid.uuid4())
         table = self.tables.table
         headers = {"x-cutover-request-id": request_id, "x-cutover-stage": table.stage}
+        try:
+            return await self._generate(http_request, request_id, table, headers)
+        except Exception as exc:  # a router bug: still the envelope, the headers and a log event
+            log.exception("router_failed", request_id=request_id, rollout=table.rollout)
+            return JSONResponse(
+                error_envelope(
+                    f"the router failed: {type(exc).__name__}",
+                    "router_error",
+                    request_id=request_id,
+                ),
+                status_code=500,
+                headers=headers,
+            )
+
+    async def _generate(
+        self,
+        http_request: HttpRequest,
+        request_id: str,
+        table: RoutingTable,
+        headers: dict[str, str],
+    ) -> JSONResponse:
         try:
             body = parse_images_request(await http_request.body(), self.limits)
         except BadRequest as exc:
@@ -130,14 +152,12 @@ class Router:
         if failed:
             status = FAILURE_STATUS.get(failed[0].status, 502)
             return JSONResponse(
-                {
-                    "error": {
-                        "message": f"the model failed: {failed[0].error}",
-                        "type": "model_error",
-                        "status": failed[0].status,
-                        "request_id": request_id,
-                    }
-                },
+                error_envelope(
+                    f"the model failed: {failed[0].error}",
+                    "model_error",
+                    status=failed[0].status,
+                    request_id=request_id,
+                ),
                 status_code=status,
                 headers=headers,
             )

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from controller.lost import LOST
 from controller.pairs import group_pairs, scores_by_output
 from controller.tables import Output, Request, Rollout, RolloutEvent, Verdict, utcnow
 from policies.checks import (
@@ -68,7 +69,11 @@ def load_window(session: Session, rollout: Rollout, gpus: dict[str, float]) -> W
     rows = session.execute(
         select(Output, Request.id, Request.stage, Request.mirrored)
         .join(Request, Output.request_id == Request.id)
-        .where(Request.rollout_id == rollout.id, Request.created_at >= since)
+        .where(
+            Request.rollout_id == rollout.id,
+            Request.created_at >= since,
+            Output.status != LOST,  # an accounting outcome (the router died), not evidence
+        )
         .order_by(Request.created_at, Request.id, Output.image_index)
     ).all()
     weights = {name: weight / 100 for name, weight in rollout.stages}

@@ -52,6 +52,14 @@ MALFORMED = [
     ("seed-negative", b'{"prompt": "a", "seed": -5}', 422, "seed", "greater than or equal to 0"),
     ("seed-float", b'{"prompt": "a", "seed": 1.5}', 422, "seed", "integer"),
     (
+        "seed-plus-n-over-range",
+        b'{"prompt": "a", "seed": 9223372036854775807, "n": 2}',
+        422,
+        "seed",
+        "use a seed <= 9223372036854775806",
+    ),
+    ("duplicate-key", b'{"prompt": "a", "seed": 1, "seed": 2}', 422, "seed", "more than once"),
+    (
         "url-format",
         b'{"prompt": "a", "response_format": "url"}',
         422,

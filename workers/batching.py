@@ -228,4 +228,3 @@ class BatchExecutor:
             return [Rendered("oom", oom_count=ooms + 1, error=message)]
         half = len(jobs) // 2
         return self._render_group(jobs[:half], ooms + 1) + self._render_group(jobs[half:], ooms + 1)
-

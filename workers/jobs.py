@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STATUSES = ("ok", "error", "timeout", "oom", "rejected", "blank", "overload")
+STATUSES = ("ok", "error", "timeout", "oom", "rejected", "blank", "overload", "lost")
 
 
 @dataclass(frozen=True)

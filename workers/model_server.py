@@ -132,7 +132,9 @@ class ModelServer:
                 )
             refusal = self.admission.refusal(job)
             if refusal is not None:
-                log.info("admission_refused", request_id=job.request_id, role=self.role, error=refusal)
+                log.info(
+                    "admission_refused", request_id=job.request_id, role=self.role, error=refusal
+                )
                 return ImageResult("overload", error=refusal, latency_ms=_ms_since(arrived))
             queued = time.perf_counter()
             cost = self.admission.started(job)
