@@ -14,6 +14,7 @@ import structlog
 from sqlalchemy.engine import make_url
 
 from controller.config import Config, ConfigError
+from controller.logs import configured_level
 
 log = structlog.get_logger("cutover.app")
 
@@ -26,6 +27,7 @@ def build_app(config: Config) -> Any:
     from workers.model_server import ModelServer
 
     data, base_dir = config.to_wire()
+    level = configured_level()  # replicas log at the level of the command that deployed them
     servers = {}
     for role in ROLES:
         model = getattr(config.models, role)
@@ -34,13 +36,13 @@ def build_app(config: Config) -> Any:
             num_replicas=model.replicas,
             ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
             max_ongoing_requests=max(64, model.max_batch_size * 4),
-        ).bind(role, model.model_dump(mode="json"), base_dir)
+        ).bind(role, model.model_dump(mode="json"), base_dir, str(config.log_path), level)
     return Router.options(
         name="router",
         num_replicas=config.server.replicas,
         ray_actor_options={"num_cpus": config.server.num_cpus},
         max_ongoing_requests=1000,
-    ).bind(data, base_dir, servers["incumbent"], servers["candidate"])
+    ).bind(data, base_dir, servers["incumbent"], servers["candidate"], level)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

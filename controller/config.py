@@ -335,6 +335,7 @@ class Config(_Strict):
     database: DatabaseConfig = DatabaseConfig()
     artifact_dir: str = ".cutover/artifacts"
     spill_dir: str = ".cutover/spill"
+    log_file: str = ".cutover/logs/events.jsonl"
     models: Models
     rollout: RolloutConfig = RolloutConfig()
     server: ServerConfig = ServerConfig()
@@ -364,6 +365,11 @@ class Config(_Strict):
     @property
     def artifact_path(self) -> Path:
         return (self._base_dir / Path(self.artifact_dir).expanduser()).resolve()
+
+    @property
+    def log_path(self) -> Path:
+        """Where every serving process appends its events (`cutover serve` follows it)."""
+        return (self._base_dir / Path(self.log_file).expanduser()).resolve()
 
     @property
     def spill_path(self) -> Path:

@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from controller.api import BadRequest, ImagesRequest, error_envelope, parse_images_request
 from controller.config import Config
-from controller.logs import configure_logging
+from controller.logs import configure_logging, log_to_file
 from controller.recorder import OutputRecord, Recorder, RequestRecord
 from controller.routing import is_mirrored, other, primary_role
 from controller.table_source import TableSource
@@ -55,9 +55,11 @@ class Router:
         base_dir: str,
         incumbent: DeploymentHandle,
         candidate: DeploymentHandle,
+        log_level: str | None = None,
     ) -> None:
-        configure_logging()
+        configure_logging(level=log_level)
         self.config = Config.from_wire(config, base_dir)
+        log_to_file(self.config.log_path)
         self.limits = self.config.server
         self.handles = {"incumbent": incumbent, "candidate": candidate}
         self.tables = TableSource(self.config)

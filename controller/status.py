@@ -84,6 +84,21 @@ def rollout_status(
         "candidate": row.candidate,
         "incumbent": row.incumbent,
         "last_event": None if last_event is None else event_dict(last_event),
+        "why": _why(view, last_event),
+    }
+
+
+def _why(view: RolloutView, last_event: RolloutEvent | None) -> dict[str, Any] | None:
+    """Why a rollout stopped moving (rolled back, paused, aborted): who did it, when and the
+    reason, so an automatic rollback is the first thing `status` says, not a history search."""
+    if last_event is None or view.state not in (State.ROLLED_BACK, State.PAUSED, State.ABORTED):
+        return None
+    return {
+        "verb": last_event.verb,
+        "actor": last_event.actor,
+        "at": last_event.at.isoformat(),
+        "automatic": last_event.actor.startswith("controller"),
+        "reason": last_event.reason,
     }
 
 
@@ -135,6 +150,16 @@ def render_status(status: dict[str, Any]) -> Group:
     gates = status["gates"]
     head.add_row("rollout", status["rollout"])
     head.add_row("state", Text(status["state"], style=state_style.get(status["state"], "cyan")))
+    why = status.get("why")
+    if why:
+        how = "automatically by" if why["automatic"] else "by"
+        head.add_row(
+            "why",
+            Text(
+                f"{why['verb']} {how} {why['actor']} at {why['at'][:19]}Z: {why['reason']}",
+                style=f"bold {state_style.get(status['state'], 'yellow')}",
+            ),
+        )
     head.add_row("stage", stages)
     head.add_row(
         "traffic",

@@ -15,12 +15,13 @@ from datetime import timedelta
 import pytest
 import structlog
 import yaml
+from rich.console import Console
 from sqlalchemy import insert, select
 
 from controller import lease
 from controller.loop import ControllerLoop, Facts, plan_action
 from controller.rollout import Evidence, RolloutView, State, Verb
-from controller.status import rollout_status
+from controller.status import render_status, rollout_status
 from controller.store import Store
 from controller.tables import Output, Request, RolloutEvent, utcnow
 from controller.transitions import get_rollout
@@ -133,6 +134,16 @@ def test_injected_regression_rolls_back_within_one_evaluation(setup):
     assert last.actor == f"controller@{loop.holder}" and str(os.getpid()) in last.actor
     assert "error_rate" in last.reason and "automatic rollback" in last.reason
     assert last.verdict["decision"] == "FAIL"
+    # `cutover status` leads with why the rollout stopped: who, when and the reason.
+    with store.reader() as session:
+        status = rollout_status(session, get_rollout(session, config.name), config)
+    why = status["why"]
+    assert why["automatic"] and why["verb"] == "rollback" and "error_rate" in why["reason"]
+    console = Console(width=200, record=True)
+    console.print(render_status(status))
+    shown = console.export_text()
+    assert f"rollback automatically by controller@{loop.holder}" in shown
+    assert shown.index("why") < shown.index("traffic")  # near the top, under the state
 
 
 def test_status_shows_the_alpha_each_check_ran_at(setup):

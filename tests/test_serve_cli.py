@@ -52,6 +52,21 @@ def test_make_tiny_builds_a_loadable_variant(tmp_path):
         "seed": 3,
     }
     assert (tmp_path / "m" / "model_index.json").exists()
+    # --weights-of: the tour's candidate that passes carries the incumbent's weights.
+    twin = run(
+        "models",
+        "make-tiny",
+        str(tmp_path / "t"),
+        "--variant",
+        "candidate",
+        "--weights-of",
+        "incumbent",
+    )
+    assert twin.returncode == 0, twin.stderr
+    from workers.tiny import variant_seed
+
+    marker = json.loads((tmp_path / "t" / "cutover_tiny.json").read_text())
+    assert marker == {"variant": "candidate", "seed": variant_seed("incumbent")}
 
 
 def test_calibrate_reports_noise_floors_from_an_aa_run(tmp_path, tiny_models):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -33,6 +35,7 @@ from workers.pipeline import PipelineRunner, from_png
 pytestmark = pytest.mark.ray
 
 REFRESH = 0.5
+REQUEST_TIMEOUT = 6
 MIRROR_LIMIT = 4
 
 
@@ -58,6 +61,7 @@ def deployed(tmp_path_factory, tiny_models, ray_serve):
                 "min_size": 64,
                 "max_size": 512,
                 "mirror_timeout": 30,
+                "request_timeout": REQUEST_TIMEOUT,
             },
         },
     )
@@ -80,6 +84,7 @@ def deployed(tmp_path_factory, tiny_models, ray_serve):
         "client": client,
         "router": router,
         "candidate": serve.get_deployment_handle("candidate", app_name="e2e"),
+        "incumbent": serve.get_deployment_handle("incumbent", app_name="e2e"),
     }
     client.close()
     serve.delete("e2e")
@@ -119,8 +124,8 @@ def wait_for_stage(deployed, stage, timeout=10.0):
     raise AssertionError(f"router did not reach stage {stage}")
 
 
-def set_faults(deployed, **faults):
-    deployed["candidate"].set_faults.remote(faults).result(timeout_s=30)
+def set_faults(deployed, role="candidate", **faults):
+    deployed[role].set_faults.remote(faults).result(timeout_s=30)
 
 
 def generate(client, **body):
@@ -328,3 +333,64 @@ def test_database_locked_during_traffic_loses_nothing(deployed):
     assert sorted((o.request_id, o.role) for o in outputs) == sorted(
         (i, r) for i in ids for r in ("incumbent", "candidate")
     )
+    # The alert events reach the one log file (and so `cutover serve`'s stderr), once each.
+    assert len(events_in_log(deployed, "database_unavailable")) == 1
+    assert len(events_in_log(deployed, "database_recovered")) == 1
+
+
+def events_in_log(deployed, name):
+    """Events called `name` in the one file every replica appends to, from other processes."""
+    path = deployed["config"].log_path
+    lines = path.read_text().splitlines() if path.exists() else []
+    events = [json.loads(line) for line in lines]
+    return [e for e in events if e["event"] == name and e["pid"] != os.getpid()]
+
+
+def test_a_timed_out_request_does_not_hold_its_model(deployed):
+    """Before: the router gave up at its timeout but the replica kept sampling, and every later
+    request to that side timed out too. Now the call stops between steps once its caller has
+    gone, and the next small request is served in its normal time."""
+    move_to(deployed, "shadow")
+    client = deployed["client"]
+
+    def timed(**body):
+        started = time.monotonic()
+        response = generate(client, **body)
+        return response, time.monotonic() - started
+
+    normal = max(timed(user="deadline-a", steps=1)[1] for _ in range(3))
+    set_faults(deployed, "incumbent", step_delay=1.0)  # a slow device: 20 steps take 20 s
+    try:
+        slow, waited = timed(user="deadline-a", steps=20)
+    finally:
+        set_faults(deployed, "incumbent")
+    assert slow.status_code == 504 and waited < REQUEST_TIMEOUT + 2, slow.text
+    body = slow.json()["error"]
+    assert set(body) >= {"message", "type", "param", "errors"}  # one envelope, 4xx and 5xx
+    assert body["type"] == "model_error" and slow.headers["x-cutover-request-id"]
+    after, took = timed(user="deadline-a", steps=1)
+    assert after.status_code == 200, after.text
+    # The stopped call ends within one (1 s) step of the deadline: never the 14 s left of it.
+    assert took < normal + 1.5, f"the next request took {took:.1f}s (normal {normal:.1f}s)"
+    flush(deployed)
+    assert events_in_log(deployed, "batch_stopped"), "the replica said it stopped the call"
+
+
+def test_work_that_cannot_finish_in_time_is_refused_at_once(deployed):
+    move_to(deployed, "shadow")
+    client = deployed["client"]
+    assert generate(client, user="admit", steps=2).status_code == 200  # the speed is learned
+    started = time.monotonic()
+    response = generate(client, user="admit", size="512x512", steps=50)
+    assert response.status_code == 503 and time.monotonic() - started < REQUEST_TIMEOUT
+    message = response.json()["error"]["message"]
+    assert "512x512 at 50 steps needs about" in message and "fewer steps" in message
+    flush(deployed)
+    _, outputs = outputs_for(deployed, response.headers["x-cutover-request-id"])
+    assert outputs["incumbent"].status == "overload"
+
+
+def test_replica_events_reach_the_one_log_file(deployed):
+    ready = events_in_log(deployed, "model_server_ready")
+    assert {e["role"] for e in ready} >= {"incumbent", "candidate"}
+    assert all("pid" in e and "host" in e for e in ready)

@@ -21,7 +21,7 @@ import structlog
 from ray import serve
 
 from controller.config import FaultConfig, ModelConfig
-from controller.logs import configure_logging
+from controller.logs import configure_logging, log_to_file
 from workers.batching import UNITS, BatchExecutor, BatchPlanner, CostModel, Rendered
 from workers.deadlines import Admission, SpeedModel, StepCallback
 from workers.faults import InjectedError, apply_tint, plan_for
@@ -57,8 +57,16 @@ class _StandIn:
 
 @serve.deployment
 class ModelServer:
-    def __init__(self, role: str, model: dict[str, Any], base_dir: str) -> None:
-        configure_logging()
+    def __init__(
+        self,
+        role: str,
+        model: dict[str, Any],
+        base_dir: str,
+        log_file: str | None = None,
+        log_level: str | None = None,
+    ) -> None:
+        configure_logging(level=log_level)
+        log_to_file(Path(log_file) if log_file else None)
         self.role = role
         self.model = ModelConfig.model_validate(model)
         self.faults = self.model.faults

@@ -19,7 +19,7 @@ from rich.console import Console
 from sqlalchemy.exc import OperationalError
 
 from controller.config import Config, ConfigError, find_config_path, load_config
-from controller.logs import configure_logging
+from controller.logs import ENV_LEVEL, configure_logging, level_from_env
 from controller.store import Store, StoreError
 from controller.transitions import RolloutNotFound
 
@@ -63,9 +63,12 @@ def _main(
     actor: Annotated[
         str | None, typer.Option(help="Who is acting, for the audit trail (default: OS user).")
     ] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "warning",
+    log_level: Annotated[
+        str | None,
+        typer.Option(help=f"debug, info, warning or error (default: ${ENV_LEVEL}, else warning)."),
+    ] = None,
 ) -> None:
-    configure_logging(level=log_level)
+    configure_logging(level=log_level or level_from_env("warning"))
     ctx.obj = Context(config_path=config, actor=actor or _os_user())
 
 

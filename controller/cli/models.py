@@ -18,10 +18,19 @@ def make_tiny(
     variant: Annotated[
         str, typer.Option(help="A name; different names give different weights.")
     ] = "incumbent",
+    weights_of: Annotated[
+        str | None,
+        typer.Option(
+            help="Use another variant's weights (for example `incumbent`): a candidate that "
+            "should pass its rollout."
+        ),
+    ] = None,
 ) -> None:
     """Build a tiny random-weight Stable Diffusion pipeline offline (loaded back with from_pretrained)."""
-    from workers.tiny import make_tiny_pipeline
+    from workers.tiny import make_tiny_pipeline, variant_seed
 
+    if seed is None and weights_of is not None:
+        seed = variant_seed(weights_of)
     path = make_tiny_pipeline(directory, seed=seed, variant=variant)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     out.print(f"tiny pipeline {variant!r} saved to {path} ({size / 1e6:.1f} MB)")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from controller.cli.core import EXIT_REFUSED, app, cli_config, err, guarded, open_store, out
+from controller.logs import follow, log_to_file
 
 
 @app.command(rich_help_panel="Run")
@@ -28,10 +31,20 @@ def serve(
         config = cli_config(ctx, check_paths=True)
         with open_store(config) as store:
             store.require_schema()
+        stopped = threading.Event()
+        # Every replica appends its events to one file; show them here, beside our own.
+        log_to_file(config.log_path)
+        follower = threading.Thread(
+            target=follow,
+            args=(config.log_path, stopped, _to_stderr),
+            kwargs={"skip_pid": os.getpid()},
+            name="cutover-log-follower",
+            daemon=True,
+        )
+        follower.start()
         serving.start(config, address, http_port=port)
         from controller.loop import ControllerLoop
 
-        stopped = threading.Event()
         loop = threading.Thread(
             target=ControllerLoop(config).run,
             args=(stopped,),
@@ -41,7 +54,9 @@ def serve(
         loop.start()
         out.print(
             f"serving rollout [bold]{config.name}[/bold] on http://{config.server.host}:"
-            f"{port or config.server.port}/v1/images/generations (Ctrl-C stops)"
+            f"{port or config.server.port}/v1/images/generations (Ctrl-C stops); events of "
+            f"every replica are shown here and kept in {config.log_path}",
+            soft_wrap=True,
         )
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stopped.set())
@@ -50,8 +65,14 @@ def serve(
         finally:
             loop.join(timeout=30)
             serving.stop()
+            follower.join(timeout=5)
 
     guarded(run)
+
+
+def _to_stderr(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
 
 
 @app.command(rich_help_panel="Run")
@@ -67,6 +88,7 @@ def control(
 
     def run() -> None:
         config = cli_config(ctx)
+        log_to_file(config.log_path)
         with open_store(config) as store:
             store.require_schema()
             loop = ControllerLoop(config, store)
