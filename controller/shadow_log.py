@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import exists, select
+from sqlalchemy import Select, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
 from controller.artifacts import artifact_path
@@ -41,21 +41,7 @@ def shadow_log(
 ) -> list[dict[str, Any]]:
     """Pairs, newest first, that match every filter given."""
     check = _check(policy, filters.failing)
-    query = select(Request).where(Request.rollout_id == rollout.id)
-    if filters.since is not None:
-        query = query.where(Request.created_at >= filters.since)
-    if filters.stage is not None:
-        query = query.where(Request.stage == filters.stage)
-    if filters.role is not None:
-        query = query.where(Request.primary_role == filters.role)
-    if filters.prompt_contains:
-        query = query.where(Request.prompt.contains(filters.prompt_contains, autoescape=True))
-    if filters.status is not None:
-        matching = aliased(Output)
-        query = query.where(
-            exists().where(matching.request_id == Request.id, matching.status == filters.status)
-        )
-    query = query.order_by(Request.created_at.desc(), Request.id)
+    query = _requests(rollout, filters).order_by(Request.created_at.desc(), Request.id)
     rows: list[dict[str, Any]] = []
     batch = 500
     offset = 0
@@ -75,6 +61,30 @@ def shadow_log(
             if len(rows) >= filters.limit:
                 break
     return rows
+
+
+def _requests(rollout: Rollout, filters: Filters) -> Select[tuple[Request]]:
+    query = select(Request).where(Request.rollout_id == rollout.id)
+    if filters.since is not None:
+        query = query.where(Request.created_at >= filters.since)
+    if filters.stage is not None:
+        query = query.where(Request.stage == filters.stage)
+    if filters.role is not None:
+        query = query.where(Request.primary_role == filters.role)
+    if filters.prompt_contains:
+        query = query.where(Request.prompt.contains(filters.prompt_contains, autoescape=True))
+    if filters.status is not None:
+        matching = aliased(Output)
+        query = query.where(
+            exists().where(matching.request_id == Request.id, matching.status == filters.status)
+        )
+    return query
+
+
+def matching_requests(session: Session, rollout: Rollout, filters: Filters) -> int:
+    """How many requests the filters SQL can apply select (all but --failing)."""
+    subquery = _requests(rollout, filters).subquery()
+    return session.scalar(select(func.count()).select_from(subquery)) or 0
 
 
 def _check(policy: Policy, name: str | None) -> Check | None:

@@ -166,3 +166,17 @@ def test_table_output_and_refusals(config_path):
     )
     bad_since = runner.invoke(app, ["-c", str(config_path), "shadow-log", "--since", "yesterday"])
     assert bad_since.exit_code == 2 and "--since" in bad_since.stderr
+
+
+def test_a_listing_cut_at_the_limit_says_so(config_path):
+    runner = CliRunner()
+    cut = runner.invoke(app, ["-c", str(config_path), "shadow-log", "--limit", "2"])
+    assert cut.exit_code == 0
+    assert "showing the newest 2 pairs; 6 requests match" in cut.stderr
+    assert "--limit N shows more (default 50)" in cut.stderr
+    failing = runner.invoke(
+        app, ["-c", str(config_path), "shadow-log", "--status", "error", "--limit", "1"]
+    )
+    assert "showing the newest 1 pairs; 2 requests match" in failing.stderr
+    whole = runner.invoke(app, ["-c", str(config_path), "shadow-log", "--limit", "6"])
+    assert whole.exit_code == 0 and "showing" not in whole.stderr  # nothing was cut

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from controller.cli.core import Refused, app, cli_config, guarded, open_store, out
+from controller.cli.core import Refused, app, cli_config, err, guarded, open_store, out
 from controller.transitions import get_rollout
 
 
@@ -39,7 +39,7 @@ def shadow_log_command(
     from datetime import datetime, timedelta
 
     from controller.config import parse_duration
-    from controller.shadow_log import Filters, shadow_log
+    from controller.shadow_log import Filters, matching_requests, shadow_log
     from controller.status import render_shadow_log
     from controller.tables import utcnow
     from policies.policy import load_policy
@@ -62,22 +62,33 @@ def shadow_log_command(
             raise Refused(f"--role {role!r}: use incumbent or candidate")
         config = cli_config(ctx)
         policy = load_policy(config.policy_path)
+        # One row more than asked: it tells whether the listing was cut at --limit.
         filters = Filters(
-            when(since) if since else None, stage, role, status, failing, prompt_contains, limit
+            when(since) if since else None, stage, role, status, failing, prompt_contains, limit + 1
         )
         with open_store(config) as store:
             store.require_schema()
             with store.reader() as session:
                 try:
+                    rollout = get_rollout(session, config.name)
                     rows = shadow_log(
                         session,
-                        get_rollout(session, config.name),
+                        rollout,
                         policy,
                         filters,
                         config.artifact_path,
                     )
                 except ValueError as exc:
                     raise Refused(str(exc)) from None
+                cut = len(rows) > limit
+                total = None if failing or not cut else matching_requests(session, rollout, filters)
+        rows = rows[:limit]
+        if cut:
+            more = "more match --failing" if total is None else f"{total} requests match"
+            err.print(
+                f"showing the newest {limit} pairs; {more}. --limit N shows more (default 50), "
+                "--since/--stage narrow it"
+            )
         if as_json:
             sys.stdout.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         else:
