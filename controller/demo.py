@@ -76,6 +76,7 @@ def write_config(workdir: Path, scenario: str, port: int) -> Path:
         "database_url": "sqlite:///cutover.db",
         "artifact_dir": "artifacts",
         "spill_dir": "spill",
+        "log_file": "logs/events.jsonl",
         "policy": str(DEMO_POLICY),
         "models": {
             "incumbent": {"pipeline": str(models / "incumbent"), **model},

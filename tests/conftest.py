@@ -127,3 +127,31 @@ def ray_serve() -> Iterator[int]:
     yield port
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[list[dict]]:
+    """Every structlog event of the test, whatever level another test configured."""
+    import logging
+
+    import structlog
+
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            yield logs
+    finally:
+        structlog.configure(**saved)
+
+
+def wait_until(condition, timeout: float = 30.0) -> bool:
+    """Poll for a state the code under test reaches by itself (never a fixed sleep)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -50,7 +51,9 @@ def test_demo_scenario(tmp_path, scenario, state, stage):
         text=True,
         timeout=600,
         cwd=tmp_path,
-        env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        # Info level, so the replicas write their start-up events to the log file checked below.
+        env=os.environ
+        | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CUTOVER_LOG_LEVEL": "info"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     engine = create_engine(f"sqlite:///{workdir / 'cutover.db'}")
@@ -78,6 +81,15 @@ def test_demo_scenario(tmp_path, scenario, state, stage):
         assert [v for v, _, _ in events].count("advance") == 4 and all(
             a.startswith("controller@") for _, a, _ in events[1:]
         )
+    # Scoring ran beside the recorder all along (OCR included), and nothing spilled: with no
+    # outage, the recorder never waited out SQLite's lock. The replicas' events say so.
+    events = [
+        json.loads(line) for line in (workdir / "logs" / "events.jsonl").read_text().splitlines()
+    ]
+    names = {e["event"] for e in events}
+    assert "model_server_ready" in names, sorted(names)
+    assert not names & {"records_spilled", "database_unavailable"}, sorted(names)
+    assert not [p for p in (workdir / "spill").glob("*.jsonl") if p.stat().st_size], "spilled"
     assert (workdir / f"report-{scenario}.html").stat().st_size > 10_000
     assert not leftovers(workdir), leftovers(workdir)
     assert not leftovers(ray_temp_dir(workdir)), leftovers(ray_temp_dir(workdir))

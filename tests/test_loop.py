@@ -313,16 +313,15 @@ def test_default_policy_loads_and_bad_policy_names_the_line(tmp_path):
     assert "does not fit kind rate" in str(caught.value) and f"{bad}:3" in str(caught.value)
 
 
-def test_a_standby_loop_says_so_once(setup):
+def test_a_standby_loop_says_so_once(setup, captured_logs):
     _, config, store = setup
     leader, standby = (
         ControllerLoop(config, store, holder="a"),
         ControllerLoop(config, store, holder="b"),
     )
     assert leader.tick().leader
-    with structlog.testing.capture_logs() as logs:
-        assert not standby.tick().leader and not standby.tick().leader
-    said = [e for e in logs if e["event"] == "controller_standby"]
+    assert not standby.tick().leader and not standby.tick().leader
+    said = [e for e in captured_logs if e["event"] == "controller_standby"]
     assert len(said) == 1 and said[0]["leader"] == "a" and said[0]["holder"] == "b"
 
 

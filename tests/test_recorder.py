@@ -19,7 +19,13 @@ from controller.artifacts import artifact_path
 from controller.recorder import OutputRecord, Recorder, RequestRecord
 from controller.store import Store
 from controller.tables import Output, Request, utcnow
-from tests.conftest import base_config, postgres_admin_url, prepare_rollout, write_config
+from tests.conftest import (
+    base_config,
+    postgres_admin_url,
+    prepare_rollout,
+    wait_until,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -245,16 +251,6 @@ def test_record_never_blocks_and_overflow_spills(tmp_path, prepared):
     assert recorder.flush(30, include_spill=True)
     recorder.close()
     assert counts(store) == (200, 400, 400)
-
-
-def wait_until(condition, timeout=30.0):
-    """Poll for a state the code under test reaches by itself (never a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def spill_files(tmp_path):

@@ -29,6 +29,24 @@ def poster_png(text: str, tint=(0, 0, 0)) -> bytes:
     return buffer.getvalue()
 
 
+def add_request(session, rollout_id, request_id, i, now, *, mirrored):
+    request = Request(
+        id=request_id,
+        rollout_id=rollout_id,
+        stage="shadow",
+        primary_role="incumbent",
+        sticky_key=f"u{i}",
+        prompt='a sign that says "OPEN"',
+        params={},
+        seed=i,
+        mirrored=mirrored,
+        created_at=now,
+    )
+    session.add(request)
+    session.flush()  # no ORM relationship orders the inserts; the request row goes first
+    return request
+
+
 def test_scorer_writes_scores_and_probe_errors(tmp_path, db_url):
     config, store = prepare_rollout(write_config(tmp_path, base_config(db_url)))
     artifacts = tmp_path / "artifacts"
@@ -39,20 +57,7 @@ def test_scorer_writes_scores_and_probe_errors(tmp_path, db_url):
         for i, (inc_text, cand_text, tint) in enumerate(
             [("OPEN", "OPEN", (0, 0, 0)), ("OPEN", "QPXN", (60, 0, -40))]
         ):
-            request = Request(
-                id=str(uuid.uuid4()),
-                rollout_id=rollout.id,
-                stage="shadow",
-                primary_role="incumbent",
-                sticky_key=f"u{i}",
-                prompt='a sign that says "OPEN"',
-                params={},
-                seed=i,
-                mirrored=True,
-                created_at=now,
-            )
-            session.add(request)
-            session.flush()  # no ORM relationship orders the inserts; the request row goes first
+            request = add_request(session, rollout.id, str(uuid.uuid4()), i, now, mirrored=True)
             outputs = {}
             for role, text, t in (
                 ("incumbent", inc_text, (0, 0, 0)),
@@ -159,20 +164,7 @@ def test_probes_run_with_no_write_lock_held(tmp_path, sqlite_url):
     with store.session() as session:
         rollout = get_rollout(session, config.name)
         for i in range(3):
-            request = Request(
-                id=f"r{i}",
-                rollout_id=rollout.id,
-                stage="shadow",
-                primary_role="incumbent",
-                sticky_key=f"u{i}",
-                prompt='a sign that says "OPEN"',
-                params={},
-                seed=i,
-                mirrored=False,
-                created_at=now,
-            )
-            session.add(request)
-            session.flush()
+            request = add_request(session, rollout.id, f"r{i}", i, now, mirrored=False)
             session.add(
                 Output(
                     id=f"o{i}",

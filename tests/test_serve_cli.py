@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 
-from tests.conftest import base_config, write_config
+import httpx
+import pytest
+
+from tests.conftest import base_config, wait_until, write_config
 
 
 def run(*args, env=None):
@@ -92,3 +97,62 @@ def test_calibrate_reports_noise_floors_from_an_aa_run(tmp_path, tiny_models):
         assert metric in result.stdout
     rows = [line for line in result.stdout.splitlines() if "colour_shift_de" in line]
     assert " 4 " in rows[0]  # two prompts x two rounds = four A/A pairs
+
+
+@pytest.mark.ray
+def test_serve_shows_every_replica_event_on_its_stderr(tmp_path, tiny_models):
+    """Ray keeps replicas' stderr in worker files; `cutover serve` must show their events."""
+    from controller.app import free_port
+
+    port = free_port()
+    data = base_config(f"sqlite:///{tmp_path / 'c.db'}")
+    data["models"] = {
+        role: {"pipeline": str(path), "steps": 2, "num_cpus": 0.5}
+        for role, path in tiny_models.items()
+    }
+    data["server"] = {"port": port, "num_cpus": 0.25}
+    path = write_config(tmp_path, data)
+    assert run("-c", str(path), "init").returncode == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controller", "-c", str(path), "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"CUTOVER_LOG_LEVEL": "info"},
+    )
+    events: list[dict] = []
+    reader = threading.Thread(target=_json_lines, args=(proc.stderr, events), daemon=True)
+    reader.start()
+    try:
+        assert wait_until(lambda: _roles_ready(events) >= {"incumbent", "candidate"}, 180), events
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/images/generations",
+            json={"prompt": "a fox", "user": "u1"},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        request_id = response.headers["x-cutover-request-id"]
+        assert wait_until(
+            lambda: any(
+                e.get("request_id") == request_id for e in events if e["event"] == "served"
+            ),
+            30,
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    replica_pids = {e["pid"] for e in events if e["event"] in ("model_server_ready", "served")}
+    assert len(replica_pids) >= 3 and proc.pid not in replica_pids  # two models and a router
+    assert (tmp_path / ".cutover" / "logs" / "events.jsonl").exists()
+
+
+def _json_lines(stream, into):
+    for line in stream:
+        try:
+            into.append(json.loads(line))
+        except ValueError:
+            continue
+
+
+def _roles_ready(events):
+    return {e.get("role") for e in events if e["event"] == "model_server_ready"}

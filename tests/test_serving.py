@@ -391,6 +391,8 @@ def test_work_that_cannot_finish_in_time_is_refused_at_once(deployed):
 
 
 def test_replica_events_reach_the_one_log_file(deployed):
-    ready = events_in_log(deployed, "model_server_ready")
-    assert {e["role"] for e in ready} >= {"incumbent", "candidate"}
-    assert all("pid" in e and "host" in e for e in ready)
+    set_faults(deployed, "incumbent")  # each logs a warning, `faults_changed`, with its role
+    set_faults(deployed, "candidate")
+    changed = events_in_log(deployed, "faults_changed")
+    assert {e["role"] for e in changed} >= {"incumbent", "candidate"}
+    assert all("pid" in e and "host" in e and e["level"] == "warning" for e in changed)

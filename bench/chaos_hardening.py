@@ -1,0 +1,323 @@
+"""Three faults from issue 10, each on a real local Ray with tiny CPU models, and what a
+client and the audit trail saw.
+
+    python bench/chaos_hardening.py [--scenario wedge|stall|scorer|all]
+
+  wedge   one request too big to finish (512x512, 50 steps, `request_timeout` 5 s), then
+          20 small ones: do the small ones get answers in their normal time?
+  stall   PostgreSQL behind a TCP proxy that stops forwarding for 20 s while traffic flows
+          (a partition: connections are accepted, nothing comes back). Are records spilled,
+          how many sat only in memory at the end of the stall, and how many log lines did
+          the outage cost?
+  scorer  SQLite, every request mirrored, the controller loop scoring (OCR) beside the
+          recorder for 60 s with no outage at all: how many records spilled?
+
+Each prints requests sent, 2xx, 5xx, records lost (expected rows not in SQL after a full
+flush) and records duplicated (rows beyond one per id). It runs against whatever
+`controller` package is first on sys.path, so the same script measures an older checkout:
+`PYTHONPATH=/path/to/old/checkout python bench/chaos_hardening.py` (copy
+`tests/stall_proxy.py` into that checkout's tests/ first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import structlog
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.engine import make_url
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+RECORDER_EVENTS = {
+    "records_spilled",
+    "database_unavailable",
+    "database_still_unavailable",
+    "database_recovered",
+    "spill_replayed",
+    "recorder_loop_error",
+}
+
+
+class Bench:
+    """One local Ray and Serve for every scenario; one application per scenario."""
+
+    def __init__(self) -> None:
+        from ray import serve
+
+        from controller.app import free_port, start_local_ray
+        from workers.tiny import make_tiny_pipeline, variant_seed
+
+        self.work = Path(tempfile.mkdtemp(prefix="cutover-chaos-"))
+        self.models = {
+            "incumbent": make_tiny_pipeline(self.work / "models/incumbent", variant="incumbent"),
+            "candidate": make_tiny_pipeline(
+                self.work / "models/candidate", seed=variant_seed("incumbent"), variant="candidate"
+            ),
+        }
+        self.port = free_port()
+        self.ray_dir = self.work / "ray"
+        start_local_ray(4, "cutover-chaos", temp_dir=str(self.ray_dir))
+        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
+
+    def deploy(self, name: str, database_url: str, **sections: Any) -> tuple[Any, Any, Any]:
+        from controller import app as serving
+        from controller.config import Config
+        from controller.store import Store
+        from controller.transitions import create_rollout
+
+        model = {"steps": 2, "guidance": 4.0, "batch_size": 4, "num_cpus": 0.5}
+        data = {
+            "name": name,
+            "database_url": database_url,
+            "artifact_dir": str(self.work / name / "artifacts"),
+            "spill_dir": str(self.work / name / "spill"),
+            "models": {role: {"pipeline": str(p), **model} for role, p in self.models.items()},
+            "rollout": {"min_samples": 10**6, **sections.pop("rollout", {})},
+            "server": {"num_cpus": 0.25, **sections.pop("server", {})},
+            **{k: v for k, v in sections.items() if k in Config.model_fields},
+        }
+        config = Config.model_validate(data)
+        config._base_dir = self.work / name
+        store = Store(config.resolved_database_url)
+        store.upgrade()
+        create_rollout(store, config, "bench")
+        router = serving.start(config, http_port=self.port)
+        for _ in range(240):
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        return config, store, router
+
+    def post(self, **body: Any) -> tuple[int, float, str]:
+        started = time.monotonic()
+        try:
+            response = self.client.post(
+                "/v1/images/generations", json={"prompt": "a fox", **body}, timeout=30
+            )
+            status, request_id = (
+                response.status_code,
+                response.headers.get("x-cutover-request-id", ""),
+            )
+        except httpx.TransportError:
+            status, request_id = 0, ""
+        return status, time.monotonic() - started, request_id
+
+    def recorder_lines(self) -> int:
+        """Recorder events in every Ray worker's stderr (where both old and new code log)."""
+        count = 0
+        for path in self.ray_dir.rglob("worker-*.err"):
+            for line in path.read_text(errors="replace").splitlines():
+                start = line.find("{")
+                if start < 0:
+                    continue
+                try:
+                    event = json.loads(line[start:])
+                except ValueError:
+                    continue
+                count += event.get("event") in RECORDER_EVENTS
+        return count
+
+
+def accounting(store: Any, router: Any, ids: list[str], outputs_per_request: int) -> dict:
+    from controller.tables import Output, Request
+
+    router.flush.remote(120, True).result(timeout_s=180)
+    wanted = [i for i in ids if i]
+    with store.reader() as session:
+        requests = session.scalar(
+            select(func.count()).select_from(Request).where(Request.id.in_(wanted))
+        )
+        outputs = session.scalar(
+            select(func.count()).select_from(Output).where(Output.request_id.in_(wanted))
+        )
+        distinct = session.scalar(
+            select(func.count(func.distinct(Output.id))).where(Output.request_id.in_(wanted))
+        )
+    expected = len(wanted) * (1 + outputs_per_request)
+    return {
+        "records lost": expected - requests - outputs,
+        "records duplicated": outputs - distinct,
+    }
+
+
+def summary(statuses: list[int]) -> dict:
+    return {
+        "requests sent": len(statuses),
+        "2xx": sum(200 <= s < 300 for s in statuses),
+        "5xx": sum(500 <= s < 600 for s in statuses),
+        "no answer": sum(s == 0 for s in statuses),
+    }
+
+
+def wedge(bench: Bench) -> dict:
+    config, store, router = bench.deploy(
+        "wedge",
+        f"sqlite:///{bench.work / 'wedge.db'}",
+        rollout={"mirror_percent": 0},
+        server={"request_timeout": 5},
+    )
+    normal = statistics.median(bench.post(user="w", steps=2)[1] for _ in range(5))
+    big = bench.post(user="w", size="512x512", steps=50)
+    small = [bench.post(user="w", steps=2) for _ in range(20)]
+    latencies = [t for s, t, _ in small if s == 200]
+    result = {
+        "big request": big[0],
+        **summary([big[0]] + [s for s, _, _ in small]),
+        "small 2xx": sum(s == 200 for s, _, _ in small),
+        "small p50 s": round(statistics.median(t for _, t, _ in small), 2),
+        "normal p50 s": round(normal, 2),
+        "small p50 / normal": round(statistics.median(latencies) / normal, 2)
+        if latencies
+        else None,
+    }
+    result |= accounting(store, router, [big[2]] + [i for _, _, i in small], 1)
+    _remove("wedge")
+    return result
+
+
+def stall(bench: Bench, seconds: float = 20.0) -> dict:
+    from tests.stall_proxy import StallProxy
+
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    name = f"cutover_chaos_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    direct = make_url(PG_ADMIN).set(database=name)
+    proxy = StallProxy((direct.host, direct.port or 5432))
+    through = direct.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    config, store, router = bench.deploy(
+        "stall", through, rollout={"mirror_percent": 0}, database={"write_timeout": 5}
+    )
+    statuses: list[int] = []
+    ids: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            status, _, request_id = bench.post(user=f"s{len(ids)}", steps=1)
+            statuses.append(status)
+            ids.append(request_id)
+            time.sleep(0.1)
+
+    lines_before = bench.recorder_lines()
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    time.sleep(5)
+    proxy.stall()
+    time.sleep(seconds)
+    stats = bench.client.get("/v1/stats").json()["recorder"]
+    records_made = 2 * sum(s == 200 for s in statuses)
+    in_memory = records_made - stats["recorded"] - stats["spilled"]
+    proxy.resume()
+    time.sleep(5)
+    stop.set()
+    sender.join()
+    result = {
+        **summary(statuses),
+        "spilled during the stall": stats["spilled"],
+        "records only in memory at its end": in_memory,
+    }
+    result |= accounting(store, router, ids, 1)
+    result["recorder log lines per minute of outage"] = round(
+        (bench.recorder_lines() - lines_before) / (seconds / 60), 1
+    )
+    _remove("stall")
+    store.close()
+    proxy.close()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    return result
+
+
+def scorer(bench: Bench, seconds: float = 60.0) -> dict:
+    from controller.loop import ControllerLoop
+
+    config, store, router = bench.deploy(
+        "scorer",
+        f"sqlite:///{bench.work / 'scorer.db'}",
+        rollout={"mirror_percent": 100, "evaluation_interval": 1},
+    )
+    stop = threading.Event()
+    loop = threading.Thread(target=ControllerLoop(config).run, args=(stop,), daemon=True)
+    loop.start()
+    statuses: list[int] = []
+    ids: list[str] = []
+
+    def traffic(worker: int) -> None:
+        deadline = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < deadline:
+            status, _, request_id = bench.post(
+                user=f"c{worker}-{i}", steps=2, prompt=f'a shop sign that says "SALE {i}"'
+            )
+            statuses.append(status)
+            ids.append(request_id)
+            i += 1
+
+    senders = [threading.Thread(target=traffic, args=(w,)) for w in range(4)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    stats = bench.client.get("/v1/stats").json()["recorder"]
+    stop.set()
+    loop.join(30)
+    with store.reader() as session:
+        from controller.tables import Output
+
+        scored = session.scalar(
+            select(func.count()).select_from(Output).where(Output.scored_at.is_not(None))
+        )
+    result = {**summary(statuses), "spilled with no outage": stats["spilled"], "scored": scored}
+    result |= accounting(store, router, ids, 2)
+    _remove("scorer")
+    return result
+
+
+def _remove(name: str) -> None:
+    from ray import serve
+
+    serve.delete(name)
+
+
+SCENARIOS: dict[str, Callable[[Bench], dict]] = {
+    "wedge": wedge,
+    "stall": stall,
+    "scorer": scorer,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    bench = Bench()
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    try:
+        for name in names:
+            print(f"{name}: {json.dumps(SCENARIOS[name](bench))}", flush=True)
+    finally:
+        from controller import app as serving
+
+        serving.stop()
+
+
+if __name__ == "__main__":
+    main()
