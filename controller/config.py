@@ -210,6 +210,11 @@ class ModelConfig(_Strict):
     oom_unhealthy_after: int = Field(
         3, ge=1, description="consecutive OOMs of single images before unhealthy"
     )
+    warmup: list[int] = Field(
+        [64, 128, 256],
+        description="square sizes sampled for a few steps at start, so admission can judge "
+        "sizes not served yet; [] skips it",
+    )
     wedged_after: Duration = Field(
         60.0,
         description="a pipeline call still running this long after every caller's deadline "

@@ -11,7 +11,7 @@ import pytest
 
 from controller.config import ModelConfig
 from workers.batching import BatchExecutor, CostModel
-from workers.deadlines import Admission, SpeedModel
+from workers.deadlines import Admission, SpeedModel, measure_speed
 from workers.jobs import ImageJob
 from workers.memory import CpuProbe
 from workers.pipeline import PipelineRunner
@@ -82,24 +82,44 @@ def test_a_running_call_stops_between_steps_once_every_caller_has_given_up(runne
     assert [o.status for o in executor.render(both)] == ["ok", "ok"]
 
 
-def test_admission_refuses_what_the_learned_speed_says_cannot_finish(runner):
-    executor, _, speed = executor_for(runner)
+def test_step_times_are_measured_and_extrapolated_without_overstating():
+    """Per-step time grows faster than pixels at large sizes (attention), and is flat at tiny
+    ones (fixed overheads): a bound drawn from smaller sizes must never exceed the truth."""
+    speed = SpeedModel(default_steps=10)
+    assert speed.estimate(job("x", size=64)) is None  # nothing measured: admit, the steps bound it
+    speed.observe_step(64 * 64, 0.02)
+    assert speed.estimate(job("x", steps=10, size=64)) == pytest.approx(0.2)
+    # One size measured: a larger one is at least as slow per step, never assumed slower.
+    assert speed.seconds_per_step(512 * 512) == pytest.approx(0.02)
+    speed.observe_step(128 * 128, 0.08)
+    # Two sizes: the line through them, which true (convex) step times stay above.
+    line = 0.08 + (0.08 - 0.02) / (128 * 128 - 64 * 64) * (256 * 256 - 128 * 128)
+    assert speed.seconds_per_step(256 * 256) == pytest.approx(line)
+    assert speed.seconds_per_step(32 * 32) is None  # below every measurement: no bound
+
+
+def test_admission_refuses_what_the_measured_steps_say_cannot_finish(runner):
+    speed = SpeedModel(default_steps=2)
+    measure_speed(runner, speed, [64, 128])
+    assert set(speed.step_seconds) == {64 * 64, 128 * 128}
     admission = Admission(speed)
-    big = job("big", steps=50, size=1024, deadline=time.time() + 120)
-    assert admission.refusal(big) is None  # nothing learned yet: let it in, the steps bound it
-    executor.render([job("warm", deadline=time.time() + 60)])
-    assert speed.seconds_per_unit is not None
-    refusal = admission.refusal(big)
-    assert refusal is not None and "1024x1024 at 50 steps needs about" in refusal
+    per_step = speed.seconds_per_step(256 * 256)
+    steps = 50
+    tight = job("big", steps=steps, size=256, deadline=time.time() + per_step * steps / 2)
+    refusal = admission.refusal(tight)
+    assert refusal is not None and "256x256 at 50 steps needs about" in refusal
     assert "smaller size or fewer steps" in refusal
-    small = job("small", deadline=time.time() + 120)
-    assert admission.refusal(small) is None
+    roomy = job("big", steps=steps, size=256, deadline=time.time() + per_step * steps * 4 + 5)
+    assert admission.refusal(roomy) is None
     # Fits alone, but not behind the work this replica already admitted.
-    cost = speed.estimate(small)
-    admission.backlog_s = 200.0
-    assert "overloaded" in admission.refusal(small)
-    admission.finished(200.0)
-    assert admission.backlog_s == 0.0 and cost is not None
+    admission.backlog_s = per_step * steps * 4 + 10
+    assert "overloaded" in admission.refusal(roomy)
+    admission.finished(admission.backlog_s)
+    assert admission.backlog_s == 0.0
+    # A running call teaches the speed of its own size, stopped or not.
+    executor, _, learned = executor_for(runner)
+    executor.render([job("warm", size=64, steps=3, deadline=time.time() + 60)])
+    assert learned.step_seconds.get(64 * 64, 0) > 0
 
 
 def test_a_call_running_long_past_every_deadline_fails_the_health_check(runner):

@@ -379,7 +379,7 @@ def test_a_timed_out_request_does_not_hold_its_model(deployed):
 def test_work_that_cannot_finish_in_time_is_refused_at_once(deployed):
     move_to(deployed, "shadow")
     client = deployed["client"]
-    assert generate(client, user="admit", steps=2).status_code == 200  # the speed is learned
+    # The replica timed steps at 64..256 px when it started: 512x512 is judged before it runs.
     started = time.monotonic()
     response = generate(client, user="admit", size="512x512", steps=50)
     assert response.status_code == 503 and time.monotonic() - started < REQUEST_TIMEOUT

@@ -21,7 +21,7 @@ import numpy as np
 import structlog
 
 from controller.config import ModelConfig
-from workers.deadlines import DeadlineExceeded, SpeedModel, expired, stop_when_expired
+from workers.deadlines import DeadlineExceeded, SpeedModel, expired, step_callback
 from workers.jobs import ImageJob
 from workers.memory import MemoryProbe, pixels
 
@@ -176,10 +176,9 @@ class BatchExecutor:
     def _render_group(self, jobs: list[ImageJob], ooms: int) -> list[Rendered]:
         import torch
 
-        on_step = stop_when_expired(jobs, self.step_delay())
+        on_step = step_callback(jobs, self.speed, self.step_delay())
         deadlines = [job.deadline for job in jobs]
         self.running_deadline = None if None in deadlines else max(d for d in deadlines if d)
-        started = time.perf_counter()
         try:
             images, peak = self.probe.run(jobs, lambda: self.runner.call(jobs, on_step))
             failure = None
@@ -196,8 +195,6 @@ class BatchExecutor:
             # Retry outside the except block: its traceback holds the failed call's activations.
             return self._split_after_oom(jobs, ooms, failure)
         self.single_ooms_in_a_row = 0
-        if self.speed is not None:
-            self.speed.observe(jobs, time.perf_counter() - started)
         if peak:
             self.cost.observe(jobs, peak)
         return [

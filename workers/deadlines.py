@@ -2,11 +2,14 @@
 
 The router waits `request_timeout` (or `mirror_timeout`) for an answer; each job carries
 that moment as a deadline. A model server uses it three times: admission refuses a job
-whose estimated sampling time (pixels × steps × the learned seconds per pixel-step) does
-not fit before the deadline; a job still queued when its deadline passes is dropped
-unstarted; and a running pipeline call stops between denoising steps once every job in it
-has expired. Without these, one oversized request kept a replica busy for ten minutes
-after its caller had given up, and every request behind it timed out too.
+whose estimated sampling time (steps × the measured seconds per step at its size) does not
+fit before the deadline; a job still queued when its deadline passes is dropped unstarted;
+and a running pipeline call stops between denoising steps once every job in it has
+expired. Without these, one oversized request kept a replica busy for ten minutes after
+its caller had given up, and every request behind it timed out too.
+
+Step times are measured by the step callback on every call, and at start-up on a few small
+sizes (`models.<role>.warmup`), so the first oversized request is judged too.
 """
 
 from __future__ import annotations
@@ -26,35 +29,41 @@ def expired(job: ImageJob, now: float | None = None) -> bool:
     return job.deadline is not None and (now or time.time()) >= job.deadline
 
 
-def step_units(job: ImageJob, default_steps: int) -> int:
-    """What sampling time scales with: pixels × denoising steps."""
-    return job.width * job.height * (job.steps or default_steps)
-
-
 class SpeedModel:
-    """Seconds per pixel-step, learned from measured pipeline calls.
+    """Seconds per denoising step, learned per call size (pixels in the call) from the step
+    callback's clock, and an estimate for a job that never overstates its cost.
 
-    A batched call is timed as a whole and divided by the units of all its jobs, so the
-    figure already holds batching's gain. Unknown until the first call: admission then lets
-    work in, and the step callback bounds what a wrong guess costs.
+    A linear "seconds per pixel-step" fitted on small images overstates large ones many
+    times over (small calls are bound by fixed per-step overheads, not by pixels), and
+    admission would refuse work that fits. So a job's steps are estimated from the calls
+    seen so far at or below its size: the slowest of them per step, or the line through the
+    two largest (which rises no faster than the true curve, flat first and then linear).
+    Text encoding and VAE decoding are left out. The estimate is a lower bound, so a
+    refusal is sure; an unseen larger size is admitted, its steps are measured as it runs
+    (even if it is stopped), and the next one like it is judged by them.
     """
 
     def __init__(self, default_steps: int) -> None:
         self.default_steps = default_steps
-        self.seconds_per_unit: float | None = None
+        self.step_seconds: dict[int, float] = {}  # pixels in a call -> seconds per step
 
-    def observe(self, jobs: list[ImageJob], seconds: float) -> None:
-        units = sum(step_units(j, self.default_steps) for j in jobs)
-        if units <= 0:
-            return
-        measured = seconds / units
-        previous = self.seconds_per_unit
-        self.seconds_per_unit = measured if previous is None else 0.7 * previous + 0.3 * measured
+    def observe_step(self, pixels: int, seconds: float) -> None:
+        previous = self.step_seconds.get(pixels)
+        self.step_seconds[pixels] = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+
+    def seconds_per_step(self, pixels: int) -> float | None:
+        seen = sorted((p, t) for p, t in self.step_seconds.items() if p <= pixels)
+        if not seen:
+            return None  # smaller than anything measured: no bound to offer
+        bound = max(t for _, t in seen)
+        if len(seen) >= 2:
+            (p1, t1), (p2, t2) = seen[-2:]
+            bound = max(bound, t2 + (t2 - t1) / (p2 - p1) * (pixels - p2))
+        return bound
 
     def estimate(self, job: ImageJob) -> float | None:
-        if self.seconds_per_unit is None:
-            return None
-        return step_units(job, self.default_steps) * self.seconds_per_unit
+        per_step = self.seconds_per_step(job.width * job.height)
+        return None if per_step is None else per_step * (job.steps or self.default_steps)
 
 
 class Admission:
@@ -103,17 +112,27 @@ class Admission:
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 
 
-def stop_when_expired(jobs: list[ImageJob], step_delay: float = 0.0) -> StepCallback:
-    """A diffusers `callback_on_step_end` that stops the call between steps once every job
-    in it has passed its deadline (nobody is waiting for these images any more).
+def step_callback(
+    jobs: list[ImageJob], speed: SpeedModel | None = None, step_delay: float = 0.0
+) -> StepCallback:
+    """A diffusers `callback_on_step_end` for one pipeline call of `jobs`.
 
-    `step_delay` is fault injection (`faults.step_delay`): every step takes that much longer,
-    as on a slow or throttled device.
+    It times each step into `speed` (from the second step on: the first interval holds the
+    prompt encoding), applies `step_delay` (fault injection, `faults.step_delay`: a slow or
+    throttled device), and stops the call between steps once every job in it has passed its
+    deadline: nobody is waiting for these images any more.
     """
     deadlines = [job.deadline for job in jobs]
     latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+    pixels = sum(job.width * job.height for job in jobs)
+    last: list[float] = []
 
     def callback(pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict:
+        now = time.perf_counter()
+        if last and speed is not None:
+            # From the previous callback's start: that callback's delay slowed this step.
+            speed.observe_step(pixels, now - last[0])
+        last[:] = [now]
         if step_delay:
             time.sleep(step_delay)
         if latest is not None and time.time() >= latest:
@@ -123,3 +142,10 @@ def stop_when_expired(jobs: list[ImageJob], step_delay: float = 0.0) -> StepCall
         return kwargs
 
     return callback
+
+
+def measure_speed(runner: Any, speed: SpeedModel, sides: list[int], steps: int = 2) -> None:
+    """Time a few denoising steps at each square size, smallest first (start-up warm-up)."""
+    for side in sorted(sides):
+        job = ImageJob("warmup", 0, "a warm-up image", 0, side, side, steps=steps)
+        runner.call([job], step_callback([job], speed))

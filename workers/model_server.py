@@ -23,7 +23,7 @@ from ray import serve
 from controller.config import FaultConfig, ModelConfig
 from controller.logs import configure_logging, log_to_file
 from workers.batching import UNITS, BatchExecutor, BatchPlanner, CostModel, Rendered
-from workers.deadlines import Admission, SpeedModel, StepCallback
+from workers.deadlines import Admission, SpeedModel, StepCallback, measure_speed
 from workers.faults import InjectedError, apply_tint, plan_for
 from workers.jobs import ImageJob, ImageResult
 from workers.memory import make_probe
@@ -75,6 +75,7 @@ class ModelServer:
         cost = CostModel(self.model.initial_bytes_per_pixel)
         self.planner = BatchPlanner(self.model, probe, cost)
         speed = SpeedModel(self.model.steps)
+        measure_speed(runner, speed, self.model.warmup)
         self.admission = Admission(speed)
         self.executor = BatchExecutor(
             runner,
@@ -96,6 +97,7 @@ class ModelServer:
             probe=probe.name,
             batch_size=self.model.batch_size,
             max_batch_size=self.planner.max_count,
+            step_seconds={str(p): round(t, 4) for p, t in speed.step_seconds.items()},
         )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
