@@ -9,14 +9,16 @@ client and the audit trail saw.
           (a partition: connections are accepted, nothing comes back). Are records spilled,
           how many sat only in memory at the end of the stall, and how many log lines did
           the outage cost?
+  outage  PostgreSQL refuses connections for 20 s while traffic flows: spill files left, and
+          log lines per minute of outage.
   scorer  SQLite, every request mirrored, the controller loop scoring (OCR) beside the
           recorder for 60 s with no outage at all: how many records spilled?
 
 Each prints requests sent, 2xx, 5xx, records lost (expected rows not in SQL after a full
 flush) and records duplicated (rows beyond one per id). It runs against whatever
 `controller` package is first on sys.path, so the same script measures an older checkout:
-`PYTHONPATH=/path/to/old/checkout python bench/chaos_hardening.py` (copy
-`tests/stall_proxy.py` into that checkout's tests/ first).
+`cd /path/to/old/checkout && PYTHONPATH=. python /path/to/bench/chaos_hardening.py` (run it
+from there: Ray puts the driver's working directory on its workers' path).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -38,7 +39,6 @@ import structlog
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests.stall_proxy; PYTHONPATH first
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 RECORDER_EVENTS = {
     "records_spilled",
@@ -145,9 +145,12 @@ def accounting(store: Any, router: Any, ids: list[str]) -> dict:
     router.flush.remote(120, True).result(timeout_s=180)
     wanted = [i for i in ids if i]
     with store.reader() as session:
-        mirrored = dict(
-            session.execute(select(Request.id, Request.mirrored).where(Request.id.in_(wanted)))
-        )
+        mirrored = {
+            row.id: row.mirrored
+            for row in session.execute(
+                select(Request.id, Request.mirrored).where(Request.id.in_(wanted))
+            )
+        }
         outputs = session.scalar(
             select(func.count()).select_from(Output).where(Output.request_id.in_(wanted))
         )
@@ -201,7 +204,7 @@ def wedge(bench: Bench) -> dict:
 
 
 def stall(bench: Bench, seconds: float = 20.0) -> dict:
-    from tests.stall_proxy import StallProxy
+    StallProxy = _stall_proxy()  # noqa: N806 (a class)
 
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     name = f"cutover_chaos_{uuid.uuid4().hex[:8]}"
@@ -254,6 +257,59 @@ def stall(bench: Bench, seconds: float = 20.0) -> dict:
     return result
 
 
+def outage(bench: Bench, seconds: float = 20.0) -> dict:
+    """PostgreSQL refuses connections for `seconds` (new ones refused, open ones killed)."""
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    name = f"cutover_chaos_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
+    config, store, router = bench.deploy("outage", url, rollout={"mirror_percent": 0})
+    statuses: list[int] = []
+    ids: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            status, _, request_id = bench.post(user=f"o{len(ids)}", steps=1)
+            statuses.append(status)
+            ids.append(request_id)
+            time.sleep(0.1)
+
+    def allow(on: bool) -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(on).lower()}'))
+            if not on:
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"
+                    ),
+                    {"d": name},
+                )
+
+    lines_before = bench.recorder_lines()
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    time.sleep(5)
+    allow(False)
+    time.sleep(seconds)
+    spill_files = len(list((config.spill_path).glob("spill-*.jsonl")))
+    allow(True)
+    time.sleep(5)
+    stop.set()
+    sender.join()
+    result = {**summary(statuses), "spill files at the end of the outage": spill_files}
+    result |= accounting(store, router, ids)
+    result["recorder log lines per minute of outage"] = round(
+        (bench.recorder_lines() - lines_before) / (seconds / 60), 1
+    )
+    _remove("outage")
+    store.close()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    return result
+
+
 def scorer(bench: Bench, seconds: float = 60.0) -> dict:
     from controller.loop import ControllerLoop
 
@@ -299,6 +355,19 @@ def scorer(bench: Bench, seconds: float = 60.0) -> dict:
     return result
 
 
+def _stall_proxy() -> type:
+    """tests/stall_proxy.py, loaded by path: no change to sys.path, which Ray hands to its
+    workers (an older checkout measured through PYTHONPATH must stay the code they run)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tests" / "stall_proxy.py"
+    spec = importlib.util.spec_from_file_location("stall_proxy", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.StallProxy
+
+
 def _remove(name: str) -> None:
     from ray import serve
 
@@ -308,6 +377,7 @@ def _remove(name: str) -> None:
 SCENARIOS: dict[str, Callable[[Bench], dict]] = {
     "wedge": wedge,
     "stall": stall,
+    "outage": outage,
     "scorer": scorer,
 }
 
