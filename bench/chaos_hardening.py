@@ -24,13 +24,14 @@ from there: Ray puts the driver's working directory on its workers' path).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,26 +204,39 @@ def wedge(bench: Bench) -> dict:
     return result
 
 
-def stall(bench: Bench, seconds: float = 20.0) -> dict:
-    StallProxy = _stall_proxy()  # noqa: N806 (a class)
-
+@contextlib.contextmanager
+def scratch_database() -> Iterator[tuple[Any, str]]:
+    """A fresh PostgreSQL database for one scenario: (admin engine, its name)."""
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     name = f"cutover_chaos_{uuid.uuid4().hex[:8]}"
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    direct = make_url(PG_ADMIN).set(database=name)
-    proxy = StallProxy((direct.host, direct.port or 5432))
-    through = direct.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    config, store, router = bench.deploy(
-        "stall", through, rollout={"mirror_percent": 0}, database={"write_timeout": 5}
-    )
+    try:
+        yield admin, name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def through_a_fault(
+    bench: Bench,
+    store: Any,
+    router: Any,
+    start: Callable[[], None],
+    end: Callable[[], None],
+    observe: Callable[[list[int]], dict],
+    seconds: float,
+) -> dict:
+    """Steady traffic (about 5 requests/s); 5 s in, the database fault starts and lasts
+    `seconds`; `observe` reports just before it ends; 5 s of recovery, then the accounts."""
     statuses: list[int] = []
     ids: list[str] = []
     stop = threading.Event()
 
     def traffic() -> None:
         while not stop.is_set():
-            status, _, request_id = bench.post(user=f"s{len(ids)}", steps=1)
+            status, _, request_id = bench.post(user=f"u{len(ids)}", steps=1)
             statuses.append(status)
             ids.append(request_id)
             time.sleep(0.1)
@@ -231,82 +245,77 @@ def stall(bench: Bench, seconds: float = 20.0) -> dict:
     sender = threading.Thread(target=traffic)
     sender.start()
     time.sleep(5)
-    proxy.stall()
+    start()
     time.sleep(seconds)
-    stats = bench.client.get("/v1/stats").json()["recorder"]
-    records_made = 2 * sum(s == 200 for s in statuses)
-    in_memory = records_made - stats["recorded"] - stats["spilled"]
-    proxy.resume()
+    observed = observe(statuses)
+    end()
     time.sleep(5)
     stop.set()
     sender.join()
-    result = {
-        **summary(statuses),
-        "spilled during the stall": stats["spilled"],
-        "records only in memory at its end": in_memory,
-    }
-    result |= accounting(store, router, ids)
+    result = {**summary(statuses), **observed, **accounting(store, router, ids)}
     result["recorder log lines per minute of outage"] = round(
         (bench.recorder_lines() - lines_before) / (seconds / 60), 1
     )
-    _remove("stall")
-    store.close()
-    proxy.close()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    return result
+
+
+def stall(bench: Bench, seconds: float = 20.0) -> dict:
+    """A partition: PostgreSQL behind a proxy that accepts and then forwards nothing."""
+    StallProxy = _stall_proxy()  # noqa: N806 (a class)
+
+    with scratch_database() as (_, name):
+        direct = make_url(PG_ADMIN).set(database=name)
+        proxy = StallProxy((direct.host, direct.port or 5432))
+        through = direct.set(host="127.0.0.1", port=proxy.port)
+        config, store, router = bench.deploy(
+            "stall",
+            through.render_as_string(hide_password=False),
+            rollout={"mirror_percent": 0},
+            database={"write_timeout": 5},
+        )
+
+        def observe(statuses: list[int]) -> dict:
+            stats = bench.client.get("/v1/stats").json()["recorder"]
+            made = 2 * sum(s == 200 for s in statuses)  # a request row and its output
+            return {
+                "spilled during the stall": stats["spilled"],
+                "records only in memory at its end": made - stats["recorded"] - stats["spilled"],
+            }
+
+        result = through_a_fault(bench, store, router, proxy.stall, proxy.resume, observe, seconds)
+        _remove("stall")
+        store.close()
+        proxy.close()
     return result
 
 
 def outage(bench: Bench, seconds: float = 20.0) -> dict:
     """PostgreSQL refuses connections for `seconds` (new ones refused, open ones killed)."""
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    name = f"cutover_chaos_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
-    config, store, router = bench.deploy("outage", url, rollout={"mirror_percent": 0})
-    statuses: list[int] = []
-    ids: list[str] = []
-    stop = threading.Event()
+    with scratch_database() as (admin, name):
+        url = make_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
+        config, store, router = bench.deploy("outage", url, rollout={"mirror_percent": 0})
 
-    def traffic() -> None:
-        while not stop.is_set():
-            status, _, request_id = bench.post(user=f"o{len(ids)}", steps=1)
-            statuses.append(status)
-            ids.append(request_id)
-            time.sleep(0.1)
+        def allow(on: bool) -> None:
+            with admin.connect() as conn:
+                conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(on).lower()}'))
+                if not on:
+                    conn.execute(
+                        text(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = :d"
+                        ),
+                        {"d": name},
+                    )
 
-    def allow(on: bool) -> None:
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(on).lower()}'))
-            if not on:
-                conn.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"
-                    ),
-                    {"d": name},
-                )
+        def observe(_statuses: list[int]) -> dict:
+            files = list(config.spill_path.glob("spill-*.jsonl"))
+            return {"spill files at the end of the outage": len(files)}
 
-    lines_before = bench.recorder_lines()
-    sender = threading.Thread(target=traffic)
-    sender.start()
-    time.sleep(5)
-    allow(False)
-    time.sleep(seconds)
-    spill_files = len(list((config.spill_path).glob("spill-*.jsonl")))
-    allow(True)
-    time.sleep(5)
-    stop.set()
-    sender.join()
-    result = {**summary(statuses), "spill files at the end of the outage": spill_files}
-    result |= accounting(store, router, ids)
-    result["recorder log lines per minute of outage"] = round(
-        (bench.recorder_lines() - lines_before) / (seconds / 60), 1
-    )
-    _remove("outage")
-    store.close()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        result = through_a_fault(
+            bench, store, router, lambda: allow(False), lambda: allow(True), observe, seconds
+        )
+        _remove("outage")
+        store.close()
     return result
 
 
