@@ -359,9 +359,9 @@ def test_a_timed_out_request_does_not_hold_its_model(deployed):
         return response, time.monotonic() - started
 
     normal = max(timed(user="deadline-a", steps=1)[1] for _ in range(3))
-    set_faults(deployed, "incumbent", step_delay=1.0)  # a slow device: 20 steps take 20 s
+    set_faults(deployed, "incumbent", step_delay=0.5)  # a slow device: 40 steps take 20 s
     try:
-        slow, waited = timed(user="deadline-a", steps=20)
+        slow, waited = timed(user="deadline-a", steps=40)
     finally:
         set_faults(deployed, "incumbent")
     assert slow.status_code == 504 and waited < REQUEST_TIMEOUT + 2, slow.text
@@ -370,7 +370,7 @@ def test_a_timed_out_request_does_not_hold_its_model(deployed):
     assert body["type"] == "model_error" and slow.headers["x-cutover-request-id"]
     after, took = timed(user="deadline-a", steps=1)
     assert after.status_code == 200, after.text
-    # The stopped call ends within one (1 s) step of the deadline: never the 14 s left of it.
+    # The stopped call ends within one (0.5 s) step of the deadline: never the 14 s left of it.
     assert took < normal + 1.5, f"the next request took {took:.1f}s (normal {normal:.1f}s)"
     flush(deployed)
     assert events_in_log(deployed, "batch_stopped"), "the replica said it stopped the call"
