@@ -122,10 +122,11 @@ def configured_level() -> str | None:
 def log_to_file(path: Path | None) -> None:
     """Also append every event of this process to `path` (None: stop). Idempotent."""
     global _sink
-    if path is None:
-        _sink = None
-    elif _sink is None or _sink.path != path:
-        _sink = _FileSink(path)
+    if _sink is not None and _sink.path == path:
+        return
+    if _sink is not None:
+        os.close(_sink.fd)
+    _sink = None if path is None else _FileSink(path)
 
 
 def follow(

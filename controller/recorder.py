@@ -366,7 +366,8 @@ class Recorder:
         self.outage.down(one_line(exc))
 
     def _db_up(self) -> None:
-        if not self.spill.pending():
+        # Only during an outage: `pending` scans the spill directory, too dear for every batch.
+        if self.outage.active and not self.spill.pending():
             self.outage.up()
 
 

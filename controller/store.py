@@ -138,7 +138,7 @@ class Store:
         """A session whose transaction commits on success and rolls back on error.
 
         With `timeout`, a transaction still running after that many seconds, commit
-        included, is interrupted and raises the driver's error, as an outage would.
+        included, is interrupted and raises `TransactionTimeout` (the driver's error chained).
         """
         with self._sessions() as session:
             if timeout is None:

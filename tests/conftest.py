@@ -155,3 +155,28 @@ def wait_until(condition, timeout: float = 30.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def add_request(session, rollout_id: int, **fields):
+    """A recorded request row of a shadow-stage rollout, flushed so outputs may follow it
+    (no ORM relationship orders the inserts). `fields` override the defaults."""
+    from controller.tables import Request, utcnow
+
+    request = Request(
+        **{
+            "id": str(uuid.uuid4()),
+            "rollout_id": rollout_id,
+            "stage": "shadow",
+            "primary_role": "incumbent",
+            "sticky_key": "u",
+            "prompt": "a fox",
+            "params": {},
+            "seed": 1,
+            "mirrored": False,
+            "created_at": utcnow(),
+        }
+        | fields
+    )
+    session.add(request)
+    session.flush()
+    return request

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from controller.cli import app
 from controller.config import load_config
 from controller.store import Store
-from controller.tables import Request, Rollout, Verdict
-from tests.conftest import base_config, write_config
+from controller.tables import Rollout, Verdict
+from tests.conftest import add_request, base_config, write_config
 
 runner = CliRunner()
 
@@ -40,18 +40,15 @@ def add_evidence(path, samples, decision):
         stage = row.stages[row.stage_index][0]
         now = datetime.now(UTC) + timedelta(milliseconds=5)
         for i in range(samples):
-            session.add(
-                Request(
-                    id=f"{stage}-{row.version}-{i}",
-                    rollout_id=row.id,
-                    stage=stage,
-                    primary_role="incumbent",
-                    sticky_key=f"u{i}",
-                    prompt="p",
-                    params={},
-                    seed=i,
-                    created_at=now,
-                )
+            add_request(
+                session,
+                row.id,
+                id=f"{stage}-{row.version}-{i}",
+                stage=stage,
+                sticky_key=f"u{i}",
+                prompt="p",
+                seed=i,
+                created_at=now,
             )
         session.add(
             Verdict(

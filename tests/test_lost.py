@@ -10,29 +10,17 @@ from sqlalchemy import select
 
 from controller.loop import ControllerLoop
 from controller.recorder import OutputRecord, Recorder, _Rows
-from controller.tables import Output, Request, utcnow
+from controller.tables import Output, utcnow
 from controller.transitions import get_rollout
 from policies.judge import load_window
-from tests.conftest import base_config, prepare_rollout, write_config
+from tests.conftest import add_request, base_config, prepare_rollout, write_config
 
 
-def add_request(session, rollout_id, created_at, *, n=1, mirrored=True, outputs=()):
-    request_id = str(uuid.uuid4())
-    session.add(
-        Request(
-            id=request_id,
-            rollout_id=rollout_id,
-            stage="shadow",
-            primary_role="incumbent",
-            sticky_key="u",
-            prompt="a fox",
-            params={"n": n},
-            seed=1,
-            mirrored=mirrored,
-            created_at=created_at,
-        )
-    )
-    session.flush()
+def add_mirrored(session, rollout_id, created_at, *, n=1, outputs=()):
+    """A mirrored request of `n` images with the given (role, index) outputs recorded."""
+    request_id = add_request(
+        session, rollout_id, params={"n": n}, mirrored=True, created_at=created_at
+    ).id
     for role, index in outputs:
         session.add(
             Output(
@@ -63,9 +51,9 @@ def test_requests_whose_router_died_end_as_lost_and_a_late_output_replaces_it(tm
     with store.session() as session:
         rollout_id = get_rollout(session, config.name).id
         # The router died after the primary's first image: image 1 and both mirrors are missing.
-        died = add_request(session, rollout_id, old, n=2, outputs=[("incumbent", 0)])
-        whole = add_request(session, rollout_id, old, outputs=[("incumbent", 0), ("candidate", 0)])
-        in_flight = add_request(session, rollout_id, recent)  # may still be on its way
+        died = add_mirrored(session, rollout_id, old, n=2, outputs=[("incumbent", 0)])
+        whole = add_mirrored(session, rollout_id, old, outputs=[("incumbent", 0), ("candidate", 0)])
+        in_flight = add_mirrored(session, rollout_id, recent)  # may still be on its way
     loop = ControllerLoop(config, store)
     assert loop.tick(now).lost == 3
     assert outcomes(store, died) == [

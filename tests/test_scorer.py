@@ -10,12 +10,12 @@ from PIL import Image, ImageDraw, ImageFont
 from sqlalchemy import select
 
 from controller.artifacts import store_artifact
-from controller.tables import Output, Request, Score, utcnow
+from controller.tables import Output, Score, utcnow
 from controller.transitions import get_rollout
 from policies.judge import evaluate, load_window
 from policies.policy import load_policy
 from policies.scorer import Scorer, partners_of
-from tests.conftest import base_config, prepare_rollout, write_config
+from tests.conftest import add_request, base_config, prepare_rollout, write_config
 
 
 def poster_png(text: str, tint=(0, 0, 0)) -> bytes:
@@ -29,22 +29,7 @@ def poster_png(text: str, tint=(0, 0, 0)) -> bytes:
     return buffer.getvalue()
 
 
-def add_request(session, rollout_id, request_id, i, now, *, mirrored):
-    request = Request(
-        id=request_id,
-        rollout_id=rollout_id,
-        stage="shadow",
-        primary_role="incumbent",
-        sticky_key=f"u{i}",
-        prompt='a sign that says "OPEN"',
-        params={},
-        seed=i,
-        mirrored=mirrored,
-        created_at=now,
-    )
-    session.add(request)
-    session.flush()  # no ORM relationship orders the inserts; the request row goes first
-    return request
+OPEN_SIGN = 'a sign that says "OPEN"'
 
 
 def test_scorer_writes_scores_and_probe_errors(tmp_path, db_url):
@@ -57,7 +42,15 @@ def test_scorer_writes_scores_and_probe_errors(tmp_path, db_url):
         for i, (inc_text, cand_text, tint) in enumerate(
             [("OPEN", "OPEN", (0, 0, 0)), ("OPEN", "QPXN", (60, 0, -40))]
         ):
-            request = add_request(session, rollout.id, str(uuid.uuid4()), i, now, mirrored=True)
+            request = add_request(
+                session,
+                rollout.id,
+                sticky_key=f"u{i}",
+                prompt=OPEN_SIGN,
+                seed=i,
+                mirrored=True,
+                created_at=now,
+            )
             outputs = {}
             for role, text, t in (
                 ("incumbent", inc_text, (0, 0, 0)),
@@ -164,7 +157,15 @@ def test_probes_run_with_no_write_lock_held(tmp_path, sqlite_url):
     with store.session() as session:
         rollout = get_rollout(session, config.name)
         for i in range(3):
-            request = add_request(session, rollout.id, f"r{i}", i, now, mirrored=False)
+            request = add_request(
+                session,
+                rollout.id,
+                id=f"r{i}",
+                sticky_key=f"u{i}",
+                prompt=OPEN_SIGN,
+                seed=i,
+                created_at=now,
+            )
             session.add(
                 Output(
                     id=f"o{i}",

@@ -21,7 +21,13 @@ import numpy as np
 import structlog
 
 from controller.config import ModelConfig
-from workers.deadlines import DeadlineExceeded, SpeedModel, expired, step_callback
+from workers.deadlines import (
+    DeadlineExceeded,
+    SpeedModel,
+    expired,
+    latest_deadline,
+    step_callback,
+)
 from workers.jobs import ImageJob
 from workers.memory import MemoryProbe, pixels
 
@@ -177,8 +183,7 @@ class BatchExecutor:
         import torch
 
         on_step = step_callback(jobs, self.speed, self.step_delay())
-        deadlines = [job.deadline for job in jobs]
-        self.running_deadline = None if None in deadlines else max(d for d in deadlines if d)
+        self.running_deadline = latest_deadline(jobs)
         try:
             images, peak = self.probe.run(jobs, lambda: self.runner.call(jobs, on_step))
             failure = None

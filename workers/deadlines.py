@@ -29,6 +29,12 @@ def expired(job: ImageJob, now: float | None = None) -> bool:
     return job.deadline is not None and (now or time.time()) >= job.deadline
 
 
+def latest_deadline(jobs: list[ImageJob]) -> float | None:
+    """When the last caller of these jobs stops waiting; None if any waits for ever."""
+    deadlines = [job.deadline for job in jobs]
+    return None if None in deadlines else max(d for d in deadlines if d is not None)
+
+
 class SpeedModel:
     """Seconds per denoising step, learned per call size (pixels in the call) from the step
     callback's clock, and an estimate for a job that never overstates its cost.
@@ -122,8 +128,7 @@ def step_callback(
     throttled device), and stops the call between steps once every job in it has passed its
     deadline: nobody is waiting for these images any more.
     """
-    deadlines = [job.deadline for job in jobs]
-    latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+    latest = latest_deadline(jobs)
     pixels = sum(job.width * job.height for job in jobs)
     last: list[float] = []
 
