@@ -6,6 +6,7 @@ same prompt, parameters and seed); probe scores hang off each output.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from sqlalchemy import select
@@ -27,14 +28,26 @@ def group_pairs(outputs: Iterable[Output]) -> dict[PairKey, dict[str, Output]]:
     return pairs
 
 
-def scores_by_output(session: Session, output_ids: list[str]) -> dict[str, dict[str, float]]:
-    """Probe values (errors left out) per output id: {output id: {probe: value}}."""
-    found: dict[str, dict[str, float]] = {}
+def score_rows(
+    session: Session, output_ids: list[str]
+) -> list[tuple[str, str, float | None, str | None]]:
+    """Every score row of these outputs, errors included: (output id, probe, value, error)."""
+    rows: list[tuple[str, str, float | None, str | None]] = []
     for start in range(0, len(output_ids), _CHUNK):
-        for output_id, probe, value in session.execute(
-            select(Score.output_id, Score.probe, Score.value).where(
-                Score.output_id.in_(output_ids[start : start + _CHUNK]), Score.value.is_not(None)
-            )
-        ):
+        rows.extend(
+            session.execute(
+                select(Score.output_id, Score.probe, Score.value, Score.error).where(
+                    Score.output_id.in_(output_ids[start : start + _CHUNK])
+                )
+            ).all()
+        )
+    return rows
+
+
+def scores_by_output(session: Session, output_ids: list[str]) -> dict[str, dict[str, float]]:
+    """Probe values (errors and non-finite values left out) per output id: {output id: {probe: value}}."""
+    found: dict[str, dict[str, float]] = {}
+    for output_id, probe, value, _ in score_rows(session, output_ids):
+        if value is not None and math.isfinite(value):
             found.setdefault(output_id, {})[probe] = value
     return found

@@ -68,6 +68,9 @@ class OutputRecord:
     oom_count: int = 0
     batch_ooms: int = 0
     artifact_sha256: str | None = None
+    timeout_s: float | None = (
+        None  # the time the router gave this call (the judge censors pairs at the shorter)
+    )
 
 
 @dataclass

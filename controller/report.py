@@ -44,9 +44,7 @@ def build_report(session: Session, rollout: Rollout, config: Config, policy: Pol
         events=[event_dict(e) for e in events],
         charts=[_check_chart(check.name, verdicts) for check in policy.checks],
         latency=_latency_chart(session, rollout),
-        galleries=[
-            _gallery(check, pairs) for check in policy.checks if check.kind == "paired_mean"
-        ],
+        galleries=[_gallery(check, pairs) for check in _one_check_per_score(policy)],
         failures=_failures(session, rollout),
     )
 
@@ -128,6 +126,15 @@ def _quantiles(xs: list[float]) -> dict[str, float | None]:
         f"p{q}": (ordered[min(int(q / 100 * len(ordered)), len(ordered) - 1)] if ordered else None)
         for q in (50, 95, 99)
     }
+
+
+def _one_check_per_score(policy: Any) -> list[Any]:
+    """A gallery per score metric: a mean check and a tail check of one metric rank alike."""
+    seen: dict[str, Any] = {}
+    for check in policy.checks:
+        if check.kind in ("paired_mean", "tail_rate"):
+            seen.setdefault(check.metric, check)
+    return list(seen.values())
 
 
 def _gallery(check: Any, pairs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -139,7 +139,7 @@ class Router:
             # Dispatched once the primary has answered: the mirror's routing and its result's
             # handling then never share the event loop with the user's request.
             self._spawn(self._mirror(other(role), jobs, table.stage))
-        self._record_outputs(role, jobs, results, is_primary=True)
+        self._record_outputs(role, jobs, results, self.limits.request_timeout, is_primary=True)
         log.info(
             "served",
             request_id=request_id,
@@ -237,7 +237,7 @@ class Router:
     async def _mirror(self, role: str, jobs: list[ImageJob], stage: str) -> None:
         try:
             results = await self._call_all(role, jobs, self.limits.mirror_timeout)
-            self._record_outputs(role, jobs, results, is_primary=False)
+            self._record_outputs(role, jobs, results, self.limits.mirror_timeout, is_primary=False)
         except Exception:  # a mirror must never take anything down with it
             log.exception("mirror_failed", request_id=jobs[0].request_id, role=role, stage=stage)
         finally:
@@ -269,7 +269,13 @@ class Router:
             )
 
     def _record_outputs(
-        self, role: str, jobs: list[ImageJob], results: list[ImageResult], *, is_primary: bool
+        self,
+        role: str,
+        jobs: list[ImageJob],
+        results: list[ImageResult],
+        timeout_s: float,
+        *,
+        is_primary: bool,
     ) -> None:
         now = utcnow()
         for job, result in zip(jobs, results, strict=True):
@@ -289,6 +295,7 @@ class Router:
                     peak_gpu_bytes=result.peak_gpu_bytes,
                     oom_count=result.oom_count,
                     batch_ooms=result.batch_ooms,
+                    timeout_s=timeout_s,
                 ),
                 png=result.png,
             )

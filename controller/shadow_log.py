@@ -162,4 +162,6 @@ def _fails(check: Check, row: dict[str, Any]) -> bool:
         value -= other
     if check.direction == "higher_is_better":
         value = -value
+    if check.kind == "tail_rate":  # the pair is in the tail the check counts
+        return value > (check.threshold or 0.0)
     return value > (check.tolerance.absolute or 0.0)

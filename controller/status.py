@@ -189,9 +189,7 @@ def render_status(status: dict[str, Any]) -> Group:
             checks.add_column(column)
         colour = {"PASS": "green", "FAIL": "red"}
         for check in status["checks"]:
-            bounds = (
-                "" if check["lower"] is None else f"[{check['lower']:.4g}, {check['upper']:.4g}]"
-            )
+            bounds = _bounds_text(check["lower"], check["upper"])
             estimate = "" if check["estimate"] is None else f"{check['estimate']:.4g}"
             checks.add_row(
                 str(check["name"]),
@@ -268,3 +266,12 @@ def render_shadow_log(rows: list[dict[str, Any]]) -> Table:
             scores,
         )
     return table
+
+
+def _bounds_text(lower: float | None, upper: float | None) -> str:
+    """An unbounded end (too few samples for it) is stored as null: shown as an infinity."""
+    if lower is None and upper is None:
+        return ""
+    low = "-inf" if lower is None else f"{lower:.4g}"
+    high = "inf" if upper is None else f"{upper:.4g}"
+    return f"[{low}, {high}]"

@@ -130,6 +130,8 @@ class Output(Base):
     artifact_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     scored_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True, index=True)
+    # The time the router gave this call: a pair is judged at its arms' shorter deadline.
+    timeout_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Score(Base):

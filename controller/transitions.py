@@ -164,7 +164,13 @@ def evidence_for(
     verdict = latest_verdict(session, row)
     holding = []
     if verdict is not None:
-        holding = [c.get("name", "?") for c in verdict.checks if c.get("decision") != "PASS"]
+        holding = [
+            f"{c.get('name', '?')} (its probe is failing: see its reason)"
+            if c.get("probe_error")
+            else c.get("name", "?")
+            for c in verdict.checks
+            if c.get("decision") != "PASS" or c.get("probe_error")
+        ]
     return Evidence(
         samples=stage_samples(session, row),
         min_samples=config.rollout.for_stage("min_samples", stage),

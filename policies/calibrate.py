@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from controller.config import Config
+from policies.policy import Policy, load_policy
 from policies.probes.colour import colour_shift
 from policies.probes.typography import ENGINES, typography_cer
 from workers.jobs import ImageJob
@@ -36,12 +37,18 @@ def calibrate(
     config: Config,
     prompts: list[str],
     repeats: int = 1,
-    ocr_engine: str = "rapidocr",
+    policy: Policy | None = None,
     size: int = 64,
 ) -> list[NoiseFloor]:
+    """Render every prompt twice with the incumbent and measure what each check would see.
+
+    The tail rows use the thresholds of the policy's `tail_rate` checks: the share of A/A
+    pairs already past a threshold is the floor its tolerance must sit above.
+    """
+    policy = policy or load_policy()
     model = config.models.incumbent
     runner = PipelineRunner(model, config.base_dir)
-    ocr = ENGINES[ocr_engine]()
+    ocr = ENGINES[policy.ocr_engine]()
     shifts, cer_diffs, latency_ratios = [], [], []
     for round_ in range(repeats):
         for index, prompt in enumerate(prompts):
@@ -57,6 +64,18 @@ def calibrate(
             a, b = (typography_cer(prompt, image, ocr) for image in images)
             if a is not None and b is not None:
                 cer_diffs.append(a - b)
+    tails = {c.metric: c.threshold or 0.0 for c in policy.checks if c.kind == "tail_rate"}
+    values = {"colour_shift_de": shifts, "typography_cer": [abs(d) for d in cer_diffs]}
+    tail_floors = [
+        _floor(
+            f"{metric} past {threshold:g} (share of pairs)",
+            [float(v > threshold) for v in values[metric]],
+            lambda v: max(2 * float(v.mean()), 0.01),
+            "A/A pairs already in the tail; tail_rate tolerance: at least twice that share",
+        )
+        for metric, threshold in tails.items()
+        if metric in values
+    ]
     return [
         _floor(
             "colour_shift_de",
@@ -76,6 +95,7 @@ def calibrate(
             lambda v: max(float(np.quantile(v, 0.95)), 1.1),
             "render time ratio of two seeds; quantile tolerance ratio: its p95 (at least 1.1)",
         ),
+        *tail_floors,
     ]
 
 

@@ -14,13 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from policies.policy import Check
-from policies.sequential import (
-    Interval,
-    attribution_log_evalue,
-    bernoulli_cs,
-    bounded_mean_cs,
-    quantile_cs,
-)
+from policies.sequential import Interval, bounded_mean_cs, mean_bounds, mean_test, quantile_cs
 
 FAIL, PASS, INCONCLUSIVE = "FAIL", "PASS", "INCONCLUSIVE"
 
@@ -36,19 +30,23 @@ class CheckResult:
     critical: bool
     reason: str
     alpha: float  # the check's share of its budget: each of its FAIL and PASS claims is wrong w.p. <= alpha
+    # The check's probe is erroring (`probe_failing`): the check holds the rollout, critical or not.
+    probe_error: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-@dataclass
-class RateData:
-    candidate_events: int
-    candidate_total: int
-    incumbent_events: int
-    incumbent_total: int
-    # Informative failures in time order: (candidate's share of the trials, from the candidate?).
-    attributions: Sequence[tuple[float, bool]] = ()
+@dataclass(frozen=True)
+class ProbeHealth:
+    """How the probe behind a paired check fared on the outputs it tried to score."""
+
+    attempts: int = 0
+    errors: int = 0
+    first_error: str | None = None
+
+    def failing(self, max_share: float) -> bool:
+        return self.attempts > 0 and self.errors / self.attempts > max_share
 
 
 def _confidence(alpha: float) -> str:
@@ -73,69 +71,123 @@ def _decide(check: Check, bounds: Interval, samples: int) -> str:
     return INCONCLUSIVE
 
 
-def evaluate_rate(check: Check, data: RateData, alpha: float) -> CheckResult:
-    """Two Bernoulli rates.
+def evaluate_rate(
+    check: Check, units: Sequence[tuple[float, float]], alpha: float, what: str = ""
+) -> CheckResult:
+    """Two rates on paired units: FAIL when candidate > ratio x incumbent + absolute, PASS when below.
 
-    Absolute tolerance: per-arm one-sided bounds at alpha/2 each bound the difference; its
-    lower end (candidate's lower minus incumbent's upper) is wrong w.p. <= alpha, as is its upper.
-    Ratio tolerance: FAIL by the sequential count test (failures attributed at the traffic
-    split); PASS when the candidate's upper bound is within ratio x the incumbent's lower
-    bound, or below `negligible`.
+    Each unit is one mirrored request: (share of the candidate's images that count, share of
+    the incumbent's), so a request-wide failure is one unit, not n. Both arms saw the same
+    request, so whatever a user or a prompt does to the rate cancels within the pair.
+
+    The tolerance is linear in the rates, so one bounded variable per unit carries it:
+    z = c - ratio x i - absolute, in [-ratio - absolute, 1 - absolute]. "Candidate within
+    tolerance" is mean(z) <= 0 and "beyond it" is mean(z) >= 0; `mean_test` bets against
+    each, so FAIL and PASS are separate one-sided claims, each wrong w.p. <= alpha at any
+    look. This tests the rate ratio itself (not the odds ratio, as a test on discordant pairs
+    alone would), and counts pairs where both arms failed.
     """
-    cand = bernoulli_cs(data.candidate_events, data.candidate_total, alpha / 2)
-    inc = bernoulli_cs(data.incumbent_events, data.incumbent_total, alpha / 2)
-    p_c = data.candidate_events / data.candidate_total if data.candidate_total else 0.0
-    p_i = data.incumbent_events / data.incumbent_total if data.incumbent_total else 0.0
-    counts = f"({data.candidate_total} vs {data.incumbent_total} outputs)"
-    enough = data.candidate_total >= check.min_samples
-    if check.tolerance.ratio is not None:
-        r = check.tolerance.ratio
-        log_e = attribution_log_evalue(data.attributions, r)
-        if enough and log_e >= math.log(1 / alpha):
-            decision = FAIL
-        elif enough and (cand.upper <= r * inc.lower or cand.upper <= check.tolerance.negligible):
-            decision = PASS
-        else:
-            decision = INCONCLUSIVE
-        words = {
-            FAIL: f"rate ratio above x{r:g} (count test e-value {math.exp(min(log_e, 700)):.3g} >= "
-            f"{1 / alpha:.3g})",
-            PASS: f"candidate rate <= {cand.upper:.2%}",
-            INCONCLUSIVE: f"candidate rate in [{cand.lower:.2%}, {cand.upper:.2%}], incumbent in "
-            f"[{inc.lower:.2%}, {inc.upper:.2%}], each end",
-        }[decision]
-        reason = (
-            f"candidate {check.metric} rate {p_c:.1%} vs {p_i:.1%} {counts}, {words} with "
-            f"{_confidence(alpha)} confidence, tolerance x{r:g}"
-        )
-        bounds = Interval(cand.lower - r * inc.upper, cand.upper - r * inc.lower)
+    r, a = check.tolerance.rate_ratio, check.tolerance.rate_absolute
+    low, high = -r - a, 1.0 - a
+    z = [c - r * i - a for c, i in units]
+    n = len(z)
+    p_c = sum(c for c, _ in units) / n if n else 0.0
+    p_i = sum(i for _, i in units) / n if n else 0.0
+    against_ok, against_bad = mean_test(z, 0.0, low, high)
+    needed = math.log(1.0 / alpha)
+    if n < check.min_samples:
+        decision = INCONCLUSIVE
+    elif against_ok >= needed:
+        decision = FAIL
+    elif against_bad >= needed:
+        decision = PASS
     else:
-        diff = Interval(cand.lower - inc.upper, cand.upper - inc.lower)
-        bounds = (
-            diff if check.direction == "lower_is_better" else Interval(-diff.upper, -diff.lower)
+        decision = INCONCLUSIVE
+    bounds = mean_bounds(z, alpha, low, high) if n else Interval(low, high)
+    tolerance = (
+        " + ".join(
+            part for part in (f"x{r:g}" if r != 1 else "", f"{a * 100:g} pp" if a else "") if part
         )
-        decision = _decide(check, bounds, data.candidate_total)
-        words = {
-            FAIL: f"difference >= {bounds.lower * 100:+.1f} pp",
-            PASS: f"difference <= {bounds.upper * 100:+.1f} pp",
-            INCONCLUSIVE: f"difference in [{bounds.lower * 100:+.1f}, {bounds.upper * 100:+.1f}] pp, "
-            "each end",
-        }[decision]
-        reason = (
-            f"candidate {check.metric} rate {p_c:.1%} vs {p_i:.1%} {counts}, {words} with "
-            f"{_confidence(alpha)} confidence, tolerance {check.tolerance.absolute * 100:.1f} pp"
-        )
+        or "x1"
+    )
+    words = {
+        FAIL: f"above {tolerance} of the incumbent's (e-value {_e(against_ok)} >= {1 / alpha:.3g})",
+        PASS: f"within {tolerance} of the incumbent's (e-value {_e(against_bad)} >= {1 / alpha:.3g})",
+        INCONCLUSIVE: f"not yet shown within or beyond {tolerance} of the incumbent's (e-values "
+        f"{_e(against_ok)} for a regression, {_e(against_bad)} against; {1 / alpha:.3g} decides)",
+    }[decision]
+    reason = (
+        f"candidate {what or check.metric} rate {p_c:.2%} vs {p_i:.2%} over {n} mirrored "
+        f"requests, {words}, each claim with {_confidence(alpha)} confidence"
+    )
     return CheckResult(
         check.name,
         decision,
-        p_c - p_i,
+        sum(z) / n if n else None,  # how far beyond the tolerance (<= 0: within it), as the bounds
         bounds.lower,
         bounds.upper,
-        data.candidate_total,
+        n,
         check.critical,
-        _min_samples_note(check, data.candidate_total, reason),
+        _min_samples_note(check, n, reason),
         alpha,
     )
+
+
+Pair = tuple[float | None, float | None]  # one image's probe value: (candidate's, incumbent's)
+
+
+def paired_values(check: Check, pairs: Sequence[Pair]) -> list[float]:
+    """One request's pair values (candidate's score, or candidate minus incumbent), finite only."""
+    if check.pair_value == "candidate":
+        values = [c for c, _ in pairs if c is not None]
+    else:
+        values = [c - i for c, i in pairs if c is not None and i is not None]
+    return [v for v in values if math.isfinite(v)]
+
+
+def tail_units(check: Check, pairs: Sequence[Sequence[Pair]]) -> list[tuple[float, float]]:
+    """Per request, the shares of its pairs in the tail against each arm (a `tail_rate` check).
+
+    With `pair_value: candidate` the value already compares the pair (e.g. the ΔE between the
+    two images), so only the candidate can be in the tail. With `difference`, a pair whose
+    candidate is worse by more than the threshold counts against the candidate, and one whose
+    incumbent is worse by as much counts against the incumbent: an A/A pair is as likely
+    to land in either tail.
+    """
+    sign = -1 if check.direction == "higher_is_better" else 1
+    threshold = check.threshold or 0.0
+    units = []
+    for request in pairs:
+        values = [sign * v for v in paired_values(check, request)]
+        if not values:
+            continue
+        cand = sum(v > threshold for v in values) / len(values)
+        inc = (
+            0.0
+            if check.pair_value == "candidate"
+            else sum(v < -threshold for v in values) / len(values)
+        )
+        units.append((cand, inc))
+    return units
+
+
+def probe_failing(check: Check, health: ProbeHealth, max_share: float) -> CheckResult | None:
+    """INCONCLUSIVE, saying why, when the check's probe errors on more than `max_share`."""
+    if not health.failing(max_share):
+        return None
+    reason = (
+        f"probe {check.metric} errored on {health.errors}/{health.attempts} outputs it scored "
+        f"({health.errors / health.attempts:.0%}, more than the policy's max_probe_error_share "
+        f"{max_share:.0%}): {health.first_error}; the check holds the rollout until its probe "
+        "works (see the scorer's probe_failed events)"
+    )
+    return CheckResult(
+        check.name, INCONCLUSIVE, None, None, None, 0, check.critical, reason, 0.0, True
+    )
+
+
+def _e(log_e: float) -> str:
+    return f"{math.exp(min(log_e, 700)):.3g}"
 
 
 def evaluate_quantile(
@@ -185,7 +237,7 @@ def evaluate_paired(check: Check, values: Sequence[float], alpha: float) -> Chec
     """
     low, high = check.range
     sign = -1 if check.direction == "higher_is_better" else 1
-    signed = [sign * v for v in values]
+    signed = [sign * v for v in values if math.isfinite(v)]
     lo, hi = (low, high) if sign == 1 else (-high, -low)
     bounds = bounded_mean_cs(signed, alpha, lo, hi)
     mean = sum(signed) / len(signed) if signed else 0.0
@@ -229,11 +281,14 @@ def _min_samples_note(check: Check, samples: int, reason: str) -> str:
 
 
 def overall(results: Sequence[CheckResult]) -> str:
-    """FAIL if a critical check fails; PASS if every critical check passes and none fails; else INCONCLUSIVE."""
+    """FAIL if a critical check fails; PASS if every critical check passes, none fails and no
+    check's probe is failing; else INCONCLUSIVE."""
     if any(r.decision == FAIL and r.critical for r in results):
         return FAIL
-    if all(r.decision == PASS for r in results if r.critical) and not any(
-        r.decision == FAIL for r in results
+    if (
+        all(r.decision == PASS for r in results if r.critical)
+        and not any(r.decision == FAIL for r in results)
+        and not any(r.probe_error for r in results)
     ):
         return PASS
     return INCONCLUSIVE

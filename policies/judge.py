@@ -1,9 +1,10 @@
 """The judge: the policy's checks over everything recorded in this rollout attempt.
 
 Data come from SQL: outputs of both roles since the attempt began (the last
-`init` or `retry`), and probe scores of pairs (same request, same image
-index, both outputs ok). Each check is a confidence sequence over that
-growing window at its share of the policy's budget (`Policy.alpha_for`), so
+`init` or `retry`) and their probe scores. The unit of analysis is a mirrored
+request with both arms recorded (`build_window` says why), judged at the
+shorter of its arms' deadlines. Each check is an anytime-valid test over that
+growing sequence at its share of the policy's budget (`Policy.alpha_for`), so
 evaluating after every record keeps the chance of a false rollback over the
 whole attempt below `alpha`.
 """
@@ -11,26 +12,30 @@ whole attempt below `alpha`.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from controller.lost import LOST
-from controller.pairs import group_pairs, scores_by_output
+from controller.pairs import score_rows
 from controller.tables import Output, Request, Rollout, RolloutEvent, Verdict, utcnow
 from policies.checks import (
     CheckResult,
-    RateData,
+    Pair,
+    ProbeHealth,
     evaluate_paired,
     evaluate_quantile,
     evaluate_rate,
     overall,
+    paired_values,
+    probe_failing,
+    tail_units,
 )
-from policies.policy import Check, Policy
+from policies.policy import SCORE_METRICS, Policy
 
 RATE_STATUSES = {
     "error": {"error"},
@@ -39,18 +44,50 @@ RATE_STATUSES = {
     "blank": {"blank"},
     "failure": {"error", "timeout", "overload"},
 }
+CANDIDATE, INCUMBENT = "candidate", "incumbent"
+
+
+@dataclass(frozen=True)
+class OutputFacts:
+    """What the judge reads of one recorded output (a row of `outputs`, or a simulated one)."""
+
+    id: str
+    request_id: str
+    role: str
+    image_index: int
+    status: str
+    latency_ms: float | None = None
+    queue_ms: float | None = None
+    batch_size: int | None = None
+    timeout_s: float | None = None
+
+
+@dataclass
+class Arm:
+    """One role's side of a mirrored request, judged at the pair's common deadline."""
+
+    statuses: list[str]  # per image; a success slower than the pair's deadline counts as a timeout
+    latency_ms: float | None  # the request's (its slowest image), capped at the deadline
+    queue_ms: float | None
+    gpu_seconds: float | None
+
+
+@dataclass
+class Unit:
+    """One mirrored request whose both arms are recorded: the judge's unit of analysis."""
+
+    request_id: str
+    arms: dict[str, Arm]
+    scores: dict[str, list[Pair]]  # per probe, per image: (candidate's value, incumbent's)
 
 
 @dataclass
 class Window:
-    """Per-role outputs and per-pair scores of one rollout attempt."""
+    """The units of one rollout attempt, in arrival order, and how each probe fared on them."""
 
-    statuses: dict[str, list[str]]
-    samples: dict[str, dict[str, list[float]]]
-    pair_scores: dict[str, list[tuple[float | None, float | None]]]
-    requests: int
-    # Per (request, image) in arrival order: (candidate's primary share in its stage, statuses by role).
-    units: list[tuple[float, dict[str, str]]] = field(default_factory=list)
+    units: list[Unit]
+    probe_health: dict[str, ProbeHealth]
+    requests: int  # every request of the attempt, mirrored or not
 
 
 def attempt_started(session: Session, rollout: Rollout) -> datetime:
@@ -65,9 +102,10 @@ def attempt_started(session: Session, rollout: Rollout) -> datetime:
 
 
 def load_window(session: Session, rollout: Rollout, gpus: dict[str, float]) -> Window:
+    """The attempt's outputs and scores from SQL, as `build_window` judges them."""
     since = attempt_started(session, rollout)
     rows = session.execute(
-        select(Output, Request.id, Request.stage, Request.mirrored)
+        select(Output, Request.mirrored)
         .join(Request, Output.request_id == Request.id)
         .where(
             Request.rollout_id == rollout.id,
@@ -76,66 +114,139 @@ def load_window(session: Session, rollout: Rollout, gpus: dict[str, float]) -> W
         )
         .order_by(Request.created_at, Request.id, Output.image_index)
     ).all()
-    weights = {name: weight / 100 for name, weight in rollout.stages}
-    statuses: dict[str, list[str]] = defaultdict(list)
-    samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    unit_info: dict[tuple[str, int], tuple[float, bool]] = {}
-    for output, request_id, stage, mirrored in rows:
-        unit_info[(request_id, output.image_index)] = (weights.get(stage, 0.0), mirrored)
-        statuses[output.role].append(output.status)
-        if output.status == "ok" and output.latency_ms is not None:
-            role_samples = samples[output.role]
-            role_samples["latency_ms"].append(output.latency_ms)
-            role_samples["queue_ms"].append(output.queue_ms or 0.0)
-            role_samples["gpu_seconds"].append(
-                output.latency_ms
-                / 1000
-                * gpus.get(output.role, 0.0)
-                / max(output.batch_size or 1, 1)
-            )
-    by_pair = group_pairs(row[0] for row in rows)
-    pairs = {
-        key: roles
-        for key, roles in by_pair.items()
-        if roles.get("candidate") is not None
-        and roles.get("incumbent") is not None
-        and roles["candidate"].status == "ok"
-        and roles["incumbent"].status == "ok"
-    }
-    scores = scores_by_output(session, [o.id for roles in pairs.values() for o in roles.values()])
-    pair_scores: dict[str, list[tuple[float | None, float | None]]] = defaultdict(list)
-    for roles in pairs.values():
-        cand, inc = scores.get(roles["candidate"].id, {}), scores.get(roles["incumbent"].id, {})
-        for probe in set(cand) | set(inc):
-            pair_scores[probe].append((cand.get(probe), inc.get(probe)))
-    requests = len({row[1] for row in rows})
-    units = []
-    for key, roles in by_pair.items():  # insertion order is arrival order
-        share, mirrored = unit_info[key]
-        if mirrored and len(roles) < 2:
-            continue  # the mirror's output is not recorded yet: judge the unit once it is whole
-        units.append(
-            (0.5 if len(roles) == 2 else share, {role: o.status for role, o in roles.items()})
+    facts = [
+        OutputFacts(
+            o.id,
+            o.request_id,
+            o.role,
+            o.image_index,
+            o.status,
+            o.latency_ms,
+            o.queue_ms,
+            o.batch_size,
+            o.timeout_s,
         )
-    return Window(
-        dict(statuses), {k: dict(v) for k, v in samples.items()}, dict(pair_scores), requests, units
+        for o, _ in rows
+    ]
+    mirrored = {o.request_id for o, is_mirrored in rows if is_mirrored}
+    paired_ids = [f.id for f in facts if f.request_id in mirrored and f.status == "ok"]
+    requests = session.scalar(
+        select(func.count())
+        .select_from(Request)
+        .where(Request.rollout_id == rollout.id, Request.created_at >= since)
     )
+    return build_window(facts, mirrored, score_rows(session, paired_ids), gpus, requests or 0)
 
 
-def attributions(window: Window, bad: set[str]) -> list[tuple[float, bool]]:
-    """Failures the count test can attribute: one arm failed and the split says how likely that was."""
-    events = []
-    for share, statuses in window.units:
-        failed = {role for role, status in statuses.items() if status in bad}
-        if len(failed) == 1 and (len(statuses) == 2 or 0.0 < share < 1.0):
-            events.append((share, "candidate" in failed))
-    return events
+def build_window(
+    outputs: Iterable[OutputFacts],
+    mirrored: Collection[str],
+    scores: Iterable[tuple[str, str, float | None, str | None]],
+    gpus: dict[str, float],
+    requests: int,
+) -> Window:
+    """Units from outputs in arrival order: mirrored requests with both arms recorded.
+
+    Why only those: users are routed stickily, so the candidate's share of *requests* is not
+    its share of users, and a heavy user's habits land on one arm; a mirrored request shows
+    the same request to both arms. A request's images are one unit, because a failure often
+    takes out the whole request. Whether a request is mirrored depends on the past only
+    (its id, and the mirrors in flight when it arrived), never on its own outcome, so the
+    sequential tests stay valid on this subset. A request whose mirror is not recorded yet
+    waits until it is.
+    """
+    by_request: dict[str, dict[str, list[OutputFacts]]] = {}
+    for output in outputs:
+        if output.request_id in mirrored:
+            by_request.setdefault(output.request_id, {}).setdefault(output.role, []).append(output)
+    rows_by_output: dict[str, list[tuple[str, float | None, str | None]]] = {}
+    for output_id, probe, value, error in scores:
+        rows_by_output.setdefault(output_id, []).append((probe, value, error))
+    units, health = [], _ProbeTally()
+    for request_id, roles in by_request.items():
+        if set(roles) != {CANDIDATE, INCUMBENT}:
+            continue
+        deadlines = [o.timeout_s for outs in roles.values() for o in outs if o.timeout_s]
+        deadline_ms = min(deadlines) * 1000 if deadlines else None
+        arms = {role: _arm(outs, deadline_ms, gpus.get(role, 0.0)) for role, outs in roles.items()}
+        values: dict[str, dict[str, dict[int, float | None]]] = {}
+        for role, outs in roles.items():
+            for o in outs:
+                for probe, value, error in rows_by_output.get(o.id, []):
+                    health.add(probe, value, error)
+                    if error is None and value is not None and math.isfinite(value):
+                        values.setdefault(probe, {}).setdefault(role, {})[o.image_index] = value
+        ok = {
+            role: {o.image_index for o in outs if o.status == "ok"} for role, outs in roles.items()
+        }
+        both_ok = sorted(ok[CANDIDATE] & ok[INCUMBENT])
+        scores_of = {
+            probe: [
+                (by_role.get(CANDIDATE, {}).get(k), by_role.get(INCUMBENT, {}).get(k))
+                for k in both_ok
+            ]
+            for probe, by_role in values.items()
+        }
+        units.append(Unit(request_id, arms, scores_of))
+    return Window(units, health.health(), requests)
 
 
-def paired_values(check: Check, pairs: list[tuple[float | None, float | None]]) -> list[float]:
-    if check.pair_value == "candidate":
-        return [c for c, _ in pairs if c is not None]
-    return [c - i for c, i in pairs if c is not None and i is not None]
+def _arm(outputs: list[OutputFacts], deadline_ms: float | None, gpus: float) -> Arm:
+    """One arm of a pair at the pair's deadline: both arms of a pair are given the same time.
+
+    The mirror's timeout is usually shorter than the primary's. Judged as recorded, an
+    identical model on the mirror side would time out more and lose its slow successes from
+    the latency data; judged at the shorter deadline, both arms are censored alike.
+    """
+    statuses: list[str] = []
+    latencies: list[float | None] = []  # of the images that succeeded or timed out
+    for o in outputs:
+        late = deadline_ms is not None and o.latency_ms is not None and o.latency_ms > deadline_ms
+        status = "timeout" if o.status == "ok" and late else o.status
+        statuses.append(status)
+        if status == "timeout":
+            latencies.append(deadline_ms if deadline_ms is not None else o.latency_ms)
+        elif status == "ok":
+            latencies.append(o.latency_ms)
+    known = [v for v in latencies if v is not None]
+    latency = max(known) if known and len(known) == len(outputs) else None
+    all_ok = all(s == "ok" for s in statuses)
+    queue = max((o.queue_ms or 0.0 for o in outputs), default=0.0) if all_ok else None
+    gpu_seconds = (
+        sum((o.latency_ms or 0.0) / 1000 * gpus / max(o.batch_size or 1, 1) for o in outputs)
+        if all_ok
+        else None
+    )
+    return Arm(statuses, latency, queue, gpu_seconds)
+
+
+class _ProbeTally:
+    """Score rows per probe: how many, how many errored, the first error. An `image` error
+    (the artifact could not be read) is an error of every probe."""
+
+    def __init__(self) -> None:
+        self.attempts: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.first: dict[str, str] = {}
+
+    def add(self, probe: str, value: float | None, error: str | None) -> None:
+        if value is not None and not math.isfinite(value):
+            error = f"the probe stored {value}, not a finite number"
+        for name in SCORE_METRICS if probe == "image" else (probe,):
+            self.attempts[name] = self.attempts.get(name, 0) + 1
+            if error is not None:
+                self.errors[name] = self.errors.get(name, 0) + 1
+                self.first.setdefault(name, error)
+
+    def health(self) -> dict[str, ProbeHealth]:
+        return {
+            name: ProbeHealth(count, self.errors.get(name, 0), self.first.get(name))
+            for name, count in self.attempts.items()
+        }
+
+
+def _share(statuses: list[str], bad: set[str]) -> float:
+    return sum(s in bad for s in statuses) / len(statuses)
 
 
 def evaluate(policy: Policy, window: Window) -> list[CheckResult]:
@@ -144,25 +255,31 @@ def evaluate(policy: Policy, window: Window) -> list[CheckResult]:
         alpha = policy.alpha_for(check)
         if check.kind == "rate":
             bad = RATE_STATUSES[check.metric]
-            cand, inc = window.statuses.get("candidate", []), window.statuses.get("incumbent", [])
-            data = RateData(
-                sum(s in bad for s in cand),
-                len(cand),
-                sum(s in bad for s in inc),
-                len(inc),
-                attributions(window, bad),
+            units = [
+                (_share(u.arms[CANDIDATE].statuses, bad), _share(u.arms[INCUMBENT].statuses, bad))
+                for u in window.units
+            ]
+            results.append(evaluate_rate(check, units, alpha))
+            continue
+        if check.kind == "quantile":
+            cand, inc = (
+                [v for u in window.units if (v := getattr(u.arms[role], check.metric)) is not None]
+                for role in (CANDIDATE, INCUMBENT)
             )
-            results.append(evaluate_rate(check, data, alpha))
-        elif check.kind == "quantile":
-            cand = window.samples.get("candidate", {}).get(check.metric, [])
-            inc = window.samples.get("incumbent", {}).get(check.metric, [])
             results.append(evaluate_quantile(check, cand, inc, alpha))
-        else:
-            results.append(
-                evaluate_paired(
-                    check, paired_values(check, window.pair_scores.get(check.metric, [])), alpha
-                )
-            )
+            continue
+        health = window.probe_health.get(check.metric, ProbeHealth())
+        held = probe_failing(check, health, policy.max_probe_error_share)
+        if held is not None:
+            results.append(held)
+            continue
+        per_request = [u.scores.get(check.metric, []) for u in window.units]
+        if check.kind == "tail_rate":
+            what = f"{check.metric} past {check.threshold:g}"
+            results.append(evaluate_rate(check, tail_units(check, per_request), alpha, what))
+            continue
+        means = [sum(v) / len(v) for pairs in per_request if (v := paired_values(check, pairs))]
+        results.append(evaluate_paired(check, means, alpha))
     return results
 
 

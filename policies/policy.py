@@ -24,26 +24,45 @@ class _Strict(BaseModel):
 
 
 class Tolerance(_Strict):
-    """How much worse the candidate may be: an absolute difference or a ratio (one of the two).
+    """How much worse the candidate may be.
 
-    `negligible` (rate checks with a ratio): a candidate rate whose upper bound is below
-    this passes whatever the incumbent's rate, so two arms with no failures can PASS.
+    `rate` and `tail_rate` checks: the candidate's rate may be up to `ratio` x the
+    incumbent's plus `absolute` (give one or both; a missing one is 1 or 0). The absolute
+    part is what lets a healthy candidate PASS in a few thousand pairs at 1-5% failure rates:
+    a ratio alone asks the data to tell 1% from 1.25% (docs/policy.md). `quantile` checks
+    take one of the two; `paired_mean` checks take `absolute`.
     """
 
     absolute: float | None = Field(None, ge=0)
     ratio: float | None = Field(None, ge=1)
-    negligible: float = Field(0.0, ge=0, le=1)
+    negligible: float | None = Field(
+        None, description="replaced by `absolute`; kept only to say so when a file uses it"
+    )
 
     @model_validator(mode="after")
-    def _one(self) -> Tolerance:
-        if (self.absolute is None) == (self.ratio is None):
-            raise ValueError("give exactly one of absolute or ratio")
+    def _given(self) -> Tolerance:
+        if self.negligible is not None:
+            raise ValueError(
+                "`negligible` was replaced: a rate check now FAILs or PASSes against "
+                "ratio x incumbent + absolute, so write {ratio: R, absolute: A} "
+                f"(for example absolute: {self.negligible:g}); docs/policy.md explains it"
+            )
+        if self.absolute is None and self.ratio is None:
+            raise ValueError("give absolute, ratio, or (rate checks) both")
         return self
+
+    @property
+    def rate_ratio(self) -> float:
+        return self.ratio if self.ratio is not None else 1.0
+
+    @property
+    def rate_absolute(self) -> float:
+        return self.absolute if self.absolute is not None else 0.0
 
 
 class Check(_Strict):
     name: str = Field(pattern=r"^[a-z0-9_]+$")
-    kind: Literal["rate", "quantile", "paired_mean"]
+    kind: Literal["rate", "quantile", "paired_mean", "tail_rate"]
     metric: str
     tolerance: Tolerance
     direction: Literal["lower_is_better", "higher_is_better"] = "lower_is_better"
@@ -52,24 +71,38 @@ class Check(_Strict):
     quantile: float | None = Field(None, gt=0, lt=1)
     pair_value: Literal["difference", "candidate"] = "difference"
     range: tuple[float, float] = (-1.0, 1.0)
+    # tail_rate: a pair is in the tail when its value is past this (candidate worse); with
+    # pair_value difference, a pair past -threshold counts against the incumbent.
+    threshold: float | None = None
     # This check's share of its budget (rollback alpha if critical, advisory alpha if not),
     # relative to the other checks of the same criticality.
     weight: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> Check:
-        allowed = {"rate": RATE_METRICS, "quantile": SAMPLE_METRICS, "paired_mean": SCORE_METRICS}[
-            self.kind
-        ]
+        allowed = {
+            "rate": RATE_METRICS,
+            "quantile": SAMPLE_METRICS,
+            "paired_mean": SCORE_METRICS,
+            "tail_rate": SCORE_METRICS,
+        }[self.kind]
         if self.metric not in allowed:
             raise ValueError(
                 f"metric {self.metric!r} does not fit kind {self.kind}; use one of {', '.join(allowed)}"
             )
         if self.kind == "quantile" and self.quantile is None:
             raise ValueError("a quantile check needs `quantile`, for example 0.95")
+        both = self.tolerance.absolute is not None and self.tolerance.ratio is not None
+        if self.kind == "quantile" and both:
+            raise ValueError("a quantile check takes one of absolute or ratio, not both")
         if self.kind == "paired_mean" and self.tolerance.ratio is not None:
             raise ValueError(
                 "a paired_mean check takes an absolute tolerance (the pair already compares)"
+            )
+        if self.kind == "tail_rate" and self.threshold is None:
+            raise ValueError(
+                "a tail_rate check needs `threshold`: a pair past it counts as a regression, "
+                "for example 8 (ΔE) for colour_shift_de"
             )
         if self.range[0] >= self.range[1]:
             raise ValueError(f"range {list(self.range)} must be [low, high] with low < high")
@@ -90,6 +123,9 @@ class Policy(_Strict):
     sample_rate: float = Field(1.0, gt=0, le=1, description="share of outputs the scorer scores")
     ocr_engine: Literal["rapidocr", "tesseract"] = "rapidocr"
     clip_model: str | None = None
+    # A probe erroring on more than this share of the outputs it scored turns its checks
+    # INCONCLUSIVE, with the error in the reason, and holds the rollout: no PASS without evidence.
+    max_probe_error_share: float = Field(0.05, ge=0, le=1)
     checks: list[Check] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ writes a score row with its error: a probe error, never a model error.
 from __future__ import annotations
 
 import hashlib
+import math
 from datetime import datetime, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -151,8 +152,20 @@ class Scorer:
                 )
                 results.append((name, None, f"{type(exc).__name__}: {exc}"[:1000]))
                 continue
-            if value is not None:
-                results.append((name, float(value), None))
+            if value is None:
+                continue
+            if not math.isfinite(float(value)):  # a probe's bug must never reach a statistic
+                log.warning(
+                    "probe_failed",
+                    probe=name,
+                    request_id=request.id,
+                    stage=request.stage,
+                    role=output.role,
+                    error=f"returned {value}",
+                )
+                results.append((name, None, f"the probe returned {value}, not a finite number"))
+                continue
+            results.append((name, float(value), None))
         return results
 
     def _against(self, image: np.ndarray, other: Output) -> float:

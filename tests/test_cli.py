@@ -31,7 +31,7 @@ def status_json(path):
     return json.loads(result.stdout)
 
 
-def add_evidence(path, samples, decision):
+def add_evidence(path, samples, decision, checks=None):
     """What the router and the judge would have written during the current stage."""
     config = load_config(path)
     store = Store(config.resolved_database_url)
@@ -57,7 +57,8 @@ def add_evidence(path, samples, decision):
                 evaluated_at=now,
                 decision=decision,
                 samples=samples,
-                checks=[
+                checks=checks
+                or [
                     {
                         "name": "error_rate",
                         "decision": decision,
@@ -97,6 +98,20 @@ def test_walk_from_shadow_to_finalized(config_path):
         and "INCONCLUSIVE" in refused.stderr
         and "held by error_rate" in refused.stderr
     )
+
+    broken_probe = {
+        "name": "colour_shift",
+        "decision": "INCONCLUSIVE",
+        "estimate": None,
+        "lower": None,
+        "upper": None,
+        "probe_error": True,
+        "reason": "probe colour_shift_de errored on 30/30 outputs it scored",
+    }
+    add_evidence(config_path, samples=0, decision="INCONCLUSIVE", checks=[broken_probe])
+    refused = cutover(config_path, "advance")
+    assert refused.exit_code == 2 and "colour_shift (its probe is failing" in refused.stderr
+    assert "[-inf, inf]" not in cutover(config_path, "status").stdout  # no bounds: none shown
 
     add_evidence(config_path, samples=0, decision="PASS")
     status = status_json(config_path)

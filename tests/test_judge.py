@@ -12,7 +12,6 @@ from policies.checks import (
     FAIL,
     INCONCLUSIVE,
     PASS,
-    RateData,
     evaluate_paired,
     evaluate_quantile,
     evaluate_rate,
@@ -25,6 +24,8 @@ from policies.sequential import (
     bernoulli_cs,
     bounded_mean_cs,
     log_mixture_ratio,
+    mean_bounds,
+    mean_test,
     quantile_cs,
 )
 
@@ -187,14 +188,69 @@ def check(kind, metric, **extra):
 
 
 def test_rate_check_fails_passes_and_says_why():
+    """Units are mirrored requests: (candidate's failed share, incumbent's)."""
     c = check("rate", "failure")
-    fail = evaluate_rate(c, RateData(120, 1000, 20, 1000), 0.01)
-    assert fail.decision == FAIL and fail.lower > 0.01
-    assert fail.reason.startswith("candidate failure rate 12.0% vs 2.0%")
-    assert "tolerance 1.0 pp" in fail.reason and "99% confidence" in fail.reason
-    assert evaluate_rate(c, RateData(0, 5000, 0, 5000), 0.01).decision == PASS
-    assert evaluate_rate(c, RateData(3, 100, 2, 100), 0.01).decision == INCONCLUSIVE
-    assert "5/20 samples" in evaluate_rate(c, RateData(4, 5, 0, 5), 0.01).reason
+    worse = [(1.0, 0.0)] * 120 + [(0.0, 1.0)] * 20 + [(0.0, 0.0)] * 860
+    fail = evaluate_rate(c, worse, 0.01)
+    assert fail.decision == FAIL and fail.lower > 0
+    assert fail.reason.startswith("candidate failure rate 12.00% vs 2.00% over 1000 mirrored")
+    assert "above 1 pp of the incumbent's" in fail.reason and "99% confidence" in fail.reason
+    assert evaluate_rate(c, [(0.0, 0.0)] * 5000, 0.01).decision == PASS
+    assert (
+        evaluate_rate(c, [(1.0, 0.0)] * 3 + [(0.0, 1.0)] * 2 + [(0.0, 0.0)] * 95, 0.01).decision
+        == INCONCLUSIVE
+    )
+    assert "5/20 samples" in evaluate_rate(c, [(1.0, 0.0)] * 4 + [(0.0, 0.0)], 0.01).reason
+
+
+def test_rate_check_tests_the_rate_ratio_with_both_failures_counted():
+    """At 50% vs 40% with x1.25 the null holds exactly (rate ratio 1.25) though the odds ratio
+    is 1.5: pairs where both arms failed must count, or the check tests the odds ratio."""
+    c = check("rate", "failure", tolerance={"ratio": 1.25})
+    # Independent arms: both fail 20%, candidate only 30%, incumbent only 20%, neither 30%.
+    units = [(1.0, 1.0)] * 2000 + [(1.0, 0.0)] * 3000 + [(0.0, 1.0)] * 2000 + [(0.0, 0.0)] * 3000
+    at_boundary = evaluate_rate(c, units, 0.05)
+    assert at_boundary.decision == INCONCLUSIVE
+    assert at_boundary.lower < 0 < at_boundary.upper
+    slightly_worse = (
+        [(1.0, 1.0)] * 2000 + [(1.0, 0.0)] * 4000 + [(0.0, 1.0)] * 2000 + [(0.0, 0.0)] * 2000
+    )
+    assert evaluate_rate(c, slightly_worse, 0.05).decision == FAIL
+
+
+def test_mean_test_is_one_sided_at_alpha_under_its_null():
+    """Rare events at exactly the null's boundary, looked at after every 50 values: each side's
+    e-value ever reaches 1/alpha in at most alpha of runs."""
+    rng = random.Random(41)
+    alpha, ratio, runs = 0.1, 1.25, 300
+    fails = passes = 0
+    for _ in range(runs):
+        z, failed, passed = [], False, False
+        for step in range(4000):
+            c, i = rng.random() < 0.05 * ratio, rng.random() < 0.05
+            z.append(c - ratio * i)
+            if step % 50 == 49:
+                above, below = mean_test(z, 0.0, -ratio, 1.0)
+                failed |= above >= math.log(1 / alpha)
+                passed |= below >= math.log(1 / alpha)
+        fails += failed
+        passes += passed
+    assert fails / runs <= alpha and passes / runs <= alpha
+
+
+def test_mean_test_known_value_and_bounds_agree_with_it():
+    """One value at the top of [-1, 1] against m = 0: the "above" capital of each stake s is
+    1 + s, so the mixture is their mean; the bounds are where the tests stop rejecting."""
+    from policies.sequential import STAKES
+
+    above, below = mean_test([1.0], 0.0, -1.0, 1.0)
+    assert above == pytest.approx(math.log(sum(1 + s for s in STAKES) / len(STAKES)))
+    assert below == pytest.approx(math.log(sum(1 - s for s in STAKES) / len(STAKES)))
+    values = [0.3] * 400 + [-0.1] * 100
+    bounds = mean_bounds(values, 0.05, -1.0, 1.0)
+    assert bounds.lower < 0.22 < bounds.upper
+    assert mean_test(values, bounds.lower - 1e-3, -1.0, 1.0)[0] >= math.log(20)
+    assert mean_test(values, bounds.upper + 1e-3, -1.0, 1.0)[1] >= math.log(20)
 
 
 def test_quantile_check_with_ratio_tolerance():
@@ -219,70 +275,35 @@ def test_paired_check_on_differences_and_direction():
     assert evaluate_paired(higher, [-v for v in worse], 0.01).decision == FAIL
 
 
-def test_seeded_aa_simulation_false_rollbacks_within_alpha():
-    """Healthy candidates (A/A) judged after every batch of 50 requests: few enough false FAILs."""
-    from bench.judge_sim import simulate_rollout
+def test_a_policy_still_using_negligible_is_told_what_to_write(tmp_path):
+    from controller.yaml_source import SourceError
 
-    policy = load_policy()
-    rng = random.Random(2026)
-    failures = sum(
-        simulate_rollout(policy, rng, requests_per_stage=300)["failed"] for _ in range(60)
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "alpha: 0.05\nchecks:\n"
+        "  - name: error_rate\n"
+        "    kind: rate\n"
+        "    metric: failure\n"
+        "    tolerance: {ratio: 1.25, negligible: 0.01}\n"
     )
-    assert failures / 60 <= policy.alpha
+    with pytest.raises(SourceError) as error:
+        load_policy(path)
+    message = str(error.value)
+    assert "policy.yaml:6" in message and "negligible" in message
+    assert "{ratio: R, absolute: A}" in message and "absolute: 0.01" in message
 
 
-def test_count_test_attributes_failures_at_the_traffic_split():
-    """At a 10% split, candidate failures at 3x the incumbent's rate are found; equal rates are not."""
-    from policies.sequential import attribution_log_evalue
+def test_a_tail_check_needs_its_threshold(tmp_path):
+    from controller.yaml_source import SourceError
 
-    rng = random.Random(9)
-    worse, same = [], []
-    for _ in range(20000):
-        on_candidate = rng.random() < 0.1
-        if rng.random() < (0.15 if on_candidate else 0.05):
-            worse.append((0.1, on_candidate))
-        on_candidate = rng.random() < 0.1
-        if rng.random() < 0.05:
-            same.append((0.1, on_candidate))
-    assert attribution_log_evalue(worse, 1.0) > math.log(1 / 0.01)
-    assert attribution_log_evalue(same, 1.0) < math.log(1 / 0.01)
-    # A known value: one candidate failure at w = 1/2 against r0 = 1 is the mean of 2 x theta1 over the lifts.
-    from policies.sequential import LIFTS
-
-    expected = math.log(sum(2 * lift / (lift + 1) for lift in LIFTS) / len(LIFTS))
-    assert attribution_log_evalue([(0.5, True)], 1.0) == pytest.approx(expected)
-
-
-def test_count_test_false_alarms_under_aa_stay_below_alpha():
-    from policies.sequential import attribution_log_evalue
-
-    rng = random.Random(13)
-    alarms = 0
-    for _ in range(200):
-        events = []
-        for _step in range(40):
-            for _ in range(500):
-                on_candidate = rng.random() < 0.3
-                if rng.random() < 0.05:
-                    events.append((0.3, on_candidate))
-            if attribution_log_evalue(events, 1.0) >= math.log(1 / 0.05):
-                alarms += 1
-                break
-    assert alarms / 200 <= 0.05
-
-
-def test_ratio_rate_check_passes_two_clean_arms_through_negligible():
-    c = Check(
-        name="error_rate",
-        kind="rate",
-        metric="failure",
-        tolerance=Tolerance(ratio=1.25, negligible=0.01),
-        min_samples=50,
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "checks:\n"
+        "  - {name: t, kind: tail_rate, metric: colour_shift_de, tolerance: {absolute: 0.02}}\n"
     )
-    assert evaluate_rate(c, RateData(0, 3000, 0, 3000, []), 0.01).decision == PASS
-    events = [(0.5, True)] * 150 + [(0.5, False)] * 30
-    fail = evaluate_rate(c, RateData(160, 3000, 40, 3000, events), 0.01)
-    assert fail.decision == FAIL and "count test" in fail.reason
+    with pytest.raises(SourceError) as error:
+        load_policy(path)
+    assert "policy.yaml:2" in str(error.value) and "threshold" in str(error.value)
 
 
 def test_alpha_is_shared_by_weight_within_each_budget(tmp_path):

@@ -71,8 +71,10 @@ def test_requests_whose_router_died_end_as_lost_and_a_late_output_replaces_it(tm
 
     with store.reader() as session:
         window = load_window(session, get_rollout(session, config.name), {})
-    assert sorted(window.statuses["incumbent"]) == ["ok", "ok"]  # `lost` is no evidence
-    assert window.statuses["candidate"] == ["ok"]
+    # `lost` is no evidence: the request whose router died has no candidate side left, so
+    # only the whole request is judged.
+    assert [u.request_id for u in window.units] == [whole]
+    assert window.units[0].arms["candidate"].statuses == ["ok"]
 
     # The mirror's real output was in a spill file after all: replay puts it in place of `lost`.
     recorder = Recorder(config.resolved_database_url, tmp_path / "artifacts", tmp_path / "spill")
@@ -93,4 +95,8 @@ def test_requests_whose_router_died_end_as_lost_and_a_late_output_replaces_it(tm
     assert recorder.counters.dead_letters == 0 and recorder.counters.replayed == 1
     assert ("candidate", 0, "ok") in outcomes(store, died)
     assert ("candidate", 0, "lost") not in outcomes(store, died)
+    with store.reader() as session:
+        window = load_window(session, get_rollout(session, config.name), {})
+    # Replayed, the died request pairs again on its image 0 (image 1 of both arms stays lost).
+    assert sorted(u.request_id for u in window.units) == sorted([died, whole])
     store.close()

@@ -93,7 +93,7 @@ def test_calibrate_reports_noise_floors_from_an_aa_run(tmp_path, tiny_models):
         env={**os.environ, "COLUMNS": "200"},
     )
     assert result.returncode == 0, result.stderr
-    for metric in ("colour_shift_de", "typography_cer", "latency ratio"):
+    for metric in ("colour_shift_de", "typography_cer", "latency ratio", "colour_shift_de past 8"):
         assert metric in result.stdout
     rows = [line for line in result.stdout.splitlines() if "colour_shift_de" in line]
     assert " 4 " in rows[0]  # two prompts x two rounds = four A/A pairs

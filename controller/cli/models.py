@@ -58,7 +58,7 @@ def calibrate(
             if prompts
             else default_prompts()
         )
-        floors = run_calibration(config, texts, repeats, policy.ocr_engine, size)
+        floors = run_calibration(config, texts, repeats, policy, size)
         table = Table(
             title=f"A/A noise floor of {config.models.incumbent.pipeline}", title_justify="left"
         )
