@@ -140,6 +140,9 @@ class Scorer:
         for name, probe in probes:
             try:
                 value = probe()
+                if value is not None and not math.isfinite(float(value)):
+                    # A probe's bug must never reach a statistic: an error, not a score.
+                    raise ValueError(f"the probe returned {value}, not a finite number")
             # A probe's failure is recorded as such, never as a model error.
             except Exception as exc:
                 log.warning(
@@ -153,17 +156,6 @@ class Scorer:
                 results.append((name, None, f"{type(exc).__name__}: {exc}"[:1000]))
                 continue
             if value is None:
-                continue
-            if not math.isfinite(float(value)):  # a probe's bug must never reach a statistic
-                log.warning(
-                    "probe_failed",
-                    probe=name,
-                    request_id=request.id,
-                    stage=request.stage,
-                    role=output.role,
-                    error=f"returned {value}",
-                )
-                results.append((name, None, f"the probe returned {value}, not a finite number"))
                 continue
             results.append((name, float(value), None))
         return results

@@ -96,16 +96,20 @@ def bernoulli_cs(successes: int, n: int, alpha: float) -> Interval:
 
         if not rejected(out):
             return 0.0 if side == "above" else 1.0
-        inside = centre
-        for _ in range(80):
-            mid = (inside + out) / 2
-            if rejected(mid):
-                out = mid
-            else:
-                inside = mid
-        return inside
+        return _last_accepted(rejected, centre, out, 80)
 
     return Interval(edge("above", 1e-15), edge("below", 1 - 1e-15))
+
+
+def _last_accepted(rejected: Any, inside: float, out: float, steps: int) -> float:
+    """Bisection between a value a test accepts (`inside`) and one it rejects (`out`)."""
+    for _ in range(steps):
+        mid = (inside + out) / 2
+        if rejected(mid):
+            out = mid
+        else:
+            inside = mid
+    return inside
 
 
 def quantile_cs(values: Sequence[float], q: float, alpha: float) -> Interval:
@@ -289,16 +293,7 @@ def mean_bounds(values: Sequence[float], alpha: float, low: float, high: float) 
         def rejected(m: float) -> bool:
             return _mean_test(x, counts, m, low, high)[side] >= limit
 
-        inside = centre
-        if not rejected(out):
-            return out
-        for _ in range(24):
-            mid = (inside + out) / 2
-            if rejected(mid):
-                out = mid
-            else:
-                inside = mid
-        return inside
+        return _last_accepted(rejected, centre, out, 24) if rejected(out) else out
 
     span = (high - low) * 1e-9
     return Interval(edge(0, low + span), edge(1, high - span))

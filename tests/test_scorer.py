@@ -192,3 +192,39 @@ def test_probes_run_with_no_write_lock_held(tmp_path, sqlite_url):
     with store.reader() as session:
         assert len(session.scalars(select(Score).where(Score.probe == "typography_cer")).all()) == 3
     store.close()
+
+
+def test_a_probe_returning_nan_stores_an_error_never_a_score(tmp_path, sqlite_url, monkeypatch):
+    """NaN from a probe (here the colour probe, through a hook) is a probe error: no score row
+    carries it, so no statistic can, and the judge counts it against the probe."""
+    import policies.scorer
+
+    monkeypatch.setattr(policies.scorer, "colour_shift", lambda a, b: float("nan"))
+    config, store = prepare_rollout(write_config(tmp_path, base_config(sqlite_url)))
+    artifacts = tmp_path / "artifacts"
+    now = utcnow()
+    with store.session() as session:
+        rollout = get_rollout(session, config.name)
+        request = add_request(session, rollout.id, prompt="a fox", mirrored=True, created_at=now)
+        for role in ("incumbent", "candidate"):
+            session.add(
+                Output(
+                    id=f"{role}-0",
+                    request_id=request.id,
+                    role=role,
+                    image_index=0,
+                    is_primary=role == "incumbent",
+                    status="ok",
+                    created_at=now,
+                    latency_ms=100,
+                    artifact_sha256=store_artifact(artifacts, poster_png("fox")),
+                )
+            )
+    assert Scorer(load_policy(), artifacts).score_pending(store, rollout.id) == 2
+    with store.reader() as session:
+        row = session.scalars(select(Score).where(Score.probe == "colour_shift_de")).one()
+        window = load_window(session, get_rollout(session, config.name), {})
+    assert row.value is None and "not a finite number" in row.error
+    assert window.units[0].scores.get("colour_shift_de", []) == []
+    assert window.probe_health["colour_shift_de"].errors == 1
+    store.close()

@@ -45,8 +45,8 @@ PAIRS = {
         "a lighthouse at dusk",
         ("ok", 100),
         ("ok", 500),
-        {"colour_shift_de": 1.0},
-        {},
+        {"colour_shift_de": 1.0, "typography_cer": 0.1},  # worse, but not past the tail's 0.3
+        {"typography_cer": 0.0},
     ),
     "r6": (
         5,
@@ -129,7 +129,9 @@ def ids(path, *args):
         (("--failing", "error_rate"), ["r3"]),
         (("--failing", "oom_rate"), ["r4"]),
         (("--failing", "colour_shift"), ["r1"]),
-        (("--failing", "typography_cer"), ["r2"]),
+        (("--failing", "typography_cer"), ["r5", "r2"]),
+        (("--failing", "typography_tail"), ["r2"]),
+        (("--failing", "colour_tail"), ["r1"]),
         (("--failing", "latency_p95"), ["r5"]),
         (("--prompt-contains", "says"), ["r2", "r1"]),
         (("--prompt-contains", "<script>"), ["r6"]),
@@ -144,7 +146,7 @@ def test_filters_return_exactly_the_named_rows(config_path, args, expected):
 
 def test_rows_carry_both_sides_scores_and_artifacts(config_path):
     result = CliRunner().invoke(
-        app, ["-c", str(config_path), "shadow-log", "--json", "--failing", "typography_cer"]
+        app, ["-c", str(config_path), "shadow-log", "--json", "--failing", "typography_tail"]
     )
     (row,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert row["candidate"]["scores"] == {"colour_shift_de": 2.0, "typography_cer": 0.6}
