@@ -104,12 +104,7 @@ def evaluate_rate(
     else:
         decision = INCONCLUSIVE
     bounds = mean_bounds(z, alpha, low, high) if n else Interval(low, high)
-    tolerance = (
-        " + ".join(
-            part for part in (f"x{r:g}" if r != 1 else "", f"{a * 100:g} pp" if a else "") if part
-        )
-        or "x1"
-    )
+    tolerance = _rate_tolerance(r, a)
     words = {
         FAIL: f"above {tolerance} of the incumbent's (e-value {_e(against_ok)} >= {1 / alpha:.3g})",
         PASS: f"within {tolerance} of the incumbent's (e-value {_e(against_bad)} >= {1 / alpha:.3g})",
@@ -184,6 +179,14 @@ def probe_failing(check: Check, health: ProbeHealth, max_share: float) -> CheckR
     return CheckResult(
         check.name, INCONCLUSIVE, None, None, None, 0, check.critical, reason, 0.0, True
     )
+
+
+def _rate_tolerance(ratio: float, absolute: float) -> str:
+    """ "x1.2 + 1 pp", "1 pp" or "x1.25": the tolerance as the reason states it."""
+    parts = [f"x{ratio:g}"] if ratio != 1 else []
+    if absolute:
+        parts.append(f"{absolute * 100:g} pp")
+    return " + ".join(parts) or "x1"
 
 
 def _e(log_e: float) -> str:
