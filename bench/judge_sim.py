@@ -369,6 +369,8 @@ def main() -> None:
                 f"{'no tolerance':>12} {'95% interval':>16}   {'previous':>8}"
             )
             for name in SCENARIOS:
+                if args.scenarios and name not in args.scenarios:
+                    continue
                 rows = _spread(pool, _aa, (name,), args.runs, args.workers)
                 hits, edge, naive = (sum(r[k] for r in rows) for k in range(3))
                 low, high = wilson(hits, len(rows))

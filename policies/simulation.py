@@ -83,6 +83,11 @@ SCENARIOS: dict[str, Traffic] = {
         failure={CANDIDATE: 0.01, INCUMBENT: 0.01},
         arrivals_per_s=0.5,
     ),
+    # Probe scores on every pair (a healthy candidate: mean ΔE 2), one colour score in a
+    # hundred NaN.
+    "nan_scores": Traffic(scores=True, nan_every=100),
+    # Probe scores on every pair, the OCR erroring on every image.
+    "ocr_always_errors": Traffic(scores=True, probe_error_share={"typography_cer": 1.0}),
 }
 
 
