@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller.lost import LOST
@@ -87,7 +87,6 @@ class Window:
 
     units: list[Unit]
     probe_health: dict[str, ProbeHealth]
-    requests: int  # every request of the attempt, mirrored or not
 
 
 def attempt_started(session: Session, rollout: Rollout) -> datetime:
@@ -130,12 +129,7 @@ def load_window(session: Session, rollout: Rollout, gpus: dict[str, float]) -> W
     ]
     mirrored = {o.request_id for o, is_mirrored in rows if is_mirrored}
     paired_ids = [f.id for f in facts if f.request_id in mirrored and f.status == "ok"]
-    requests = session.scalar(
-        select(func.count())
-        .select_from(Request)
-        .where(Request.rollout_id == rollout.id, Request.created_at >= since)
-    )
-    return build_window(facts, mirrored, score_rows(session, paired_ids), gpus, requests or 0)
+    return build_window(facts, mirrored, score_rows(session, paired_ids), gpus)
 
 
 def build_window(
@@ -143,7 +137,6 @@ def build_window(
     mirrored: Collection[str],
     scores: Iterable[tuple[str, str, float | None, str | None]],
     gpus: dict[str, float],
-    requests: int,
 ) -> Window:
     """Units from outputs in arrival order: mirrored requests with both arms recorded.
 
@@ -188,7 +181,7 @@ def build_window(
             for probe, by_role in values.items()
         }
         units.append(Unit(request_id, arms, scores_of))
-    return Window(units, health.health(), requests)
+    return Window(units, health.health())
 
 
 def _arm(outputs: list[OutputFacts], deadline_ms: float | None, gpus: float) -> Arm:

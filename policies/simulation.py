@@ -251,14 +251,14 @@ def judge_traffic(
     `stop_on`: a check's name; the run ends once that check has FAILed or PASSed.
     """
     records = records or generate(traffic, rng)
-    window = build_window(records.outputs, records.mirrored, records.scores, {}, traffic.requests)
+    window = build_window(records.outputs, records.mirrored, records.scores, {})
     first_fail: dict[str, int] = {}
     first_pass: dict[str, int] = {}
     rollback_at = None
     results: list[CheckResult] = []
     looks = list(range(look_every, len(window.units) + 1, look_every)) or [len(window.units)]
     for n in looks:
-        results = evaluate(policy, Window(window.units[:n], window.probe_health, n))
+        results = evaluate(policy, Window(window.units[:n], window.probe_health))
         for r in results:
             if r.decision == FAIL:
                 first_fail.setdefault(r.name, n)

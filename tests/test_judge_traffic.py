@@ -60,7 +60,7 @@ def test_a_request_wide_failure_of_four_images_is_one_unit():
     bad = RATE_STATUSES["failure"]
 
     def per_image(records) -> bool:
-        window = build_window(records.outputs, records.mirrored, [], {}, 0)
+        window = build_window(records.outputs, records.mirrored, [], {})
         units = []
         for unit in window.units:
             pairs = zip(unit.arms[CANDIDATE].statuses, unit.arms[INCUMBENT].statuses, strict=True)
@@ -194,7 +194,7 @@ def test_units_are_whole_mirrored_requests_judged_at_the_shorter_deadline():
         *(out("four", INCUMBENT, k, status="error", timeout=120.0) for k in range(4)),
         *(out("four", CANDIDATE, k) for k in range(4)),
     ]
-    window = build_window(outputs, {"half", "slow", "four"}, [], {}, 4)
+    window = build_window(outputs, {"half", "slow", "four"}, [], {})
     assert [u.request_id for u in window.units] == ["slow", "four"]
     slow, four = window.units
     assert slow.arms[INCUMBENT].statuses == ["timeout"]  # 90 s > the pair's 60 s
