@@ -351,6 +351,7 @@ def main() -> None:
     parser.add_argument(
         "--cases", nargs="*", default=None, help="timed cases whose name has one of these"
     )
+    parser.add_argument("--scenarios", nargs="*", default=None, help="A/A scenarios to run")
     args = parser.parse_args()
     sections = set(args.only or ("aa", "boundary", "timed", "probes"))
     policy = load_policy()
