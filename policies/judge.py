@@ -256,7 +256,11 @@ def evaluate(policy: Policy, window: Window) -> list[CheckResult]:
             continue
         if check.kind == "quantile":
             cand, inc = (
-                [v for u in window.units if (v := getattr(u.arms[role], check.metric)) is not None]
+                [
+                    v
+                    for u in window.units
+                    if (v := getattr(u.arms[role], check.metric)) is not None and math.isfinite(v)
+                ]
                 for role in (CANDIDATE, INCUMBENT)
             )
             results.append(evaluate_quantile(check, cand, inc, alpha))

@@ -177,14 +177,28 @@ def test_spread_and_tail_regressions_are_caught_by_the_tail_checks():
     assert "typography_tail" in outcome.first_fail and "typography_cer" not in outcome.first_fail
 
 
+def out(request, role, index, status="ok", latency=1000.0, timeout=60.0) -> OutputFacts:
+    return OutputFacts(
+        f"{request}-{role}-{index}", request, role, index, status, latency, 0.0, 1, timeout
+    )
+
+
+def test_a_non_finite_latency_never_reaches_the_quantile_check():
+    outputs = [
+        out(f"r{k}", role, 0, latency=100.0 + k)
+        for k in range(60)
+        for role in (CANDIDATE, INCUMBENT)
+    ]
+    outputs.append(out("odd", INCUMBENT, 0))
+    outputs.append(out("odd", CANDIDATE, 0, latency=float("nan")))
+    window = build_window(outputs, {o.request_id for o in outputs}, [], {})
+    latency = next(r for r in evaluate(load_policy(), window) if r.name == "latency_p95")
+    assert latency.samples == 60 and "nan" not in latency.reason.lower()
+
+
 def test_units_are_whole_mirrored_requests_judged_at_the_shorter_deadline():
     """The window by hand: unmirrored and half-recorded requests are left out, a slow success
     past the mirror's deadline is a timeout there, and four images make one unit."""
-
-    def out(request, role, index, status="ok", latency=1000.0, timeout=60.0):
-        return OutputFacts(
-            f"{request}-{role}-{index}", request, role, index, status, latency, 0.0, 1, timeout
-        )
 
     outputs = [
         out("alone", INCUMBENT, 0, timeout=120.0),  # not mirrored
