@@ -8,19 +8,22 @@ upper end. The judge's FAIL rests on lower ends and its PASS on upper ends, so
 no claim pays for the other side. The judge may recompute a verdict after
 every record.
 
-Two constructions, both from Ville's inequality on a nonnegative supermartingale:
-- `bernoulli_cs`: conjugate (beta) mixtures of likelihood ratios for a
+Three constructions, all from Ville's inequality on a nonnegative supermartingale:
+- `log_mixture_ratio`: conjugate (beta) mixtures of likelihood ratios for a
   Bernoulli mean (Robbins 1970; Howard et al. 2021, "Time-uniform, nonparametric,
   nonasymptotic confidence sequences", section on conjugate mixtures), the prior
-  restricted to one side of each hypothesised rate. Exact for 0/1 data and tight
-  at the small rates errors and OOMs have.
+  restricted to one side of each hypothesised rate. `quantile_cs` applies it to the
+  count of observations below the quantile (Howard & Ramdas 2022, "Sequential
+  estimation of quantiles"). `bernoulli_cs`, the same mixture as bounds on a rate,
+  no longer backs a check (rate checks are paired, below); its tests still vouch
+  for the mixture the quantile bounds use.
 - `bounded_mean_cs`: betting bounds for means of bounded data, with the
   variance-adaptive predictable plug-in stakes of Waudby-Smith & Ramdas 2023,
   "Estimating means of bounded random variables by betting"; each end is a
   one-sided sequence, because the judge's FAIL uses only the lower end and its
-  PASS only the upper.
-Quantiles use `bernoulli_cs` on the count of observations below the quantile
-(Howard & Ramdas 2022, "Sequential estimation of quantiles").
+  PASS only the upper. The paired checks use it.
+- `mean_test`: a mixture of constant bets against "mean <= m" and "mean >= m" for
+  bounded data, the rate and tail checks' test on paired units.
 """
 
 from __future__ import annotations
