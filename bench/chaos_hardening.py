@@ -57,7 +57,7 @@ class Bench:
     def __init__(self) -> None:
         from ray import serve
 
-        from controller.app import free_port, start_local_ray
+        from controller.serving.app import free_port, start_local_ray
         from workers.tiny import make_tiny_pipeline, variant_seed
 
         self.work = Path(tempfile.mkdtemp(prefix="cutover-chaos-"))
@@ -76,8 +76,8 @@ class Bench:
     def deploy(self, name: str, database_url: str, **sections: Any) -> tuple[Any, Any, Any]:
         from controller import app as serving
         from controller.config import Config
-        from controller.store import Store
-        from controller.transitions import create_rollout
+        from controller.rollout.transitions import create_rollout
+        from controller.storage.store import Store
 
         model = {"steps": 2, "guidance": 4.0, "batch_size": 4, "num_cpus": 0.5}
         data = {
@@ -141,7 +141,7 @@ def accounting(store: Any, router: Any, ids: list[str]) -> dict:
     Each answered request owes a request row and one output per side that served it: the
     primary, plus the mirror when its row says it was mirrored (excess mirrors are skipped
     by design, and the row records that)."""
-    from controller.tables import Output, Request
+    from controller.storage.tables import Output, Request
 
     router.flush.remote(120, True).result(timeout_s=180)
     wanted = [i for i in ids if i]
@@ -320,7 +320,7 @@ def outage(bench: Bench, seconds: float = 20.0) -> dict:
 
 
 def scorer(bench: Bench, seconds: float = 60.0) -> dict:
-    from controller.loop import ControllerLoop
+    from controller.rollout.loop import ControllerLoop
 
     config, store, router = bench.deploy(
         "scorer",
@@ -353,7 +353,7 @@ def scorer(bench: Bench, seconds: float = 60.0) -> dict:
     stop.set()
     loop.join(30)
     with store.reader() as session:
-        from controller.tables import Output
+        from controller.storage.tables import Output
 
         scored = session.scalar(
             select(func.count()).select_from(Output).where(Output.scored_at.is_not(None))

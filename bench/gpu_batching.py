@@ -24,8 +24,8 @@ from pathlib import Path
 
 import structlog
 
-from controller.config import ModelConfig
 from workers.batching import BatchExecutor, BatchPlanner, CostModel
+from workers.config import ModelConfig
 from workers.jobs import ImageJob
 from workers.memory import NvmlProbe, SimulatedProbe
 from workers.pipeline import PipelineRunner

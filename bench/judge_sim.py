@@ -2,7 +2,7 @@
 
     python bench/judge_sim.py [--runs 500] [--workers 2] [--only NAME ...]
 
-Every figure comes from `policies.simulation`: seeded traffic as the router records
+Every figure comes from `controller.rollout.simulation`: seeded traffic as the router records
 it (sticky users routed by the router's own hash, mirrors skipped under load,
 multi-image requests, the mirror's shorter timeout), judged by the judge's own
 `build_window` and `evaluate` every 100 mirrored requests, with the default policy.
@@ -32,11 +32,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from controller.routing import CANDIDATE, INCUMBENT
-from policies.checks import FAIL, INCONCLUSIVE, PASS, overall
-from policies.judge import RATE_STATUSES
-from policies.policy import Policy, load_policy
-from policies.simulation import (
+from controller.rollout.simulation import (
     SCENARIOS,
     Records,
     Traffic,
@@ -44,6 +40,10 @@ from policies.simulation import (
     judge_traffic,
     wilson,
 )
+from controller.serving.routing import CANDIDATE, INCUMBENT
+from policies.checks import FAIL, INCONCLUSIVE, PASS, overall
+from policies.judge import RATE_STATUSES
+from policies.policy import Policy, load_policy
 
 LOOK = 100
 LIFTS = (1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)

@@ -15,9 +15,9 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from policies.probes.blank import is_blank
 from policies.probes.colour import colour_shift
 from policies.probes.typography import RapidOcr, Tesseract, typography_cer
+from workers.images import is_blank
 
 
 def poster(side: int) -> np.ndarray:

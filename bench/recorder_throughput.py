@@ -21,10 +21,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from controller.config import Config
-from controller.recorder import OutputRecord, Recorder, RequestRecord
-from controller.store import Store
-from controller.tables import utcnow
-from controller.transitions import create_rollout
+from controller.rollout.transitions import create_rollout
+from controller.storage.recorder import OutputRecord, Recorder, RequestRecord
+from controller.storage.store import Store
+from controller.storage.tables import utcnow
 
 
 def one_run(url: str, records: int, work: Path) -> float:

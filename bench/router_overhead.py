@@ -42,10 +42,10 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from controller.app import build_app, free_port, start_local_ray
     from controller.config import Config
-    from controller.store import Store
-    from controller.transitions import create_rollout
+    from controller.rollout.transitions import create_rollout
+    from controller.serving.app import build_app, free_port, start_local_ray
+    from controller.storage.store import Store
 
     work = Path(tempfile.mkdtemp(prefix="cutover-overhead-"))
     url = f"sqlite:///{work / 'bench.db'}"

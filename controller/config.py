@@ -7,87 +7,27 @@ open the source to learn the schema.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     PrivateAttr,
-    ValidationInfo,
     field_validator,
 )
 
-from controller.yaml_source import Problem, SourceError, YamlSource, load_yaml, validate_source
+from policies.yaml_source import Problem, SourceError, YamlSource, load_yaml, validate_source
+from workers.config import Duration, ModelConfig, Strict
 
-SAMPLERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m")
-PRECISIONS = ("float32", "float16", "bfloat16", "mixed_float16")
 DEFAULT_STAGES: tuple[str | int, ...] = ("shadow", 10, 30, 60, 100)
 SHADOW = "shadow"
 ENV_CONFIG = "CUTOVER_CONFIG"
 
 ConfigError = SourceError
-
-_DURATION = re.compile(
-    r"^\s*(?:(\d+(?:\.\d+)?)\s*d)?\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$"
-)
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string like `90s`, `5m`, `1h30m`, `2d`."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a duration")
-    if isinstance(value, int | float):
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(
-                f"{value!r} is not a duration: it must be a finite number of seconds >= 0"
-            )
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match and any(match.groups()):
-            days, hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-            return days * 86400 + hours * 3600 + minutes * 60 + seconds
-    raise ValueError(
-        f"{value!r} is not a duration: use seconds (90) or a value like 30s, 5m, 2h, 1h30m, 1d"
-    )
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|TiB)?\s*$")
-_SIZE_UNITS = {
-    None: 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "KiB": 2**10,
-    "MiB": 2**20,
-    "GiB": 2**30,
-    "TiB": 2**40,
-}
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from a number or a string like `512MiB`, `2GiB`, `1.5GB`."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        match = _SIZE.match(value)
-        if match:
-            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-    raise ValueError(f"{value!r} is not a size: use bytes (1048576) or a value like 512MiB, 2GiB")
-
-
-ByteSize = Annotated[int, BeforeValidator(parse_size)]
-
 
 @dataclass(frozen=True)
 class Stage:
@@ -138,120 +78,7 @@ def _per_stage(value: Any) -> Any:
     return {"*": value}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class FaultConfig(_Strict):
-    """Faults a model server injects on purpose, to rehearse rollbacks (off by default)."""
-
-    error_percent: float = Field(0.0, ge=0, le=100)
-    delay: Duration = 0.0
-    delay_percent: float = Field(100.0, ge=0, le=100)
-    timeout_percent: float = Field(0.0, ge=0, le=100)
-    oom_percent: float = Field(0.0, ge=0, le=100)
-    hang: Duration = 600.0
-    step_delay: Duration = Field(
-        0.0, description="added to every denoising step, as on a slow or throttled device"
-    )
-    tint: tuple[int, int, int] | None = Field(None, description="RGB added to every output")
-    stand_in: bool = Field(
-        False, description="skip the pipeline: a solid image after `delay` (overhead benchmarks)"
-    )
-
-    @field_validator("tint")
-    @classmethod
-    def _tint_range(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
-        if value is not None and not all(-255 <= c <= 255 for c in value):
-            raise ValueError(f"tint {list(value)} must be three integers between -255 and 255")
-        return value
-
-    @property
-    def active(self) -> bool:
-        return bool(
-            self.error_percent
-            or self.delay
-            or self.timeout_percent
-            or self.oom_percent
-            or self.tint
-            or self.step_delay
-        )
-
-
-class SimulatedMemory(_Strict):
-    """A pretend GPU for CPU machines: the adaptive batching path runs against this budget."""
-
-    budget: ByteSize
-    bytes_per_pixel: float = Field(gt=0, description="true activation bytes per image pixel")
-
-
-class ModelConfig(_Strict):
-    pipeline: str = Field(description="local directory or hub id loaded with from_pretrained")
-    num_gpus: float = Field(0.0, ge=0)
-    precision: Literal["float32", "float16", "bfloat16", "mixed_float16"] = "float32"
-    sampler: Literal["ddim", "euler", "euler_ancestral", "dpmpp_2m"] = "ddim"
-    steps: int = Field(20, ge=1, le=1000)
-    guidance: float = Field(7.5, ge=0, le=100, allow_inf_nan=False)
-    batch_size: int | Literal["auto"] = 1
-    max_batch_size: int = Field(16, ge=1, le=1024)
-    batch_wait: Duration = 0.01
-    memory_headroom: ByteSize = Field(
-        512 * 2**20, description="bytes kept free when sizing a batch"
-    )
-    initial_bytes_per_pixel: float = Field(
-        20_000.0,
-        gt=0,
-        description="first guess of activation bytes per pixel, before any batch was measured",
-    )
-    gpu_memory_limit: ByteSize | None = Field(
-        None, description="cap this server's share of the GPU"
-    )
-    simulated_memory: SimulatedMemory | None = None
-    oom_unhealthy_after: int = Field(
-        3, ge=1, description="consecutive OOMs of single images before unhealthy"
-    )
-    warmup: list[int] = Field(
-        [64, 128, 256],
-        description="square sizes sampled for a few steps at start, so admission can judge "
-        "sizes not served yet; [] skips it",
-    )
-    wedged_after: Duration = Field(
-        60.0,
-        description="a pipeline call still running this long after every caller's deadline "
-        "fails the health check (it did not stop between steps)",
-    )
-    num_cpus: float = Field(1.0, gt=0)
-    replicas: int = Field(1, ge=1, le=1024)
-    faults: FaultConfig = FaultConfig()
-
-    @field_validator("precision")
-    @classmethod
-    def _cpu_precision(cls, value: str, info: ValidationInfo) -> str:
-        if info.data.get("num_gpus", 0) == 0 and value in ("float16", "mixed_float16"):
-            raise ValueError(
-                f"precision {value} needs a GPU: on CPU use float32 or bfloat16, or give the model num_gpus > 0"
-            )
-        return value
-
-    @field_validator("batch_size", mode="before")
-    @classmethod
-    def _batch_size(cls, value: Any) -> Any:
-        if value == "auto" or (
-            isinstance(value, int) and not isinstance(value, bool) and value >= 1
-        ):
-            return value
-        raise ValueError(f"{value!r} is not a batch size: use a whole number >= 1 or 'auto'")
-
-    def is_local(self, base_dir: Path) -> bool:
-        """A pipeline written as a path (or an existing directory) is local, else a hub id."""
-        text = self.pipeline
-        return text.startswith(("/", ".", "~")) or (base_dir / text).expanduser().exists()
-
-    def pipeline_path(self, base_dir: Path) -> Path:
-        return (base_dir / Path(self.pipeline).expanduser()).resolve()
-
-
-class Models(_Strict):
+class Models(Strict):
     incumbent: ModelConfig
     candidate: ModelConfig
 
@@ -259,7 +86,7 @@ class Models(_Strict):
 PER_STAGE_FIELDS = ("mirror_percent", "min_samples", "min_duration", "max_duration")
 
 
-class RolloutConfig(_Strict):
+class RolloutConfig(Strict):
     stages: list[str | int] = Field(default_factory=lambda: list(DEFAULT_STAGES))
     mirror_percent: Annotated[
         dict[str, Annotated[float, Field(ge=0, le=100)]], BeforeValidator(_per_stage)
@@ -295,7 +122,7 @@ class RolloutConfig(_Strict):
         return type(self).model_fields[field_name].default["*"]
 
 
-class ServerConfig(_Strict):
+class ServerConfig(Strict):
     """The HTTP front door: limits that make a bad request a 4xx, and mirroring bounds."""
 
     host: str = "127.0.0.1"
@@ -314,7 +141,7 @@ class ServerConfig(_Strict):
     replicas: int = Field(1, ge=1)
 
 
-class DatabaseConfig(_Strict):
+class DatabaseConfig(Strict):
     """How long any database call may take before it counts as an outage.
 
     Without these a database that stalls without refusing connections (a network
@@ -334,7 +161,7 @@ class DatabaseConfig(_Strict):
     )
 
 
-class Config(_Strict):
+class Config(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     database_url: str = "sqlite:///.cutover/cutover.db"
     database: DatabaseConfig = DatabaseConfig()

@@ -29,11 +29,11 @@ from rich.live import Live
 from rich.table import Table
 
 from controller.config import Config, load_config
-from controller.status import render_status, rollout_status
-from controller.store import Store
-from controller.tables import utcnow
-from controller.transitions import create_rollout, get_rollout
-from policies.calibrate import default_prompts
+from controller.lab.calibrate import default_prompts
+from controller.review.status import render_status, rollout_status
+from controller.rollout.transitions import create_rollout, get_rollout
+from controller.storage.store import Store
+from controller.storage.tables import utcnow
 from policies.policy import DEFAULT_POLICY
 
 log = structlog.get_logger("cutover.demo")
@@ -159,8 +159,8 @@ def run_scenario(
     from ray import serve
 
     from controller import app as serving
-    from controller.loop import ControllerLoop
-    from controller.report import build_report
+    from controller.review.report import build_report
+    from controller.rollout.loop import ControllerLoop
     from policies.policy import load_policy
 
     config = load_config(write_config(workdir, scenario, port), check_paths=True)
@@ -246,7 +246,7 @@ def run_demo(
         logging.WARNING
     )  # Serve's INFO lines would break the live display
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    from controller.app import free_port, start_local_ray
+    from controller.serving.app import free_port, start_local_ray
 
     workdir = workdir.resolve()  # the configs it writes name paths that must not depend on the cwd
     workdir.mkdir(parents=True, exist_ok=True)

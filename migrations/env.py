@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from controller.tables import Base
+from controller.storage.tables import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from controller.yaml_source import load_yaml, validate_source
+from policies.yaml_source import load_yaml, validate_source
 
 DEFAULT_POLICY = Path(__file__).parent / "default.yaml"
 RATE_METRICS = ("error", "timeout", "oom", "blank", "failure")

@@ -18,8 +18,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from controller.config import Config, load_config
-from controller.store import Store
-from controller.transitions import create_rollout
+from controller.rollout.transitions import create_rollout
+from controller.storage.store import Store
 
 PG_ENV = "CUTOVER_TEST_DATABASE_URL"
 PG_HINT = (
@@ -119,7 +119,7 @@ def ray_serve() -> Iterator[int]:
     import ray
     from ray import serve
 
-    from controller.app import free_port, start_local_ray
+    from controller.serving.app import free_port, start_local_ray
 
     port = free_port()
     start_local_ray(4, "cutover-tests")
@@ -160,7 +160,7 @@ def wait_until(condition, timeout: float = 30.0) -> bool:
 def add_request(session, rollout_id: int, **fields):
     """A recorded request row of a shadow-stage rollout, flushed so outputs may follow it
     (no ORM relationship orders the inserts). `fields` override the defaults."""
-    from controller.tables import Request, utcnow
+    from controller.storage.tables import Request, utcnow
 
     request = Request(
         **{

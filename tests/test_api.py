@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from controller.api import BadRequest, parse_images_request
 from controller.config import ServerConfig
+from controller.serving.api import BadRequest, parse_images_request
 
 LIMITS = ServerConfig(max_prompt_chars=100, max_n=4, max_steps=50, min_size=64, max_size=512)
 

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from controller.cli import app
 from controller.config import load_config
-from controller.store import Store
-from controller.tables import Rollout, Verdict
+from controller.storage.store import Store
+from controller.storage.tables import Rollout, Verdict
 from tests.conftest import add_request, base_config, write_config
 
 runner = CliRunner()

@@ -84,7 +84,7 @@ MALFORMED = [
         GOOD.replace("org/model-b", "org/model-b\n    sampler: magic"),
         7,
         "models.candidate.sampler",
-        "'ddim', 'euler', 'euler_ancestral' or 'dpmpp_2m'",
+        "'ddim', 'euler', 'euler_ancestral', 'dpmpp_2m' or 'lcm'",
     ),
     (
         "unknown-precision",

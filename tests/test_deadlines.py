@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.config import ModelConfig
 from workers.batching import BatchExecutor, CostModel
+from workers.config import ModelConfig
 from workers.deadlines import Admission, SpeedModel, measure_speed
 from workers.jobs import ImageJob
 from workers.memory import CpuProbe

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from controller.config import FaultConfig
+from workers.config import FaultConfig
 from workers.faults import FaultPlan, apply_tint, plan_for
 
 IDS = [f"req-{i}:0" for i in range(4000)]

@@ -276,7 +276,7 @@ def test_paired_check_on_differences_and_direction():
 
 
 def test_a_policy_still_using_negligible_is_told_what_to_write(tmp_path):
-    from controller.yaml_source import SourceError
+    from policies.yaml_source import SourceError
 
     path = tmp_path / "policy.yaml"
     path.write_text(
@@ -294,7 +294,7 @@ def test_a_policy_still_using_negligible_is_told_what_to_write(tmp_path):
 
 
 def test_a_tail_check_needs_its_threshold(tmp_path):
-    from controller.yaml_source import SourceError
+    from policies.yaml_source import SourceError
 
     path = tmp_path / "policy.yaml"
     path.write_text(
@@ -341,7 +341,7 @@ def test_alpha_is_shared_by_weight_within_each_budget(tmp_path):
     ],
 )
 def test_bad_weights_and_repeated_names_are_refused(tmp_path, body, words):
-    from controller.yaml_source import SourceError
+    from policies.yaml_source import SourceError
 
     path = tmp_path / "policy.yaml"
     path.write_text("alpha: 0.05\nchecks:\n" + body)

@@ -15,11 +15,11 @@ import statistics
 import pytest
 
 from bench.judge_sim import only, previous_judge_fails, uncensored
-from controller.routing import CANDIDATE, INCUMBENT
+from controller.rollout.simulation import SCENARIOS, Traffic, generate, judge_traffic
+from controller.serving.routing import CANDIDATE, INCUMBENT
 from policies.checks import FAIL, INCONCLUSIVE, PASS, evaluate_rate, overall
 from policies.judge import RATE_STATUSES, OutputFacts, build_window, evaluate
 from policies.policy import load_policy
-from policies.simulation import SCENARIOS, Traffic, generate, judge_traffic
 
 
 def aa_rollbacks(traffic: Traffic, runs: int, seed: int, naive, policy=None) -> tuple[int, int]:

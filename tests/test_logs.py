@@ -8,14 +8,14 @@ import subprocess
 import sys
 import threading
 
-from controller.logs import follow
 from tests.conftest import base_config, write_config
+from workers.logs import follow
 
 WRITER = """
 import sys
 from pathlib import Path
 import structlog
-from controller.logs import configure_logging, log_to_file
+from workers.logs import configure_logging, log_to_file
 configure_logging(level="info")
 log_to_file(Path(sys.argv[1]))
 for i in range(int(sys.argv[2])):

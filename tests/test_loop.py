@@ -18,13 +18,13 @@ import yaml
 from rich.console import Console
 from sqlalchemy import insert, select
 
-from controller import lease
-from controller.loop import ControllerLoop, Facts, plan_action
-from controller.rollout import Evidence, RolloutView, State, Verb
-from controller.status import render_status, rollout_status
-from controller.store import Store
-from controller.tables import Output, Request, RolloutEvent, utcnow
-from controller.transitions import get_rollout
+from controller.review.status import render_status, rollout_status
+from controller.rollout import lease
+from controller.rollout.loop import ControllerLoop, Facts, plan_action
+from controller.rollout.state_machine import Evidence, RolloutView, State, Verb
+from controller.rollout.transitions import get_rollout
+from controller.storage.store import Store
+from controller.storage.tables import Output, Request, RolloutEvent, utcnow
 from policies.policy import load_policy
 from tests.conftest import base_config, prepare_rollout, write_config
 
@@ -306,7 +306,7 @@ def test_default_policy_loads_and_bad_policy_names_the_line(tmp_path):
         "alpha: 0.05\nchecks:\n  - name: x\n    kind: rate\n    metric: latency_ms\n"
         "    tolerance: {absolute: 0.1}\n"
     )
-    from controller.yaml_source import SourceError
+    from policies.yaml_source import SourceError
 
     with pytest.raises(SourceError) as caught:
         load_policy(bad)

@@ -8,11 +8,11 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from controller.loop import ControllerLoop
-from controller.recorder import OutputRecord, Recorder, _Rows
-from controller.tables import Output, utcnow
-from controller.transitions import get_rollout
-from policies.judge import load_window
+from controller.rollout.analysis import load_window
+from controller.rollout.loop import ControllerLoop
+from controller.rollout.transitions import get_rollout
+from controller.storage.recorder import OutputRecord, Recorder, _Rows
+from controller.storage.tables import Output, utcnow
 from tests.conftest import add_request, base_config, prepare_rollout, write_config
 
 

@@ -10,10 +10,10 @@ import pytest
 import structlog
 import torch
 
-from controller.config import ModelConfig
-from policies.probes.blank import is_blank
 from workers import memory
 from workers.batching import UNITS, BatchExecutor, BatchPlanner, CostModel
+from workers.config import ModelConfig
+from workers.images import is_blank
 from workers.jobs import ImageJob
 from workers.memory import CpuProbe, SimulatedProbe, make_probe
 from workers.pipeline import PipelineRunner, component_dtypes, load_pipeline

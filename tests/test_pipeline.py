@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from diffusers import StableDiffusionPipeline
 
-from controller.config import ModelConfig
 from tests.conftest import image_distance
 from workers.batching import BatchExecutor, CostModel
+from workers.config import ModelConfig
+from workers.images import from_png, to_png
 from workers.jobs import ImageJob
 from workers.memory import CpuProbe
-from workers.pipeline import SCHEDULERS, PipelineRunner, from_png, to_png
+from workers.pipeline import SCHEDULERS, PipelineRunner
 from workers.tiny import MARKER, ensure_tiny_pipeline
 
 TOLERANCE = 2.0  # mean pixel values; batching changes a few pixels by a few values

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from policies.probes.blank import is_blank
 from policies.probes.colour import colour_shift
 from policies.probes.typography import (
     RapidOcr,
@@ -18,6 +17,7 @@ from policies.probes.typography import (
     requested_text,
     typography_cer,
 )
+from workers.images import is_blank
 
 FONT = ImageFont.load_default(size=40)
 

@@ -15,10 +15,10 @@ import structlog
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
-from controller.artifacts import artifact_path
-from controller.recorder import OutputRecord, Recorder, RequestRecord
-from controller.store import Store
-from controller.tables import Output, Request, utcnow
+from controller.storage.artifacts import artifact_path
+from controller.storage.recorder import OutputRecord, Recorder, RequestRecord
+from controller.storage.store import Store
+from controller.storage.tables import Output, Request, utcnow
 from tests.conftest import (
     base_config,
     postgres_admin_url,
@@ -204,8 +204,8 @@ def test_replay_after_a_crash_mid_replay_inserts_nothing_twice(tmp_path, prepare
 
 DEAD_RECORDER = """
 import sys, os, uuid
-from controller.recorder import _Rows
-from controller.spill import SpillFile
+from controller.storage.recorder import _Rows
+from controller.storage.spill import SpillFile
 from pathlib import Path
 import json
 spill = SpillFile(Path(sys.argv[1]))

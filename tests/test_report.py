@@ -11,11 +11,11 @@ from datetime import timedelta
 import pytest
 from typer.testing import CliRunner
 
-from controller.artifacts import store_artifact
 from controller.cli import app
-from controller.rollout import Command, Verb
-from controller.tables import Output, Request, Score, Verdict, utcnow
-from controller.transitions import apply_command, get_rollout
+from controller.rollout.state_machine import Command, Verb
+from controller.rollout.transitions import apply_command, get_rollout
+from controller.storage.artifacts import store_artifact
+from controller.storage.tables import Output, Request, Score, Verdict, utcnow
 from tests.conftest import base_config, prepare_rollout, write_config
 from tests.test_scorer import poster_png
 

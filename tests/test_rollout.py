@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from controller.config import parse_stages
-from controller.rollout import (
+from controller.rollout.state_machine import (
     Command,
     Evidence,
     Refusal,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from controller.routing import CANDIDATE, INCUMBENT, is_mirrored, primary_role
-from controller.traffic import RoutingTable
+from controller.serving.routing import CANDIDATE, INCUMBENT, is_mirrored, primary_role
+from controller.serving.traffic import RoutingTable
 
 USERS = [f"user-{i}" for i in range(2000)]
 

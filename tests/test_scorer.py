@@ -9,12 +9,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from sqlalchemy import select
 
-from controller.artifacts import store_artifact
-from controller.tables import Output, Score, utcnow
-from controller.transitions import get_rollout
-from policies.judge import evaluate, load_window
+from controller.rollout.analysis import load_window
+from controller.rollout.scoring import Scorer, partners_of
+from controller.rollout.transitions import get_rollout
+from controller.storage.artifacts import store_artifact
+from controller.storage.tables import Output, Score, utcnow
+from policies.judge import evaluate
 from policies.policy import load_policy
-from policies.scorer import Scorer, partners_of
 from tests.conftest import add_request, base_config, prepare_rollout, write_config
 
 
@@ -197,9 +198,9 @@ def test_probes_run_with_no_write_lock_held(tmp_path, sqlite_url):
 def test_a_probe_returning_nan_stores_an_error_never_a_score(tmp_path, sqlite_url, monkeypatch):
     """NaN from a probe (here the colour probe, through a hook) is a probe error: no score row
     carries it, so no statistic can, and the judge counts it against the probe."""
-    import policies.scorer
+    import controller.rollout.scoring
 
-    monkeypatch.setattr(policies.scorer, "colour_shift", lambda a, b: float("nan"))
+    monkeypatch.setattr(controller.rollout.scoring, "colour_shift", lambda a, b: float("nan"))
     config, store = prepare_rollout(write_config(tmp_path, base_config(sqlite_url)))
     artifacts = tmp_path / "artifacts"
     now = utcnow()

@@ -102,7 +102,7 @@ def test_calibrate_reports_noise_floors_from_an_aa_run(tmp_path, tiny_models):
 @pytest.mark.ray
 def test_serve_shows_every_replica_event_on_its_stderr(tmp_path, tiny_models):
     """Ray keeps replicas' stderr in worker files; `cutover serve` must show their events."""
-    from controller.app import free_port
+    from controller.serving.app import free_port
 
     port = free_port()
     data = base_config(f"sqlite:///{tmp_path / 'c.db'}")

@@ -22,15 +22,16 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from controller import app as serving
-from controller.artifacts import artifact_path
-from controller.config import ModelConfig
-from controller.rollout import Command, Verb
-from controller.tables import Output, Request
-from controller.transitions import apply_command, get_rollout
+from controller.rollout.state_machine import Command, Verb
+from controller.rollout.transitions import apply_command, get_rollout
+from controller.storage.artifacts import artifact_path
+from controller.storage.tables import Output, Request
 from tests.conftest import image_distance, prepare_rollout, write_config
 from tests.test_api import MALFORMED
+from workers.config import ModelConfig
+from workers.images import from_png
 from workers.jobs import ImageJob
-from workers.pipeline import PipelineRunner, from_png
+from workers.pipeline import PipelineRunner
 
 pytestmark = pytest.mark.ray
 

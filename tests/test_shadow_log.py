@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from controller.cli import app
-from controller.tables import Output, Request, Score, utcnow
-from controller.transitions import get_rollout
+from controller.rollout.transitions import get_rollout
+from controller.storage.tables import Output, Request, Score, utcnow
 from tests.conftest import base_config, prepare_rollout, write_config
 
 # name: (minutes ago, stage, served by, prompt, incumbent (status, ms), candidate (status, ms), candidate scores,

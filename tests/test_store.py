@@ -12,10 +12,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select
 
-from controller.rollout import Command, Refusal, Verb, decide
-from controller.store import Store
-from controller.tables import Base, Rollout, RolloutEvent
-from controller.transitions import (
+from controller.rollout.state_machine import Command, Refusal, Verb, decide
+from controller.rollout.transitions import (
     CONFLICT,
     Applied,
     _persist,
@@ -23,6 +21,8 @@ from controller.transitions import (
     evidence_for,
     view_of,
 )
+from controller.storage.store import Store
+from controller.storage.tables import Base, Rollout, RolloutEvent
 from tests.conftest import base_config, prepare_rollout, write_config
 
 TABLES = {

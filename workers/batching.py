@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from controller.config import ModelConfig
+from workers.config import ModelConfig
 from workers.deadlines import (
     DeadlineExceeded,
     SpeedModel,

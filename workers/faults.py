@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from controller.config import FaultConfig
+from workers.config import FaultConfig
 
 
 class InjectedError(RuntimeError):

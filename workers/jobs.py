@@ -7,8 +7,23 @@ pickles them across processes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
-STATUSES = ("ok", "error", "timeout", "oom", "rejected", "blank", "overload", "lost")
+
+class OutputStatus(StrEnum):
+    """How one image call ended: the one list the router, recorder, judge and reports share."""
+
+    OK = "ok"
+    ERROR = "error"  # the model raised, or its replica died
+    TIMEOUT = "timeout"  # no answer within the caller's deadline
+    OOM = "oom"  # out of memory even after splitting the batch
+    REJECTED = "rejected"  # the model refused the input (a 4xx the router could not catch)
+    BLANK = "blank"  # an image came back, but flat or not numbers (a NaN decode)
+    OVERLOAD = "overload"  # refused before starting: it could not finish by the deadline
+    LOST = "lost"  # the router died before recording an outcome (written by reconciliation)
+
+
+STATUSES = tuple(OutputStatus)
 
 
 @dataclass(frozen=True)
@@ -45,4 +60,4 @@ class ImageResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == OutputStatus.OK

@@ -16,7 +16,7 @@ from typing import Protocol, TypeVar
 
 import structlog
 
-from controller.config import ModelConfig
+from workers.config import ModelConfig
 from workers.jobs import ImageJob
 
 log = structlog.get_logger("cutover.memory")

@@ -20,14 +20,15 @@ import numpy as np
 import structlog
 from ray import serve
 
-from controller.config import FaultConfig, ModelConfig
-from controller.logs import configure_logging, log_to_file
 from workers.batching import UNITS, BatchExecutor, BatchPlanner, CostModel, Rendered
+from workers.config import FaultConfig, ModelConfig
 from workers.deadlines import Admission, SpeedModel, StepCallback, measure_speed
 from workers.faults import InjectedError, apply_tint, plan_for
+from workers.images import to_png
 from workers.jobs import ImageJob, ImageResult
+from workers.logs import configure_logging, log_to_file
 from workers.memory import make_probe
-from workers.pipeline import PipelineRunner, to_png
+from workers.pipeline import PipelineRunner
 
 log = structlog.get_logger("cutover.model_server")
 

@@ -7,7 +7,6 @@ with one CPU generator per job so each image depends only on its seed.
 
 from __future__ import annotations
 
-import io
 import os
 import threading
 from pathlib import Path
@@ -16,9 +15,9 @@ from typing import Any
 import numpy as np
 import structlog
 
-from controller.config import ModelConfig
-from policies.probes.blank import is_blank
+from workers.config import ModelConfig
 from workers.deadlines import StepCallback
+from workers.images import is_blank, to_uint8
 from workers.jobs import ImageJob
 
 log = structlog.get_logger("cutover.pipeline")
@@ -66,29 +65,6 @@ def load_pipeline(model: ModelConfig, base_dir: Path, device: str) -> Any:
     pipeline.scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
-
-
-def to_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def from_png(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Float [0, 1] HWC to uint8; non-finite pixels become 0 (the image is flagged blank first)."""
-    return (
-        (np.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1) * 255)
-        .round()
-        .astype(np.uint8)
-    )
 
 
 class PipelineRunner:

@@ -19,9 +19,9 @@ from rich.console import Console
 from sqlalchemy.exc import OperationalError
 
 from controller.config import Config, ConfigError, find_config_path, load_config
-from controller.logs import ENV_LEVEL, configure_logging, level_from_env
-from controller.store import Store, StoreError
-from controller.transitions import RolloutNotFound
+from controller.rollout.transitions import RolloutNotFound
+from controller.storage.store import Store, StoreError
+from workers.logs import ENV_LEVEL, configure_logging, level_from_env
 
 EXIT_REFUSED = 2
 EXIT_ENVIRONMENT = 1

@@ -46,8 +46,8 @@ def calibrate(
     """A/A: the incumbent against itself (other seeds); prints each metric's noise floor and a tolerance."""
     from rich.table import Table
 
-    from policies.calibrate import calibrate as run_calibration
-    from policies.calibrate import default_prompts
+    from controller.lab.calibrate import calibrate as run_calibration
+    from controller.lab.calibrate import default_prompts
     from policies.policy import load_policy
 
     def run() -> None:

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from controller.cli.core import Refused, app, cli_config, err, guarded, open_store, out
-from controller.transitions import get_rollout
+from controller.rollout.transitions import get_rollout
 
 
 @app.command("shadow-log", rich_help_panel="Review")
@@ -38,11 +38,11 @@ def shadow_log_command(
     """Recorded pairs for review: both sides' status, latency, scores and image paths."""
     from datetime import datetime, timedelta
 
-    from controller.config import parse_duration
-    from controller.shadow_log import Filters, matching_requests, shadow_log
-    from controller.status import render_shadow_log
-    from controller.tables import utcnow
+    from controller.review.shadow_log import Filters, matching_requests, shadow_log
+    from controller.review.status import render_shadow_log
+    from controller.storage.tables import utcnow
     from policies.policy import load_policy
+    from workers.config import parse_duration
 
     def when(text: str) -> datetime:
         try:
@@ -105,7 +105,7 @@ def report(
     ] = "report.html",
 ) -> None:
     """One self-contained HTML report: timeline, checks over time, latency, pairs worst first, failures."""
-    from controller.report import build_report
+    from controller.review.report import build_report
     from policies.policy import load_policy
 
     def run() -> None:

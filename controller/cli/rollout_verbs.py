@@ -11,8 +11,8 @@ from typing import Annotated
 import typer
 
 from controller.cli.core import Refused, app, cli_config, err, guarded, open_store, out
-from controller.rollout import Command, Refusal, Verb
-from controller.transitions import apply_command, create_rollout, get_rollout
+from controller.rollout.state_machine import Command, Refusal, Verb
+from controller.rollout.transitions import apply_command, create_rollout, get_rollout
 
 
 @app.command(rich_help_panel="Rollout")

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from controller.cli.core import EXIT_REFUSED, app, cli_config, err, guarded, open_store, out
-from controller.logs import follow, log_to_file
+from workers.logs import follow, log_to_file
 
 
 @app.command(rich_help_panel="Run")
@@ -43,7 +43,7 @@ def serve(
         )
         follower.start()
         serving.start(config, address, http_port=port)
-        from controller.loop import ControllerLoop
+        from controller.rollout.loop import ControllerLoop
 
         loop = threading.Thread(
             target=ControllerLoop(config).run,
@@ -84,7 +84,7 @@ def control(
     import signal
     import threading
 
-    from controller.loop import ControllerLoop
+    from controller.rollout.loop import ControllerLoop
 
     def run() -> None:
         config = cli_config(ctx)

@@ -12,10 +12,10 @@ from sqlalchemy import select
 
 from controller.cli.core import app, cli_config, guarded, open_store, out
 from controller.config import Config
-from controller.status import event_dict, render_history, render_status, rollout_status
-from controller.store import Store
-from controller.tables import RolloutEvent
-from controller.transitions import get_rollout
+from controller.review.status import event_dict, render_history, render_status, rollout_status
+from controller.rollout.transitions import get_rollout
+from controller.storage.store import Store
+from controller.storage.tables import RolloutEvent
 
 
 @app.command(rich_help_panel="Rollout")

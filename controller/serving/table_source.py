@@ -16,9 +16,9 @@ import structlog
 from sqlalchemy.exc import DBAPIError
 
 from controller.config import Config
-from controller.store import Store
-from controller.traffic import RoutingTable, routing_table
-from controller.transitions import RolloutNotFound, get_rollout, view_of
+from controller.rollout.transitions import RolloutNotFound, get_rollout, view_of
+from controller.serving.traffic import RoutingTable, routing_table
+from controller.storage.store import Store
 
 log = structlog.get_logger("cutover.table_source")
 

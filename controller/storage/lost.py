@@ -18,10 +18,10 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from controller.config import Config
-from controller.routing import other
-from controller.tables import Output, Request
+from controller.serving.routing import other
+from controller.storage.tables import Output, Request
+from workers.jobs import OutputStatus
 
-LOST = "lost"
 # How long a spilled record may wait for replay before it would be dead-lettered anyway.
 RECORD_TTL = timedelta(minutes=10)
 _NAMESPACE = uuid.UUID("6f1d8a52-3c8e-4b8e-9a53-5d0f3c7e2a10")
@@ -67,7 +67,7 @@ def reconcile_lost(
             role=role,
             image_index=index,
             is_primary=role == request.primary_role,
-            status=LOST,
+            status=OutputStatus.LOST,
             error="no outcome was recorded: the router replica that took this request died "
             "before recording it",
             created_at=now,
@@ -88,7 +88,7 @@ def supersede_lost(session: Session, outputs: list[dict[str, Any]]) -> None:
     for start in range(0, len(request_ids), _CHUNK):
         placeholders = session.execute(
             select(Output.id, Output.request_id, Output.role, Output.image_index).where(
-                Output.request_id.in_(request_ids[start : start + _CHUNK]), Output.status == LOST
+                Output.request_id.in_(request_ids[start : start + _CHUNK]), Output.status == OutputStatus.LOST
             )
         ).all()
         stale = [row.id for row in placeholders if tuple(row[1:]) in slots]

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from controller.config import Config
-from controller.rollout import RolloutView
+from controller.rollout.state_machine import RolloutView
 
 
 @dataclass(frozen=True)

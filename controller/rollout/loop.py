@@ -19,18 +19,32 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from controller import lease
 from controller.config import Config
-from controller.logs import one_line
-from controller.lost import lost_after, reconcile_lost
-from controller.rollout import PASS, Command, Evidence, Refusal, RolloutView, State, Verb
-from controller.store import Store
-from controller.tables import utcnow
-from controller.transitions import Applied, apply_command, evidence_for, get_rollout, view_of
+from controller.rollout import lease
+from controller.rollout.analysis import judge
+from controller.rollout.scoring import Scorer
+from controller.rollout.state_machine import (
+    PASS,
+    Command,
+    Evidence,
+    Refusal,
+    RolloutView,
+    State,
+    Verb,
+)
+from controller.rollout.transitions import (
+    Applied,
+    apply_command,
+    evidence_for,
+    get_rollout,
+    view_of,
+)
+from controller.storage.lost import lost_after, reconcile_lost
+from controller.storage.store import Store
+from controller.storage.tables import utcnow
 from policies.checks import FAIL
-from policies.judge import judge
 from policies.policy import Policy, load_policy
-from policies.scorer import Scorer
+from workers.logs import one_line
 
 log = structlog.get_logger("cutover.loop")
 

@@ -24,13 +24,13 @@ import structlog
 from sqlalchemy import false, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from controller.artifacts import store_artifact
 from controller.config import DatabaseConfig
-from controller.logs import one_line
-from controller.lost import supersede_lost
-from controller.spill import SpillFile
-from controller.store import Store, TransactionTimeout
-from controller.tables import Output, Request, Rollout, utcnow
+from controller.storage.artifacts import store_artifact
+from controller.storage.lost import supersede_lost
+from controller.storage.spill import SpillFile
+from controller.storage.store import Store, TransactionTimeout
+from controller.storage.tables import Output, Request, Rollout, utcnow
+from workers.logs import one_line
 
 log = structlog.get_logger("cutover.recorder")
 

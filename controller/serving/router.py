@@ -21,15 +21,15 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from controller.api import BadRequest, ImagesRequest, error_envelope, parse_images_request
 from controller.config import Config
-from controller.logs import configure_logging, log_to_file
-from controller.recorder import OutputRecord, Recorder, RequestRecord
-from controller.routing import is_mirrored, other, primary_role
-from controller.table_source import TableSource
-from controller.tables import utcnow
-from controller.traffic import RoutingTable
+from controller.serving.api import BadRequest, ImagesRequest, error_envelope, parse_images_request
+from controller.serving.routing import is_mirrored, other, primary_role
+from controller.serving.table_source import TableSource
+from controller.serving.traffic import RoutingTable
+from controller.storage.recorder import OutputRecord, Recorder, RequestRecord
+from controller.storage.tables import utcnow
 from workers.jobs import ImageJob, ImageResult
+from workers.logs import configure_logging, log_to_file
 
 log = structlog.get_logger("cutover.router")
 

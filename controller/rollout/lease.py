@@ -12,8 +12,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from controller.store import Store
-from controller.tables import ControllerLease, utcnow
+from controller.storage.store import Store
+from controller.storage.tables import ControllerLease, utcnow
 
 
 def acquire(

@@ -16,10 +16,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller.config import Config
-from controller.rollout import RolloutView, State, human_duration
-from controller.tables import Rollout, RolloutEvent, utcnow
-from controller.traffic import routing_table
-from controller.transitions import evidence_for, view_of
+from controller.rollout.state_machine import RolloutView, State, human_duration
+from controller.rollout.transitions import evidence_for, view_of
+from controller.serving.traffic import routing_table
+from controller.storage.tables import Rollout, RolloutEvent, utcnow
 
 STATUS_SCHEMA = 1
 

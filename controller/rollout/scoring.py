@@ -22,13 +22,13 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from controller.artifacts import artifact_path
-from controller.store import Store
-from controller.tables import Output, Request, Score, utcnow
+from controller.storage.artifacts import artifact_path
+from controller.storage.store import Store
+from controller.storage.tables import Output, Request, Score, utcnow
 from policies.policy import Policy
 from policies.probes.colour import colour_shift
 from policies.probes.typography import ENGINES, typography_cer
-from workers.pipeline import from_png
+from workers.images import from_png
 
 log = structlog.get_logger("cutover.scorer")
 

@@ -16,9 +16,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller.config import Config
-from controller.shadow_log import Filters, shadow_log
-from controller.status import event_dict, rollout_status
-from controller.tables import Output, Request, Rollout, RolloutEvent, Verdict
+from controller.review.shadow_log import Filters, shadow_log
+from controller.review.status import event_dict, rollout_status
+from controller.storage.tables import Output, Request, Rollout, RolloutEvent, Verdict
 from policies.policy import Policy
 
 GALLERY_PER_CHECK = 6
@@ -28,7 +28,7 @@ CHART_W, CHART_H = 520, 140
 
 def build_report(session: Session, rollout: Rollout, config: Config, policy: Policy) -> str:
     env = Environment(
-        loader=PackageLoader("controller", "templates"), autoescape=select_autoescape(default=True)
+        loader=PackageLoader("controller.review", "templates"), autoescape=select_autoescape(default=True)
     )
     events = session.scalars(
         select(RolloutEvent)

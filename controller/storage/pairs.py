@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller.tables import Output, Score
+from controller.storage.tables import Output, Score
 
 PairKey = tuple[str, int]  # (request id, image index)
 

@@ -5,7 +5,7 @@ easy ones: users are routed stickily and send wildly different volumes, mirrors
 are skipped under load, one request asks for several images, and the mirror has a
 shorter timeout than the primary. This module generates that traffic as the
 router would record it (`OutputFacts`, the mirrored set, score rows), routes
-users with the router's own hash (`controller.routing`), and feeds it to the
+users with the router's own hash (`controller.serving.routing`), and feeds it to the
 judge's own `build_window` and `evaluate`, so tests and `bench/judge_sim.py`
 exercise the code that runs in production, not a copy of its maths.
 """
@@ -16,8 +16,8 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from controller.routing import CANDIDATE, INCUMBENT, is_mirrored, primary_role
-from controller.traffic import RoutingTable
+from controller.serving.routing import CANDIDATE, INCUMBENT, is_mirrored, primary_role
+from controller.serving.traffic import RoutingTable
 from policies.checks import FAIL, PASS, CheckResult, overall
 from policies.judge import OutputFacts, Window, build_window, evaluate
 from policies.policy import Policy

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
-from controller.traffic import RoutingTable
+from controller.serving.traffic import RoutingTable
 
 BUCKETS = 10_000
 INCUMBENT = "incumbent"

@@ -16,7 +16,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from controller.config import Config, Stage
-from controller.rollout import (
+from controller.rollout.state_machine import (
     Command,
     Evidence,
     Refusal,
@@ -26,8 +26,8 @@ from controller.rollout import (
     decide,
     state_for_stage,
 )
-from controller.store import Store
-from controller.tables import Request, Rollout, RolloutEvent, Verdict, utcnow
+from controller.storage.store import Store
+from controller.storage.tables import Request, Rollout, RolloutEvent, Verdict, utcnow
 
 log = structlog.get_logger("cutover.transitions")
 

@@ -14,7 +14,7 @@ import structlog
 from sqlalchemy.engine import make_url
 
 from controller.config import Config, ConfigError
-from controller.logs import configured_level
+from workers.logs import configured_level
 
 log = structlog.get_logger("cutover.app")
 
@@ -23,7 +23,7 @@ ROLES = ("incumbent", "candidate")
 
 def build_app(config: Config) -> Any:
     """The application graph: Router(incumbent ModelServer, candidate ModelServer)."""
-    from controller.router import Router
+    from controller.serving.router import Router
     from workers.model_server import ModelServer
 
     data, base_dir = config.to_wire()

@@ -20,7 +20,7 @@ from policies.probes.typography import ENGINES, typography_cer
 from workers.jobs import ImageJob
 from workers.pipeline import PipelineRunner
 
-PROMPTS = Path(__file__).parent / "prompts.txt"
+PROMPTS = Path(__file__).parents[2] / "policies" / "prompts.txt"
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from typing import Any
 from sqlalchemy import Select, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
-from controller.artifacts import artifact_path
-from controller.pairs import group_pairs, scores_by_output
-from controller.tables import Output, Request, Rollout
+from controller.storage.artifacts import artifact_path
+from controller.storage.pairs import group_pairs, scores_by_output
+from controller.storage.tables import Output, Request, Rollout
 from policies.judge import RATE_STATUSES
 from policies.policy import Check, Policy
 
