@@ -40,10 +40,12 @@ from controller.rollout.simulation import (
     judge_traffic,
     wilson,
 )
-from controller.serving.routing import CANDIDATE, INCUMBENT
 from policies.checks import FAIL, INCONCLUSIVE, PASS, overall
-from policies.judge import RATE_STATUSES
+from policies.metrics import METRICS
 from policies.policy import Policy, load_policy
+from policies.vocabulary import Arm
+
+CANDIDATE, INCUMBENT = Arm.CANDIDATE, Arm.INCUMBENT
 
 LOOK = 100
 LIFTS = (1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
@@ -75,7 +77,7 @@ def previous_count_test(events: list[tuple[float, bool]], null_ratio: float) -> 
 
 def previous_judge_fails(records: Records, alpha: float, ratio: float = 1.25) -> bool:
     """Did the previous error_rate check (per image, unmirrored at the split) ever FAIL?"""
-    bad = RATE_STATUSES["failure"]
+    bad = METRICS["failure"].statuses
     by_image: dict[tuple[str, int], dict[str, str]] = {}
     for o in records.outputs:
         by_image.setdefault((o.request_id, o.image_index), {})[o.role] = o.status
@@ -163,7 +165,7 @@ def _boundary(args: tuple[int, int]) -> list[tuple[bool, bool]]:
 
 def _discordant_fails(records: Records, ratio: float, alpha: float) -> bool:
     """A test on discordant pairs alone (w = 1/2): it tests the odds ratio, not the rate ratio."""
-    bad = RATE_STATUSES["failure"]
+    bad = METRICS["failure"].statuses
     statuses: dict[str, dict[str, str]] = {}
     for o in records.outputs:
         statuses.setdefault(o.request_id, {})[o.role] = o.status

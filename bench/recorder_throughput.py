@@ -22,7 +22,8 @@ from sqlalchemy.engine import make_url
 
 from controller.config import Config
 from controller.rollout.transitions import create_rollout
-from controller.storage.recorder import OutputRecord, Recorder, RequestRecord
+from controller.storage.recorder import Recorder
+from controller.storage.records import OutputRecord, RequestRecord
 from controller.storage.store import Store
 from controller.storage.tables import utcnow
 
@@ -48,6 +49,7 @@ def one_run(url: str, records: int, work: Path) -> float:
             RequestRecord(
                 request_id,
                 "bench",
+                "generate",
                 "shadow",
                 "incumbent",
                 f"u{i}",

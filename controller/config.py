@@ -1,4 +1,10 @@
-"""`cutover.yaml`: one rollout, validated before anything acts on it.
+"""`cutover.yaml`: the model pool, the routes it serves and their rollouts, validated first.
+
+The playbook shape: `models:` is a named pool; `routes:` says which model serves
+each request kind (with an optional fallback); `rollouts:` puts a candidate
+model through stages on one route. The older two-model file (`models:
+{incumbent, candidate}` and one `rollout:`) stays valid: it is the shorthand
+for one `generate` route with one rollout named after the config.
 
 Every error names the file, the line, the key and what would have been
 accepted, because the person reading it is mid-release and should not have to
@@ -10,8 +16,9 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BeforeValidator,
@@ -21,13 +28,15 @@ from pydantic import (
 )
 
 from policies.yaml_source import Problem, SourceError, YamlSource, load_yaml, validate_source
-from workers.config import Duration, ModelConfig, Strict
+from workers.config import ByteSize, Duration, ModelConfig, ModelKind, Strict
+from workers.jobs import OutputStatus
 
 DEFAULT_STAGES: tuple[str | int, ...] = ("shadow", 10, 30, 60, 100)
 SHADOW = "shadow"
 ENV_CONFIG = "CUTOVER_CONFIG"
 
 ConfigError = SourceError
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -78,15 +87,70 @@ def _per_stage(value: Any) -> Any:
     return {"*": value}
 
 
-class Models(Strict):
-    incumbent: ModelConfig
-    candidate: ModelConfig
+class Route(StrEnum):
+    """The request kinds a product sends, each a route with its own model and rollout.
+
+    `thumbnail` is derived from `generate` (generations its match rule picks);
+    `inpaint` is derived from `edit` (edits that carry a mask).
+    """
+
+    GENERATE = "generate"
+    THUMBNAIL = "thumbnail"
+    EDIT = "edit"
+    INPAINT = "inpaint"
+    UPSCALE = "upscale"
+
+
+# The model kinds that can serve each route.
+ROUTE_KINDS: dict[Route, tuple[ModelKind, ...]] = {
+    Route.GENERATE: (ModelKind.TEXT2IMG,),
+    Route.THUMBNAIL: (ModelKind.TEXT2IMG,),
+    Route.EDIT: (ModelKind.IMG2IMG, ModelKind.INPAINT),
+    Route.INPAINT: (ModelKind.INPAINT,),
+    Route.UPSCALE: (ModelKind.UPSCALE,),
+}
+FALLBACK_CAUSES = (
+    OutputStatus.TIMEOUT,
+    OutputStatus.OOM,
+    OutputStatus.ERROR,
+    OutputStatus.OVERLOAD,
+)
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+SHORTHAND_INCUMBENT, SHORTHAND_CANDIDATE = "incumbent", "candidate"
+
+
+class MatchRule(Strict):
+    """Which generations a derived route (`thumbnail`) takes from `generate`."""
+
+    max_side: int = Field(256, ge=8, description="the longer side of the image, in pixels, at most")
+
+    def matches(self, width: int, height: int) -> bool:
+        return max(width, height) <= self.max_side
+
+
+class RouteConfig(Strict):
+    """One request kind: the model serving it, and the model that answers when it cannot."""
+
+    model: str
+    fallback: str | None = None
+    fallback_after: Duration | None = Field(
+        None, description="a deadline: past it the fallback answers instead (needs `fallback`)"
+    )
+    fallback_on: list[Literal["timeout", "oom", "error", "overload"]] = Field(
+        default_factory=lambda: [c.value for c in FALLBACK_CAUSES]
+    )
+    match: MatchRule | None = None
 
 
 PER_STAGE_FIELDS = ("mirror_percent", "min_samples", "min_duration", "max_duration")
 
 
 class RolloutConfig(Strict):
+    """One rollout: a candidate model taking a route over from the route's model, stage by stage."""
+
+    route: Route = Route.GENERATE
+    candidate: str = "candidate"
+    policy: str | None = Field(None, description="policy file; default: the config's `policy`")
     stages: list[str | int] = Field(default_factory=lambda: list(DEFAULT_STAGES))
     mirror_percent: Annotated[
         dict[str, Annotated[float, Field(ge=0, le=100)]], BeforeValidator(_per_stage)
@@ -133,6 +197,9 @@ class ServerConfig(Strict):
     max_n: int = Field(4, ge=1)
     max_steps: int = Field(150, ge=1)
     default_size: str = "64x64"
+    max_upload_bytes: ByteSize = Field(
+        8 * 2**20, description="largest image or mask an edit or upscale may upload"
+    )
     request_timeout: Duration = 120.0
     mirror_timeout: Duration = 60.0
     mirror_max_in_flight: int = Field(8, ge=0)
@@ -161,15 +228,42 @@ class DatabaseConfig(Strict):
     )
 
 
+ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """One rollout as the controller, router and CLI use it: its names resolved, its settings."""
+
+    name: str
+    route: Route
+    incumbent: str  # the route's model, which serves everyone the candidate does not
+    candidate: str
+    settings: RolloutConfig
+    policy_path: Path | None  # None: the bundled default policy
+    key_path: tuple[str, ...]  # where it is written in the file, for problems
+
+    @property
+    def stages(self) -> list[Stage]:
+        return self.settings.stage_list
+
+    def for_stage(self, field_name: str, stage: str) -> Any:
+        return self.settings.for_stage(field_name, stage)
+
+
 class Config(Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    name: str = Field(pattern=NAME_PATTERN)
     database_url: str = "sqlite:///.cutover/cutover.db"
     database: DatabaseConfig = DatabaseConfig()
     artifact_dir: str = ".cutover/artifacts"
     spill_dir: str = ".cutover/spill"
     log_file: str = ".cutover/logs/events.jsonl"
-    models: Models
-    rollout: RolloutConfig = RolloutConfig()
+    models: dict[ModelName, ModelConfig]
+    routes: dict[Route, RouteConfig] = {}
+    rollouts: dict[ModelName, RolloutConfig] = {}
+    rollout: RolloutConfig | None = Field(
+        None, description="the two-model shorthand: one rollout on `generate`, named `name`"
+    )
     server: ServerConfig = ServerConfig()
     policy: str | None = None
 
@@ -182,8 +276,78 @@ class Config(Strict):
         return self._base_dir
 
     @property
-    def stages(self) -> list[Stage]:
-        return self.rollout.stage_list
+    def is_shorthand(self) -> bool:
+        """The two-model file: no `routes:`, models `incumbent` (and `candidate`)."""
+        return not self.routes
+
+    @property
+    def route_map(self) -> dict[Route, RouteConfig]:
+        """Every route served; the shorthand serves `generate` from `incumbent`."""
+        if self.is_shorthand:
+            return {Route.GENERATE: RouteConfig(model=SHORTHAND_INCUMBENT)}
+        return dict(self.routes)
+
+    def plans(self) -> dict[str, RolloutPlan]:
+        """Every rollout, by name, with its route's model as the incumbent."""
+        routes = self.route_map
+        written: list[tuple[str, RolloutConfig, tuple[str, ...]]] = [
+            (name, settings, ("rollouts", name)) for name, settings in self.rollouts.items()
+        ]
+        shorthand_rollout = self.rollout is not None or SHORTHAND_CANDIDATE in self.models
+        if self.is_shorthand and not self.rollouts and shorthand_rollout:
+            written.append((self.name, self.rollout or RolloutConfig(), ("rollout",)))
+        plans = {}
+        for name, settings, key_path in written:
+            route = routes.get(settings.route)
+            policy = settings.policy or self.policy
+            plans[name] = RolloutPlan(
+                name=name,
+                route=settings.route,
+                incumbent=route.model if route else "",
+                candidate=settings.candidate,
+                settings=settings,
+                policy_path=self._base_dir / policy if policy else None,
+                key_path=key_path,
+            )
+        return plans
+
+    def plan(self, name: str | None = None) -> RolloutPlan:
+        """The rollout a verb acts on: the one named, or the only one there is."""
+        plans = self.plans()
+        if name is None:
+            if len(plans) == 1:
+                return next(iter(plans.values()))
+            if not plans:
+                raise ConfigError(
+                    [
+                        self.problem(
+                            ("rollouts",), "this config has no rollout: add one under rollouts:"
+                        )
+                    ]
+                )
+            raise ConfigError(
+                [
+                    self.problem(
+                        ("rollouts",),
+                        f"this config has {len(plans)} rollouts ({', '.join(plans)}): "
+                        "say which with --rollout NAME",
+                    )
+                ]
+            )
+        if name not in plans:
+            known = ", ".join(plans) or "none"
+            raise ConfigError(
+                [self.problem(("rollouts",), f"there is no rollout {name!r}; rollouts: {known}")]
+            )
+        return plans[name]
+
+    def models_in_use(self) -> list[str]:
+        """Models a deployment serves: every route's model and fallback, every candidate."""
+        names: list[str] = []
+        for route in self.route_map.values():
+            names += [route.model] + ([route.fallback] if route.fallback else [])
+        names += [plan.candidate for plan in self.plans().values()]
+        return [n for n in dict.fromkeys(names) if n in self.models]
 
     @property
     def resolved_database_url(self) -> str:
@@ -206,11 +370,6 @@ class Config(Strict):
     @property
     def spill_path(self) -> Path:
         return (self._base_dir / Path(self.spill_dir).expanduser()).resolve()
-
-    @property
-    def policy_path(self) -> Path | None:
-        """The policy file, relative to the config; None means the bundled default policy."""
-        return self._base_dir / self.policy if self.policy else None
 
     def to_wire(self) -> tuple[dict[str, Any], str]:
         """What another process (a Ray replica) needs to rebuild this config: data and base dir."""
@@ -236,11 +395,10 @@ class Config(Strict):
         the hub as a model id, or loaded from the wrong place.
         """
         problems = []
-        for role in ("incumbent", "candidate"):
-            model: ModelConfig = getattr(self.models, role)
-            message = _pipeline_problem(model, self._base_dir)
+        for name in self.models_in_use():
+            message = _pipeline_problem(self.models[name], self._base_dir)
             if message:
-                problems.append(self.problem(("models", role, "pipeline"), message))
+                problems.append(self.problem(("models", name, "pipeline"), message))
         if problems:
             raise ConfigError(problems)
 
@@ -302,23 +460,110 @@ def load_config(path: str | os.PathLike[str], *, check_paths: bool = False) -> C
     )
     config._base_dir = file.resolve().parent
     config._source = source
-    _check_stage_names(config)
+    problems = check_playbook(config) + _check_stage_names(config)
+    if problems:
+        raise ConfigError(problems)
     if check_paths:
         config.check_model_paths()
     return config
 
 
-def _check_stage_names(config: Config) -> None:
+def _check_stage_names(config: Config) -> list[Problem]:
     """Per-stage mappings may only name stages that exist (a typo would silently use the default)."""
-    names = [s.name for s in config.stages]
-    problems = [
-        config.problem(
-            ("rollout", field_name, key),
-            f"there is no stage {key!r}; stages are {', '.join(names)}",
+    problems = []
+    for plan in config.plans().values():
+        names = [s.name for s in plan.stages]
+        problems += [
+            config.problem(
+                (*plan.key_path, field_name, key),
+                f"there is no stage {key!r}; stages are {', '.join(names)}",
+            )
+            for field_name in PER_STAGE_FIELDS
+            for key in getattr(plan.settings, field_name)
+            if key != "*" and key not in names
+        ]
+    return problems
+
+
+def check_playbook(config: Config) -> list[Problem]:
+    """Every name a route or rollout uses exists, fits the route's kind, and no route has two
+    rollouts. Each problem points at the key that is wrong."""
+    problems: list[Problem] = []
+
+    def refuse(path: tuple[str, ...], message: str) -> None:
+        problems.append(config.problem(path, message))
+
+    models = ", ".join(config.models)
+    if config.is_shorthand:
+        if SHORTHAND_INCUMBENT not in config.models:
+            refuse(
+                ("models",),
+                "no routes: name the model serving each route under routes: "
+                "(e.g. routes: {generate: {model: NAME}}), or use the two-model shorthand "
+                "models: {incumbent: ..., candidate: ...}",
+            )
+        elif config.rollout is not None and SHORTHAND_CANDIDATE not in config.models:
+            refuse(
+                ("models", SHORTHAND_CANDIDATE),
+                "is required: `rollout:` (the two-model shorthand) rolls out "
+                "the model named candidate",
+            )
+            return problems
+    elif config.rollout is not None:
+        refuse(
+            ("rollout",),
+            "rollout: is the two-model shorthand; with routes: write each rollout under "
+            "rollouts: {NAME: {route: ..., candidate: ...}}",
         )
-        for field_name in PER_STAGE_FIELDS
-        for key in getattr(config.rollout, field_name)
-        if key != "*" and key not in names
-    ]
-    if problems:
-        raise ConfigError(problems)
+
+    def model_fits(path: tuple[str, ...], name: str, route: Route, what: str) -> None:
+        if name not in config.models:
+            refuse(path, f"there is no model {name!r} in models: ({models})")
+            return
+        kind = config.models[name].kind
+        if kind not in ROUTE_KINDS[route]:
+            allowed = " or ".join(k.value for k in ROUTE_KINDS[route])
+            refuse(
+                path,
+                f"{what} {name!r} is a {kind.value} model; route {route.value} needs {allowed}",
+            )
+
+    for route, settings in config.routes.items():
+        at = ("routes", route.value)
+        model_fits((*at, "model"), settings.model, route, "model")
+        if settings.fallback is not None:
+            model_fits((*at, "fallback"), settings.fallback, route, "fallback")
+            if settings.fallback == settings.model:
+                refuse((*at, "fallback"), "the fallback must be another model than the route's own")
+            if settings.fallback_after is not None and "timeout" not in settings.fallback_on:
+                refuse(
+                    (*at, "fallback_on"),
+                    "fallback_after cuts the model off at its deadline, which is a timeout: "
+                    "add timeout to fallback_on",
+                )
+        elif settings.fallback_after is not None:
+            refuse((*at, "fallback_after"), "fallback_after needs a fallback: model to answer")
+        if settings.match is not None and route is not Route.THUMBNAIL:
+            refuse((*at, "match"), "only the derived route thumbnail takes a match rule")
+    if Route.THUMBNAIL in config.routes and Route.GENERATE not in config.routes:
+        refuse(("routes", "thumbnail"), "thumbnail is derived from generate: add a generate route")
+
+    by_route: dict[Route, str] = {}
+    for plan in config.plans().values():
+        if plan.route not in config.route_map:
+            refuse((*plan.key_path, "route"), f"there is no route {plan.route.value!r} in routes:")
+            continue
+        model_fits((*plan.key_path, "candidate"), plan.candidate, plan.route, "candidate")
+        if plan.candidate == plan.incumbent:
+            refuse(
+                (*plan.key_path, "candidate"),
+                f"{plan.candidate!r} already serves route {plan.route.value}; a candidate must be another model",
+            )
+        if plan.route in by_route:
+            refuse(
+                (*plan.key_path, "route"),
+                f"route {plan.route.value} already has rollout {by_route[plan.route]!r}: "
+                "one rollout per route at a time",
+            )
+        by_route[plan.route] = plan.name
+    return problems

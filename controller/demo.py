@@ -158,9 +158,9 @@ def run_scenario(
 ) -> Outcome:
     from ray import serve
 
-    from controller import app as serving
     from controller.review.report import build_report
     from controller.rollout.loop import ControllerLoop
+    from controller.serving import app as serving
     from policies.policy import load_policy
 
     config = load_config(write_config(workdir, scenario, port), check_paths=True)
@@ -258,7 +258,7 @@ def run_demo(
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         return [run_scenario(s, workdir, port, console, timeout) for s in scenarios]
     finally:
-        from controller import app as serving
+        from controller.serving import app as serving
 
         serving.stop()
 

@@ -15,8 +15,7 @@ from typing import Any
 
 from policies.policy import Check
 from policies.sequential import Interval, bounded_mean_cs, mean_bounds, mean_test, quantile_cs
-
-FAIL, PASS, INCONCLUSIVE = "FAIL", "PASS", "INCONCLUSIVE"
+from policies.vocabulary import FAIL, INCONCLUSIVE, PASS
 
 
 @dataclass(frozen=True)

@@ -26,16 +26,11 @@ from policies.checks import (
     probe_failing,
     tail_units,
 )
-from policies.policy import SCORE_METRICS, Policy
+from policies.metrics import SCORE_METRICS, counts, gpu_seconds
+from policies.policy import Policy
+from policies.vocabulary import Arm
 
-RATE_STATUSES = {
-    "error": {"error"},
-    "timeout": {"timeout"},
-    "oom": {"oom"},
-    "blank": {"blank"},
-    "failure": {"error", "timeout", "overload"},
-}
-CANDIDATE, INCUMBENT = "candidate", "incumbent"
+CANDIDATE, INCUMBENT = Arm.CANDIDATE, Arm.INCUMBENT
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,7 @@ class OutputFacts:
 
 
 @dataclass
-class Arm:
+class Side:
     """One role's side of a mirrored request, judged at the pair's common deadline."""
 
     statuses: list[str]  # per image; a success slower than the pair's deadline counts as a timeout
@@ -68,7 +63,7 @@ class Unit:
     """One mirrored request whose both arms are recorded: the judge's unit of analysis."""
 
     request_id: str
-    arms: dict[str, Arm]
+    arms: dict[str, Side]
     scores: dict[str, list[Pair]]  # per probe, per image: (candidate's value, incumbent's)
 
 
@@ -132,7 +127,7 @@ def build_window(
     return Window(units, health.health())
 
 
-def _arm(outputs: list[OutputFacts], deadline_ms: float | None, gpus: float) -> Arm:
+def _arm(outputs: list[OutputFacts], deadline_ms: float | None, gpus: float) -> Side:
     """One arm of a pair at the pair's deadline: both arms of a pair are given the same time.
 
     The mirror's timeout is usually shorter than the primary's. Judged as recorded, an
@@ -153,12 +148,8 @@ def _arm(outputs: list[OutputFacts], deadline_ms: float | None, gpus: float) -> 
     latency = max(known) if known and len(known) == len(outputs) else None
     all_ok = all(s == "ok" for s in statuses)
     queue = max((o.queue_ms or 0.0 for o in outputs), default=0.0) if all_ok else None
-    gpu_seconds = (
-        sum((o.latency_ms or 0.0) / 1000 * gpus / max(o.batch_size or 1, 1) for o in outputs)
-        if all_ok
-        else None
-    )
-    return Arm(statuses, latency, queue, gpu_seconds)
+    gpu = sum(gpu_seconds(o.latency_ms, o.batch_size, gpus) for o in outputs) if all_ok else None
+    return Side(statuses, latency, queue, gpu)
 
 
 class _ProbeTally:
@@ -186,18 +177,20 @@ class _ProbeTally:
         }
 
 
-def _share(statuses: list[str], bad: set[str]) -> float:
-    return sum(s in bad for s in statuses) / len(statuses)
+def _share(statuses: list[str], metric: str) -> float:
+    return sum(counts(metric, s) for s in statuses) / len(statuses)
 
 
 def evaluate(policy: Policy, window: Window) -> list[CheckResult]:
     results = []
     for check in policy.checks:
         alpha = policy.alpha_for(check)
-        if check.kind == "rate":
-            bad = RATE_STATUSES[check.metric]
+        if check.is_rate:
             units = [
-                (_share(u.arms[CANDIDATE].statuses, bad), _share(u.arms[INCUMBENT].statuses, bad))
+                (
+                    _share(u.arms[CANDIDATE].statuses, check.metric),
+                    _share(u.arms[INCUMBENT].statuses, check.metric),
+                )
                 for u in window.units
             ]
             results.append(evaluate_rate(check, units, alpha))
@@ -226,5 +219,3 @@ def evaluate(policy: Policy, window: Window) -> list[CheckResult]:
         means = [sum(v) / len(v) for pairs in per_request if (v := paired_values(check, pairs))]
         results.append(evaluate_paired(check, means, alpha))
     return results
-
-

@@ -11,12 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from policies.metrics import RATE_METRICS, SAMPLE_METRICS, SCORE_METRICS, Observed, pair_fails
 from policies.yaml_source import load_yaml, validate_source
 
 DEFAULT_POLICY = Path(__file__).parent / "default.yaml"
-RATE_METRICS = ("error", "timeout", "oom", "blank", "failure")
-SAMPLE_METRICS = ("latency_ms", "queue_ms", "gpu_seconds")
-SCORE_METRICS = ("typography_cer", "colour_shift_de", "frame_drift_de", "clip_score")
 
 
 class _Strict(BaseModel):
@@ -62,7 +60,7 @@ class Tolerance(_Strict):
 
 class Check(_Strict):
     name: str = Field(pattern=r"^[a-z0-9_]+$")
-    kind: Literal["rate", "quantile", "paired_mean", "tail_rate"]
+    kind: Literal["rate", "quantile", "paired_mean", "tail_rate", "fallback_rate"]
     metric: str
     tolerance: Tolerance
     direction: Literal["lower_is_better", "higher_is_better"] = "lower_is_better"
@@ -82,6 +80,7 @@ class Check(_Strict):
     def _consistent(self) -> Check:
         allowed = {
             "rate": RATE_METRICS,
+            "fallback_rate": ("fallback",),
             "quantile": SAMPLE_METRICS,
             "paired_mean": SCORE_METRICS,
             "tail_rate": SCORE_METRICS,
@@ -107,6 +106,25 @@ class Check(_Strict):
         if self.range[0] >= self.range[1]:
             raise ValueError(f"range {list(self.range)} must be [low, high] with low < high")
         return self
+
+    @property
+    def is_rate(self) -> bool:
+        """Rate checks (fallback_rate is a rate over the `fallback` outcomes) share one test."""
+        return self.kind in ("rate", "fallback_rate")
+
+    def pair_fails(self, candidate: Observed, incumbent: Observed) -> bool:
+        """Whether one pair is on the wrong side of this check (the shadow log's --failing)."""
+        return pair_fails(
+            self.kind,
+            self.metric,
+            candidate,
+            incumbent,
+            ratio=self.tolerance.ratio,
+            absolute=self.tolerance.absolute,
+            threshold=self.threshold,
+            pair_value=self.pair_value,
+            higher_is_better=self.direction == "higher_is_better",
+        )
 
 
 class Policy(_Strict):

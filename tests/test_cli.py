@@ -26,9 +26,14 @@ def cutover(path, *args, actor="alice"):
 
 
 def status_json(path):
+    """The only rollout's entry of `status --json` (the whole has every route and rollout)."""
     result = cutover(path, "status", "--json")
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+    overview = json.loads(result.stdout)
+    assert [r["route"] for r in overview["routes"]] == ["generate"]
+    (status,) = overview["rollouts"]
+    assert overview["routes"][0]["rollout"] == status["rollout"]
+    return status
 
 
 def add_evidence(path, samples, decision, checks=None):

@@ -53,7 +53,7 @@ MALFORMED = [
     ),
     (
         "missing-candidate",
-        "name: demo\nmodels:\n  incumbent:\n    pipeline: a/b\n",
+        "name: demo\nmodels:\n  incumbent:\n    pipeline: a/b\nrollout:\n  auto_advance: false\n",
         2,
         "models.candidate",
         "required",
@@ -203,9 +203,9 @@ def test_there_are_at_least_fifteen_cases():
 
 def test_example_config_loads_as_shipped():
     config = load_config(REPO / "examples" / "cutover.yaml")
-    assert [s.name for s in config.stages] == ["shadow", "10", "30", "60", "100"]
+    assert [s.name for s in config.plan().stages] == ["shadow", "10", "30", "60", "100"]
     assert config.resolved_database_url.startswith("sqlite:///")
-    assert config.rollout.for_stage("min_samples", "shadow") == 50
+    assert config.plan().for_stage("min_samples", "shadow") == 50
 
 
 def test_env_expansion_with_and_without_default(tmp_path, monkeypatch):

@@ -16,10 +16,13 @@ import pytest
 
 from bench.judge_sim import only, previous_judge_fails, uncensored
 from controller.rollout.simulation import SCENARIOS, Traffic, generate, judge_traffic
-from controller.serving.routing import CANDIDATE, INCUMBENT
 from policies.checks import FAIL, INCONCLUSIVE, PASS, evaluate_rate, overall
-from policies.judge import RATE_STATUSES, OutputFacts, build_window, evaluate
+from policies.judge import OutputFacts, build_window, evaluate
+from policies.metrics import METRICS
 from policies.policy import load_policy
+from policies.vocabulary import Arm
+
+CANDIDATE, INCUMBENT = Arm.CANDIDATE, Arm.INCUMBENT
 
 
 def aa_rollbacks(traffic: Traffic, runs: int, seed: int, naive, policy=None) -> tuple[int, int]:
@@ -57,7 +60,7 @@ def test_a_request_wide_failure_of_four_images_is_one_unit():
     """Four images, failures taking out the whole request: one unit per request keeps the
     check at alpha; the same check with one unit per image does not."""
     check = AT_THE_BOUNDARY.checks[0]
-    bad = RATE_STATUSES["failure"]
+    bad = METRICS["failure"].statuses
 
     def per_image(records) -> bool:
         window = build_window(records.outputs, records.mirrored, [], {})

@@ -20,7 +20,7 @@ from sqlalchemy import insert, select
 
 from controller.review.status import render_status, rollout_status
 from controller.rollout import lease
-from controller.rollout.loop import ControllerLoop, Facts, plan_action
+from controller.rollout.loop import ControllerLoop, Facts, RolloutController, plan_action
 from controller.rollout.state_machine import Evidence, RolloutView, State, Verb
 from controller.rollout.transitions import get_rollout
 from controller.storage.store import Store
@@ -125,7 +125,7 @@ def events(store, config):
 def test_injected_regression_rolls_back_within_one_evaluation(setup):
     _, config, store = setup
     record_traffic(store, config, 400, candidate_error=0.4, incumbent_error=0.0)
-    loop = ControllerLoop(config, store)
+    loop = RolloutController(config, store)
     result = loop.tick()
     assert result.leader and result.verdict == "FAIL"
     last = events(store, config)[-1]
@@ -151,7 +151,7 @@ def test_status_shows_the_alpha_each_check_ran_at(setup):
     alpha each check ran (the policy's 0.05 shared by its two critical checks)."""
     _, config, store = setup
     record_traffic(store, config, 10)
-    assert ControllerLoop(config, store).tick().verdict == "INCONCLUSIVE"
+    assert RolloutController(config, store).tick().verdict == "INCONCLUSIVE"
     with store.reader() as session:
         status = rollout_status(session, get_rollout(session, config.name), config)
     assert {c["name"]: (c["alpha"], c["critical"]) for c in status["checks"]} == {
@@ -174,7 +174,7 @@ def test_every_event_of_a_tick_names_the_rollout(setup):
         with structlog.testing.capture_logs(
             processors=[structlog.contextvars.merge_contextvars]
         ) as logs:
-            ControllerLoop(config, store).tick()
+            RolloutController(config, store).tick()
     finally:
         structlog.configure(**previous)
     skipped = [e for e in logs if e["event"] == "probe_skipped"]  # logged by the scorer
@@ -183,9 +183,9 @@ def test_every_event_of_a_tick_names_the_rollout(setup):
 
 def test_healthy_run_advances_through_every_stage(setup):
     _, config, store = setup
-    loop = ControllerLoop(config, store)
+    loop = RolloutController(config, store)
     seen = []
-    for stage_seed in range(len(config.stages)):
+    for stage_seed in range(len(config.plan().stages)):
         record_traffic(store, config, 400, seed=stage_seed)
         result = loop.tick()
         seen.append((result.verdict, getattr(result.action, "to_stage", None)))
@@ -204,8 +204,8 @@ def test_healthy_run_advances_through_every_stage(setup):
 def test_two_loops_only_the_lease_holder_acts(setup):
     _, config, store = setup
     first, second = (
-        ControllerLoop(config, store, holder="a"),
-        ControllerLoop(config, store, holder="b"),
+        RolloutController(config, store, holder="a"),
+        RolloutController(config, store, holder="b"),
     )
     record_traffic(store, config, 400, candidate_error=0.4)
     assert not (first.tick().leader and second.tick().leader)
@@ -277,7 +277,17 @@ def test_control_once_and_status_show_the_verdict(setup):
     assert once.returncode == 0 and "leader=True" in once.stdout, once.stderr
     status = json.loads(
         subprocess.run(
-            [sys.executable, "-m", "controller", "-c", str(path), "status", "--json"],
+            [
+                sys.executable,
+                "-m",
+                "controller",
+                "-c",
+                str(path),
+                "status",
+                "--json",
+                "-r",
+                config.name,
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -316,8 +326,8 @@ def test_default_policy_loads_and_bad_policy_names_the_line(tmp_path):
 def test_a_standby_loop_says_so_once(setup, captured_logs):
     _, config, store = setup
     leader, standby = (
-        ControllerLoop(config, store, holder="a"),
-        ControllerLoop(config, store, holder="b"),
+        RolloutController(config, store, holder="a"),
+        RolloutController(config, store, holder="b"),
     )
     assert leader.tick().leader
     assert not standby.tick().leader and not standby.tick().leader

@@ -9,9 +9,10 @@ from datetime import timedelta
 from sqlalchemy import select
 
 from controller.rollout.analysis import load_window
-from controller.rollout.loop import ControllerLoop
+from controller.rollout.loop import RolloutController
 from controller.rollout.transitions import get_rollout
-from controller.storage.recorder import OutputRecord, Recorder, _Rows
+from controller.storage.recorder import Recorder, _Rows
+from controller.storage.records import OutputRecord
 from controller.storage.tables import Output, utcnow
 from tests.conftest import add_request, base_config, prepare_rollout, write_config
 
@@ -54,7 +55,7 @@ def test_requests_whose_router_died_end_as_lost_and_a_late_output_replaces_it(tm
         died = add_mirrored(session, rollout_id, old, n=2, outputs=[("incumbent", 0)])
         whole = add_mirrored(session, rollout_id, old, outputs=[("incumbent", 0), ("candidate", 0)])
         in_flight = add_mirrored(session, rollout_id, recent)  # may still be on its way
-    loop = ControllerLoop(config, store)
+    loop = RolloutController(config, store)
     assert loop.tick(now).lost == 3
     assert outcomes(store, died) == [
         ("candidate", 0, "lost"),
@@ -66,7 +67,7 @@ def test_requests_whose_router_died_end_as_lost_and_a_late_output_replaces_it(tm
     assert outcomes(store, in_flight) == []
     assert loop.tick(now).lost == 0  # once only
     loop.release()
-    restarted = ControllerLoop(config, store)
+    restarted = RolloutController(config, store)
     assert restarted.tick(now).leader and restarted.tick(now).lost == 0  # a restarted loop too
 
     with store.reader() as session:

@@ -16,7 +16,8 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
 from controller.storage.artifacts import artifact_path
-from controller.storage.recorder import OutputRecord, Recorder, RequestRecord
+from controller.storage.recorder import Recorder
+from controller.storage.records import OutputRecord, RequestRecord
 from controller.storage.store import Store
 from controller.storage.tables import Output, Request, utcnow
 from tests.conftest import (
@@ -66,6 +67,7 @@ def pair(config, i, png=b"\x89PNG fake"):
     request = RequestRecord(
         id=request_id,
         rollout=config.name,
+        route="generate",
         stage="shadow",
         primary_role="incumbent",
         sticky_key=f"u{i}",

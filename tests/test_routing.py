@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from controller.serving.routing import CANDIDATE, INCUMBENT, is_mirrored, primary_role
+from controller.serving.routing import is_mirrored, primary_role
 from controller.serving.traffic import RoutingTable
+from policies.vocabulary import Arm
+
+CANDIDATE, INCUMBENT = Arm.CANDIDATE, Arm.INCUMBENT
 
 USERS = [f"user-{i}" for i in range(2000)]
 
@@ -18,6 +21,9 @@ def table(weight, mirror=100.0, rollout="swap"):
         version=1,
         candidate_weight=weight,
         mirror_percent=mirror,
+        route="generate",
+        incumbent="sd",
+        candidate="sd-next",
     )
 
 

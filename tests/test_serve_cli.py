@@ -55,6 +55,8 @@ def test_make_tiny_builds_a_loadable_variant(tmp_path):
     assert json.loads((tmp_path / "m" / "cutover_tiny.json").read_text()) == {
         "variant": "candidate",
         "seed": 3,
+        "kind": "text2img",
+        "distilled": False,
     }
     assert (tmp_path / "m" / "model_index.json").exists()
     # --weights-of: the tour's candidate that passes carries the incumbent's weights.
@@ -71,7 +73,12 @@ def test_make_tiny_builds_a_loadable_variant(tmp_path):
     from workers.tiny import variant_seed
 
     marker = json.loads((tmp_path / "t" / "cutover_tiny.json").read_text())
-    assert marker == {"variant": "candidate", "seed": variant_seed("incumbent")}
+    assert marker == {
+        "variant": "candidate",
+        "seed": variant_seed("incumbent"),
+        "kind": "text2img",
+        "distilled": False,
+    }
 
 
 def test_calibrate_reports_noise_floors_from_an_aa_run(tmp_path, tiny_models):
@@ -124,7 +131,7 @@ def test_serve_shows_every_replica_event_on_its_stderr(tmp_path, tiny_models):
     reader = threading.Thread(target=_json_lines, args=(proc.stderr, events), daemon=True)
     reader.start()
     try:
-        assert wait_until(lambda: _roles_ready(events) >= {"incumbent", "candidate"}, 180), events
+        assert wait_until(lambda: _models_ready(events) >= {"incumbent", "candidate"}, 180), events
         response = httpx.post(
             f"http://127.0.0.1:{port}/v1/images/generations",
             json={"prompt": "a fox", "user": "u1"},
@@ -154,5 +161,5 @@ def _json_lines(stream, into):
             continue
 
 
-def _roles_ready(events):
-    return {e.get("role") for e in events if e["event"] == "model_server_ready"}
+def _models_ready(events):
+    return {e.get("model") for e in events if e["event"] == "model_server_ready"}

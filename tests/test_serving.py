@@ -21,9 +21,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from controller import app as serving
 from controller.rollout.state_machine import Command, Verb
 from controller.rollout.transitions import apply_command, get_rollout
+from controller.serving import app as serving
 from controller.storage.artifacts import artifact_path
 from controller.storage.tables import Output, Request
 from tests.conftest import image_distance, prepare_rollout, write_config
@@ -119,7 +119,12 @@ def move_to(deployed, stage):
 def wait_for_stage(deployed, stage, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if deployed["client"].get("/v1/rollout").json()["stage"] == stage:
+        if (
+            deployed["client"]
+            .get("/v1/rollouts")
+            .json()["rollouts"][deployed["config"].name]["stage"]
+            == stage
+        ):
             return time.monotonic()
         time.sleep(0.05)
     raise AssertionError(f"router did not reach stage {stage}")
@@ -392,8 +397,8 @@ def test_work_that_cannot_finish_in_time_is_refused_at_once(deployed):
 
 
 def test_replica_events_reach_the_one_log_file(deployed):
-    set_faults(deployed, "incumbent")  # each logs a warning, `faults_changed`, with its role
+    set_faults(deployed, "incumbent")  # each logs a warning, `faults_changed`, with its model
     set_faults(deployed, "candidate")
     changed = events_in_log(deployed, "faults_changed")
-    assert {e["role"] for e in changed} >= {"incumbent", "candidate"}
+    assert {e["model"] for e in changed} >= {"incumbent", "candidate"}
     assert all("pid" in e and "host" in e and e["level"] == "warning" for e in changed)

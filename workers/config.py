@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 
 SAMPLERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "lcm")
 PRECISIONS = ("float32", "float16", "bfloat16", "mixed_float16")
+UPSCALE_FACTOR = 4  # the Stable Diffusion x4 upscaler's, and the tiny one's
 
 
 class ModelKind(StrEnum):
@@ -200,5 +201,3 @@ class ModelConfig(Strict):
 
     def pipeline_path(self, base_dir: Path) -> Path:
         return (base_dir / Path(self.pipeline).expanduser()).resolve()
-
-

@@ -16,8 +16,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
+from workers.config import UPSCALE_FACTOR, ModelKind
+from workers.images import to_png
 from workers.jobs import ImageJob
 
 
@@ -149,8 +154,30 @@ def step_callback(
     return callback
 
 
-def measure_speed(runner: Any, speed: SpeedModel, sides: list[int], steps: int = 2) -> None:
-    """Time a few denoising steps at each square size, smallest first (start-up warm-up)."""
+def measure_speed(
+    runner: Any,
+    speed: SpeedModel,
+    sides: list[int],
+    steps: int = 2,
+    kind: ModelKind = ModelKind.TEXT2IMG,
+) -> None:
+    """Time a few denoising steps at each square output size, smallest first (start-up warm-up)."""
     for side in sorted(sides):
-        job = ImageJob("warmup", 0, "a warm-up image", 0, side, side, steps=steps)
+        job = warmup_job(kind, side, steps)
         runner.call([job], step_callback([job], speed))
+
+
+def warmup_job(kind: ModelKind, side: int, steps: int) -> ImageJob:
+    """A job of `kind` whose output is side x side: edits start from a grey image of that size
+    (inpaint repaints its centre), an upscale from one UPSCALE_FACTOR times smaller."""
+    job = ImageJob("warmup", 0, "a warm-up image", 0, side, side, steps=steps)
+    if kind is ModelKind.TEXT2IMG:
+        return job
+    source = side // UPSCALE_FACTOR if kind is ModelKind.UPSCALE else side
+    image = to_png(np.full((source, source, 3), 128, dtype=np.uint8))
+    mask = None
+    if kind is ModelKind.INPAINT:
+        pixels = np.zeros((side, side), dtype=np.uint8)
+        pixels[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 255
+        mask = to_png(pixels)
+    return replace(job, image=image, mask=mask)

@@ -10,6 +10,7 @@ can emit a constant image.
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 
@@ -49,3 +50,10 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
         .round()
         .astype(np.uint8)
     )
+
+
+def pil_image(data: bytes, mode: str) -> Any:
+    """A PIL image in `mode` (RGB, or L for a mask) from PNG bytes the router already checked."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert(mode)

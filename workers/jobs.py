@@ -39,11 +39,25 @@ class ImageJob:
     negative_prompt: str | None = None
     # When the caller stops waiting (epoch seconds); None waits for ever (benchmarks, calibrate).
     deadline: float | None = None
+    # Edits and upscales start from an image (PNG); an inpaint also has a mask (PNG, one
+    # channel, white is repainted). width x height is always the size of the output.
+    image: bytes | None = None
+    mask: bytes | None = None
+    strength: float | None = None  # how far an edit may move from its image (0..1)
 
     @property
     def group_key(self) -> tuple[object, ...]:
         """Jobs with equal keys can share one pipeline call."""
-        return (self.width, self.height, self.steps, self.guidance, self.negative_prompt is None)
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance,
+            self.negative_prompt is None,
+            self.strength,
+            self.image is None,
+            self.mask is None,
+        )
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""ModelServer: one Ray Serve deployment class, deployed once per role.
+"""ModelServer: one Ray Serve deployment class, deployed once per model of the pool in use.
 
 Requests arrive one image at a time and are grouped by `@serve.batch`, whose
 `batch_size_fn` asks the batch planner how full a batch is: by count for a
@@ -60,7 +60,7 @@ class _StandIn:
 class ModelServer:
     def __init__(
         self,
-        role: str,
+        name: str,
         model: dict[str, Any],
         base_dir: str,
         log_file: str | None = None,
@@ -68,7 +68,7 @@ class ModelServer:
     ) -> None:
         configure_logging(level=log_level)
         log_to_file(Path(log_file) if log_file else None)
-        self.role = role
+        self.name = name
         self.model = ModelConfig.model_validate(model)
         self.faults = self.model.faults
         runner = _StandIn() if self.faults.stand_in else PipelineRunner(self.model, Path(base_dir))
@@ -76,7 +76,7 @@ class ModelServer:
         cost = CostModel(self.model.initial_bytes_per_pixel)
         self.planner = BatchPlanner(self.model, probe, cost)
         speed = SpeedModel(self.model.steps)
-        measure_speed(runner, speed, self.model.warmup)
+        measure_speed(runner, speed, self.model.warmup, kind=self.model.kind)
         self.admission = Admission(speed)
         self.executor = BatchExecutor(
             runner,
@@ -90,7 +90,7 @@ class ModelServer:
         self._batched.set_batch_wait_timeout_s(self.model.batch_wait)
         log.info(
             "model_server_ready",
-            role=role,
+            model=name,
             pipeline=self.model.pipeline,
             sampler=self.model.sampler,
             precision=self.model.precision,
@@ -108,7 +108,7 @@ class ModelServer:
     def set_faults(self, faults: dict[str, Any]) -> dict[str, Any]:
         """Change fault injection at run time (on the replica that receives the call)."""
         self.faults = FaultConfig.model_validate(faults)
-        log.warning("faults_changed", role=self.role, faults=self.faults.model_dump(mode="json"))
+        log.warning("faults_changed", model=self.name, faults=self.faults.model_dump(mode="json"))
         return self.faults.model_dump(mode="json")
 
     def get_faults(self) -> dict[str, Any]:
@@ -144,7 +144,7 @@ class ModelServer:
             refusal = self.admission.refusal(job)
             if refusal is not None:
                 log.info(
-                    "admission_refused", request_id=job.request_id, role=self.role, error=refusal
+                    "admission_refused", request_id=job.request_id, model=self.name, error=refusal
                 )
                 return ImageResult("overload", error=refusal, latency_ms=_ms_since(arrived))
             queued = time.perf_counter()
@@ -158,7 +158,7 @@ class ModelServer:
             log.warning(
                 "generate_failed",
                 request_id=job.request_id,
-                role=self.role,
+                model=self.name,
                 status=status,
                 error=str(exc),
             )

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import structlog
 
-from workers.config import ModelConfig
+from workers.config import ModelConfig, ModelKind
 from workers.deadlines import StepCallback
-from workers.images import is_blank, to_uint8
+from workers.images import is_blank, pil_image, to_uint8
 from workers.jobs import ImageJob
 
 log = structlog.get_logger("cutover.pipeline")
@@ -27,7 +27,10 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "lcm": "LCMScheduler",  # distilled few-step models (1-4 steps)
 }
+
+UPSCALE_NOISE_LEVEL = 20
 
 
 def component_dtypes(precision: str) -> dict[str, Any]:
@@ -95,31 +98,61 @@ class PipelineRunner:
         `on_step` runs after every denoising step and may raise to stop the call there.
 
         Sampling returns latents; the VAE decodes them in its own dtype (float32 under
-        mixed precision), so the half-precision part never touches the pixels.
+        mixed precision), so the half-precision part never touches the pixels. The upscaler
+        decodes itself (it upcasts its VAE on its own).
         """
         import torch
 
         first = jobs[0]
         kwargs: dict[str, Any] = {
             "prompt": [job.prompt for job in jobs],
-            "height": first.height,
-            "width": first.width,
             "num_inference_steps": first.steps or self.model.steps,
             "guidance_scale": self.model.guidance if first.guidance is None else first.guidance,
             "generator": [torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
             "output_type": "latent",
         }
-        if on_step is not None:
-            kwargs["callback_on_step_end"] = on_step
         if first.negative_prompt is not None:
             kwargs["negative_prompt"] = [job.negative_prompt or "" for job in jobs]
+        kwargs |= self._inputs(jobs)
+        if on_step is not None:
+            if self.model.kind is ModelKind.UPSCALE:  # this pipeline has the older callback only
+                kwargs["callback"] = lambda step, timestep, latents: on_step(
+                    self.pipeline, step, timestep, {"latents": latents}
+                )
+            else:
+                kwargs["callback_on_step_end"] = on_step
         with self._lock, torch.inference_mode():
-            latents = self.pipeline(**kwargs).images
-            vae = self.pipeline.vae
-            decoded = vae.decode(
-                latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False
-            )[0]
-            images = self.pipeline.image_processor.postprocess(
-                decoded.float(), output_type="np", do_denormalize=[True] * len(jobs)
-            )
+            if self.model.kind is ModelKind.UPSCALE:
+                images = self.pipeline(**kwargs).images
+            else:
+                images = self._decode(self.pipeline(**kwargs).images, len(jobs))
         return [(to_uint8(image), is_blank(image)) for image in images]
+
+    def _inputs(self, jobs: list[ImageJob]) -> dict[str, Any]:
+        """What each kind of pipeline takes besides the prompt: a size, an image, a mask."""
+        first, kind = jobs[0], self.model.kind
+        if kind is ModelKind.TEXT2IMG:
+            return {"height": first.height, "width": first.width}
+        images = [pil_image(job.image or b"", "RGB") for job in jobs]
+        strength = 0.8 if first.strength is None else first.strength
+        if kind is ModelKind.IMG2IMG:
+            return {"image": images, "strength": strength}
+        if kind is ModelKind.INPAINT:
+            masks = [pil_image(job.mask or b"", "L") for job in jobs]
+            return {
+                "image": images,
+                "mask_image": masks,
+                "height": first.height,
+                "width": first.width,
+                "strength": strength,
+            }
+        return {"image": images, "noise_level": UPSCALE_NOISE_LEVEL, "output_type": "np"}
+
+    def _decode(self, latents: Any, count: int) -> Any:
+        vae = self.pipeline.vae
+        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[
+            0
+        ]
+        return self.pipeline.image_processor.postprocess(
+            decoded.float(), output_type="np", do_denormalize=[True] * count
+        )

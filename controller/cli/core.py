@@ -37,6 +37,11 @@ app.add_typer(db_app, name="db", rich_help_panel="Set-up")
 models_app = typer.Typer(help="Model pipelines.", no_args_is_help=True)
 app.add_typer(models_app, name="models", rich_help_panel="Models")
 
+RolloutOpt = Annotated[
+    str | None,
+    typer.Option("--rollout", "-r", help="Which rollout (default: the only one in the config)."),
+]
+
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -9,7 +9,16 @@ from typing import Annotated
 
 import typer
 
-from controller.cli.core import Refused, app, cli_config, err, guarded, open_store, out
+from controller.cli.core import (
+    Refused,
+    RolloutOpt,
+    app,
+    cli_config,
+    err,
+    guarded,
+    open_store,
+    out,
+)
 from controller.rollout.transitions import get_rollout
 
 
@@ -34,6 +43,7 @@ def shadow_log_command(
     ] = None,
     limit: Annotated[int, typer.Option(help="At most this many rows, newest first.")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines, one pair each.")] = False,
+    rollout_name: RolloutOpt = None,
 ) -> None:
     """Recorded pairs for review: both sides' status, latency, scores and image paths."""
     from datetime import datetime, timedelta
@@ -61,7 +71,8 @@ def shadow_log_command(
         if role is not None and role not in ("incumbent", "candidate"):
             raise Refused(f"--role {role!r}: use incumbent or candidate")
         config = cli_config(ctx)
-        policy = load_policy(config.policy_path)
+        plan = config.plan(rollout_name)
+        policy = load_policy(plan.policy_path)
         # One row more than asked: it tells whether the listing was cut at --limit.
         filters = Filters(
             when(since) if since else None, stage, role, status, failing, prompt_contains, limit + 1
@@ -70,7 +81,7 @@ def shadow_log_command(
             store.require_schema()
             with store.reader() as session:
                 try:
-                    rollout = get_rollout(session, config.name)
+                    rollout = get_rollout(session, plan.name)
                     rows = shadow_log(
                         session,
                         rollout,
@@ -103,6 +114,7 @@ def report(
     out_path: Annotated[
         str, typer.Option("--out", help="Where to write the HTML file.")
     ] = "report.html",
+    rollout: RolloutOpt = None,
 ) -> None:
     """One self-contained HTML report: timeline, checks over time, latency, pairs worst first, failures."""
     from controller.review.report import build_report
@@ -110,11 +122,12 @@ def report(
 
     def run() -> None:
         config = cli_config(ctx)
-        policy = load_policy(config.policy_path)
+        plan = config.plan(rollout)
+        policy = load_policy(plan.policy_path)
         with open_store(config) as store:
             store.require_schema()
             with store.reader() as session:
-                html = build_report(session, get_rollout(session, config.name), config, policy)
+                html = build_report(session, get_rollout(session, plan.name), config, policy)
         target = Path(out_path)
         target.write_text(html, encoding="utf-8")
         out.print(f"report written to {target.resolve()} ({len(html) / 1e6:.1f} MB)")

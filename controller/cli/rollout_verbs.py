@@ -10,53 +10,73 @@ from typing import Annotated
 
 import typer
 
-from controller.cli.core import Refused, app, cli_config, err, guarded, open_store, out
+from controller.cli.core import (
+    Refused,
+    RolloutOpt,
+    app,
+    cli_config,
+    err,
+    guarded,
+    open_store,
+    out,
+)
 from controller.rollout.state_machine import Command, Refusal, Verb
 from controller.rollout.transitions import apply_command, create_rollout, get_rollout
 
 
 @app.command(rich_help_panel="Rollout")
 def init(ctx: typer.Context) -> None:
-    """Create the database tables (migrations) and the rollout described by the config."""
+    """Create the database tables (migrations) and every rollout the config describes."""
 
     def run() -> None:
         config = cli_config(ctx)
         with open_store(config) as store:
             store.upgrade()
-            row, created = create_rollout(store, config, ctx.obj.actor)
-            stored = [name for name, _ in row.stages]
-            wanted = [s.name for s in config.stages]
-            if created:
-                out.print(
-                    f"created rollout [bold]{row.name}[/bold] at stage {stored[0]} ({store.safe_url})"
-                )
-            else:
+            if not config.plans():
+                out.print(f"database ready ({store.safe_url}); the config has no rollout yet")
+            for plan in config.plans().values():
+                row, created = create_rollout(store, config, ctx.obj.actor, plan.name)
+                stored = [name for name, _ in row.stages]
+                wanted = [s.name for s in plan.stages]
+                if created:
+                    out.print(
+                        f"created rollout [bold]{row.name}[/bold] on route {row.route} at stage "
+                        f"{stored[0]} ({store.safe_url})"
+                    )
+                    continue
                 out.print(
                     f"rollout [bold]{row.name}[/bold] already exists: {row.state} at stage "
                     f"{stored[row.stage_index]} (nothing changed)"
                 )
                 if stored != wanted:
                     err.print(
-                        f"[yellow]warning:[/yellow] the stored stages {stored} differ from the config's "
-                        f"{wanted}; the stored ones stay in force. Use a new rollout name to change them."
+                        f"[yellow]warning:[/yellow] the stored stages {stored} of {row.name} differ "
+                        f"from the config's {wanted}; the stored ones stay in force. Use a new "
+                        "rollout name to change them."
                     )
 
     guarded(run)
 
 
-def _act(ctx: typer.Context, command: Command, expected_stage: str | None = None) -> None:
+def _act(
+    ctx: typer.Context,
+    command: Command,
+    rollout: str | None,
+    expected_stage: str | None = None,
+) -> None:
     def run() -> None:
         config = cli_config(ctx)
+        name = config.plan(rollout).name
         with open_store(config) as store:
             store.require_schema()
             result = apply_command(
-                store, config, command, ctx.obj.actor, expected_stage=expected_stage
+                store, config, command, ctx.obj.actor, rollout=name, expected_stage=expected_stage
             )
         if isinstance(result, Refusal):
-            raise Refused(result.reason)
+            raise Refused(f"{name}: {result.reason}")
         forced = " [yellow](forced)[/yellow]" if result.forced else ""
         out.print(
-            f"{command.verb.value}: {result.from_state}@{result.from_stage} → "
+            f"{name} {command.verb.value}: {result.from_state}@{result.from_stage} → "
             f"[bold]{result.to_state}@{result.to_stage}[/bold]{forced} (event {result.version}: {result.reason})",
             soft_wrap=True,
         )
@@ -79,9 +99,15 @@ def advance(
     from_stage: Annotated[
         str | None, typer.Option("--from", help="Only if the rollout is still at this stage.")
     ] = None,
+    rollout: RolloutOpt = None,
 ) -> None:
     """Move to the next stage (or --to a later one) once the stage's gates are met."""
-    _act(ctx, Command(Verb.ADVANCE, reason=reason, force=force, to=to), expected_stage=from_stage)
+    _act(
+        ctx,
+        Command(Verb.ADVANCE, reason=reason, force=force, to=to),
+        rollout,
+        expected_stage=from_stage,
+    )
 
 
 @app.command(rich_help_panel="Rollout")
@@ -92,6 +118,7 @@ def promote(
     ] = False,
     force: ForceOpt = False,
     reason: ReasonOpt = "",
+    rollout: RolloutOpt = None,
 ) -> None:
     """Advance one stage, or with --full straight to the last stage (gates still apply)."""
 
@@ -99,45 +126,48 @@ def promote(
         if not full:
             return None
         config = cli_config(ctx)
+        name = config.plan(rollout).name
         with open_store(config) as store, store.reader() as session:
-            return [name for name, _ in get_rollout(session, config.name).stages][-1]
+            return [stage for stage, _ in get_rollout(session, name).stages][-1]
 
-    _act(ctx, Command(Verb.ADVANCE, reason=reason, force=force, to=guarded(run)))
+    _act(ctx, Command(Verb.ADVANCE, reason=reason, force=force, to=guarded(run)), rollout)
 
 
 @app.command(rich_help_panel="Rollout")
-def pause(ctx: typer.Context, reason: ReasonOpt = "") -> None:
+def pause(ctx: typer.Context, reason: ReasonOpt = "", rollout: RolloutOpt = None) -> None:
     """Freeze the rollout where it is (traffic split unchanged)."""
-    _act(ctx, Command(Verb.PAUSE, reason=reason))
+    _act(ctx, Command(Verb.PAUSE, reason=reason), rollout)
 
 
 @app.command(rich_help_panel="Rollout")
-def resume(ctx: typer.Context, reason: ReasonOpt = "") -> None:
+def resume(ctx: typer.Context, reason: ReasonOpt = "", rollout: RolloutOpt = None) -> None:
     """Continue a paused rollout."""
-    _act(ctx, Command(Verb.RESUME, reason=reason))
+    _act(ctx, Command(Verb.RESUME, reason=reason), rollout)
 
 
 @app.command(rich_help_panel="Rollout")
 def rollback(
-    ctx: typer.Context, reason: Annotated[str, typer.Option("--reason", help="Why (required).")]
+    ctx: typer.Context,
+    reason: Annotated[str, typer.Option("--reason", help="Why (required).")],
+    rollout: RolloutOpt = None,
 ) -> None:
-    """Send all traffic back to the incumbent and stop mirroring."""
-    _act(ctx, Command(Verb.ROLLBACK, reason=reason))
+    """Send all of the route's traffic back to the incumbent and stop mirroring."""
+    _act(ctx, Command(Verb.ROLLBACK, reason=reason), rollout)
 
 
 @app.command(rich_help_panel="Rollout")
-def retry(ctx: typer.Context, reason: ReasonOpt = "") -> None:
+def retry(ctx: typer.Context, reason: ReasonOpt = "", rollout: RolloutOpt = None) -> None:
     """Start a rolled-back rollout again from the first stage."""
-    _act(ctx, Command(Verb.RETRY, reason=reason))
+    _act(ctx, Command(Verb.RETRY, reason=reason), rollout)
 
 
 @app.command(rich_help_panel="Rollout")
-def finalize(ctx: typer.Context, reason: ReasonOpt = "") -> None:
+def finalize(ctx: typer.Context, reason: ReasonOpt = "", rollout: RolloutOpt = None) -> None:
     """Make the promoted candidate the incumbent; the rollout ends."""
-    _act(ctx, Command(Verb.FINALIZE, reason=reason))
+    _act(ctx, Command(Verb.FINALIZE, reason=reason), rollout)
 
 
 @app.command(rich_help_panel="Rollout")
-def abort(ctx: typer.Context, reason: ReasonOpt = "") -> None:
+def abort(ctx: typer.Context, reason: ReasonOpt = "", rollout: RolloutOpt = None) -> None:
     """End the rollout for good, all traffic on the incumbent."""
-    _act(ctx, Command(Verb.ABORT, reason=reason))
+    _act(ctx, Command(Verb.ABORT, reason=reason), rollout)

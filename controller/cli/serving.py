@@ -9,7 +9,16 @@ from typing import Annotated
 
 import typer
 
-from controller.cli.core import EXIT_REFUSED, app, cli_config, err, guarded, open_store, out
+from controller.cli.core import (
+    EXIT_REFUSED,
+    RolloutOpt,
+    app,
+    cli_config,
+    err,
+    guarded,
+    open_store,
+    out,
+)
 from workers.logs import follow, log_to_file
 
 
@@ -21,11 +30,11 @@ def serve(
     ] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port (default: server.port).")] = None,
 ) -> None:
-    """Deploy the incumbent, the candidate and the router on Ray Serve; run until interrupted."""
+    """Deploy every model in use and the router on Ray Serve, run the controller loop; until interrupted."""
     import signal
     import threading
 
-    from controller import app as serving
+    from controller.serving import app as serving
 
     def run() -> None:
         config = cli_config(ctx, check_paths=True)
@@ -53,8 +62,8 @@ def serve(
         )
         loop.start()
         out.print(
-            f"serving rollout [bold]{config.name}[/bold] on http://{config.server.host}:"
-            f"{port or config.server.port}/v1/images/generations (Ctrl-C stops); events of "
+            f"serving [bold]{config.name}[/bold] (routes {', '.join(r.value for r in config.route_map)}) "
+            f"on http://{config.server.host}:{port or config.server.port}/v1/images/ (Ctrl-C stops); events of "
             f"every replica are shown here and kept in {config.log_path}",
             soft_wrap=True,
         )
@@ -79,8 +88,11 @@ def _to_stderr(text: str) -> None:
 def control(
     ctx: typer.Context,
     once: Annotated[bool, typer.Option("--once", help="One evaluation, then exit.")] = False,
+    rollout: RolloutOpt = None,
 ) -> None:
-    """Run the controller loop: score outputs, judge, roll back or advance (one active loop per rollout)."""
+    """Run the controller loop over every rollout (or --rollout): score, judge, roll back or advance.
+
+    Each rollout has its own lease: one active loop acts on it, any other stands by."""
     import signal
     import threading
 
@@ -91,31 +103,38 @@ def control(
         log_to_file(config.log_path)
         with open_store(config) as store:
             store.require_schema()
-            loop = ControllerLoop(config, store)
+            names = [config.plan(rollout).name] if rollout else None
+            loop = ControllerLoop(config, store, rollouts=names)
             if once:
                 try:
-                    result = loop.tick()
+                    results = loop.tick()
                 finally:
                     loop.release()  # or the serve loop could not act until the lease expired
-                action = result.action
-                what = (
-                    ""
-                    if action is None
-                    else f"; {getattr(action, 'to_state', None) or action.reason}"
-                )
-                standby = "" if result.leader else " (standby: another loop holds the lease)"
-                out.print(
-                    f"leader={result.leader} scored={result.scored} verdict={result.verdict}"
-                    f"{what}{standby}",
-                    soft_wrap=True,
-                )
+                for name, result in results.items():
+                    if result is None:
+                        out.print(
+                            f"{name}: the tick failed (see the log event controller_tick_failed)"
+                        )
+                        continue
+                    action = result.action
+                    what = (
+                        ""
+                        if action is None
+                        else f"; {getattr(action, 'to_state', None) or action.reason}"
+                    )
+                    standby = "" if result.leader else " (standby: another loop holds the lease)"
+                    out.print(
+                        f"{name}: leader={result.leader} scored={result.scored} "
+                        f"verdict={result.verdict}{what}{standby}",
+                        soft_wrap=True,
+                    )
                 return
             stop = threading.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
             out.print(
-                f"controller loop for [bold]{config.name}[/bold] every "
-                f"{config.rollout.evaluation_interval:g}s (Ctrl-C stops)"
+                f"controller loop for [bold]{', '.join(loop.names)}[/bold] every "
+                f"{loop.interval:g}s (Ctrl-C stops)"
             )
             loop.run(stop)
 

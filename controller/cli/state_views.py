@@ -10,9 +10,16 @@ from typing import Annotated, Any
 import typer
 from sqlalchemy import select
 
-from controller.cli.core import app, cli_config, guarded, open_store, out
+from controller.cli.core import RolloutOpt, app, cli_config, guarded, open_store, out
 from controller.config import Config
-from controller.review.status import event_dict, render_history, render_status, rollout_status
+from controller.review.status import (
+    deployment_status,
+    event_dict,
+    render_history,
+    render_overview,
+    render_status,
+    rollout_status,
+)
 from controller.rollout.transitions import get_rollout
 from controller.storage.store import Store
 from controller.storage.tables import RolloutEvent
@@ -26,12 +33,23 @@ def status(
     ] = False,
     watch: Annotated[bool, typer.Option(help="Refresh until interrupted.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+    rollout: Annotated[
+        str | None, typer.Option("--rollout", "-r", help="Only this rollout, in full.")
+    ] = None,
 ) -> None:
-    """Where the rollout is, its traffic split, its gates and the latest verdict per check."""
+    """Every route and rollout at a glance: traffic split, gates, latest verdict per check.
+
+    With --rollout, that rollout alone (its JSON is the `rollouts[]` entry of the whole)."""
 
     def read(config: Config, store: Store) -> dict[str, Any]:
         with store.reader() as session:
-            return rollout_status(session, get_rollout(session, config.name), config)
+            if rollout is not None:
+                name = config.plan(rollout).name
+                return rollout_status(session, get_rollout(session, name), config)
+            return deployment_status(session, config)
+
+    def render(snapshot: dict[str, Any]) -> Any:
+        return render_status(snapshot) if rollout is not None else render_overview(snapshot)
 
     def run() -> None:
         config = cli_config(ctx)
@@ -42,15 +60,15 @@ def status(
                 if as_json:
                     sys.stdout.write(json.dumps(snapshot, sort_keys=True) + "\n")
                 else:
-                    out.print(render_status(snapshot))
+                    out.print(render(snapshot))
                 return
             from rich.live import Live
 
-            with Live(render_status(read(config, store)), console=out, auto_refresh=False) as live:
+            with Live(render(read(config, store)), console=out, auto_refresh=False) as live:
                 try:
                     while True:
                         time.sleep(interval)
-                        live.update(render_status(read(config, store)), refresh=True)
+                        live.update(render(read(config, store)), refresh=True)
                 except KeyboardInterrupt:
                     pass
 
@@ -62,15 +80,17 @@ def history(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines, one event each.")] = False,
     limit: Annotated[int, typer.Option(help="Newest N events.")] = 100,
+    rollout: RolloutOpt = None,
 ) -> None:
     """The audit trail: every transition, who made it, why, and the verdict it relied on."""
 
     def run() -> None:
         config = cli_config(ctx)
+        name = config.plan(rollout).name
         with open_store(config) as store:
             store.require_schema()
             with store.reader() as session:
-                row = get_rollout(session, config.name)
+                row = get_rollout(session, name)
                 events = session.scalars(
                     select(RolloutEvent)
                     .where(RolloutEvent.rollout_id == row.id)

@@ -39,15 +39,16 @@ def calibrate(
     repeats: int = 1,
     policy: Policy | None = None,
     size: int = 64,
+    model: str | None = None,
 ) -> list[NoiseFloor]:
-    """Render every prompt twice with the incumbent and measure what each check would see.
+    """Render every prompt twice with `model` (default: the only rollout's incumbent) and
+    measure what each check would see.
 
     The tail rows use the thresholds of the policy's `tail_rate` checks: the share of A/A
     pairs already past a threshold is the floor its tolerance must sit above.
     """
     policy = policy or load_policy()
-    model = config.models.incumbent
-    runner = PipelineRunner(model, config.base_dir)
+    runner = PipelineRunner(config.models[model or config.plan().incumbent], config.base_dir)
     ocr = ENGINES[policy.ocr_engine]()
     shifts, cer_diffs, latency_ratios = [], [], []
     for round_ in range(repeats):

@@ -28,7 +28,8 @@ CHART_W, CHART_H = 520, 140
 
 def build_report(session: Session, rollout: Rollout, config: Config, policy: Policy) -> str:
     env = Environment(
-        loader=PackageLoader("controller.review", "templates"), autoescape=select_autoescape(default=True)
+        loader=PackageLoader("controller.review", "templates"),
+        autoescape=select_autoescape(default=True),
     )
     events = session.scalars(
         select(RolloutEvent)

@@ -19,10 +19,11 @@ from sqlalchemy.orm import Session, aliased
 from controller.storage.artifacts import artifact_path
 from controller.storage.pairs import group_pairs, scores_by_output
 from controller.storage.tables import Output, Request, Rollout
-from policies.judge import RATE_STATUSES
+from policies.metrics import Observed, gpu_seconds
 from policies.policy import Check, Policy
+from policies.vocabulary import ARMS
 
-ROLES = ("incumbent", "candidate")
+ROLES = ARMS  # incumbent, candidate
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,16 @@ class Filters:
 
 
 def shadow_log(
-    session: Session, rollout: Rollout, policy: Policy, filters: Filters, artifact_dir: Path
+    session: Session,
+    rollout: Rollout,
+    policy: Policy,
+    filters: Filters,
+    artifact_dir: Path,
+    gpus_of: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Pairs, newest first, that match every filter given."""
+    """Pairs, newest first, that match every filter given. `gpus_of` (GPUs per model name)
+    prices the gpu_seconds metric; without it GPU time counts as zero."""
+    gpus_of = gpus_of or {}
     check = _check(policy, filters.failing)
     query = _requests(rollout, filters).order_by(Request.created_at.desc(), Request.id)
     rows: list[dict[str, Any]] = []
@@ -50,7 +58,7 @@ def shadow_log(
         if not requests:
             break
         offset += batch
-        for row in _pairs(session, requests, artifact_dir):
+        for row in _pairs(session, requests, artifact_dir, gpus_of):
             if filters.status is not None and filters.status not in (
                 row["incumbent"]["status"],
                 row["candidate"]["status"],
@@ -98,9 +106,13 @@ def _check(policy: Policy, name: str | None) -> Check | None:
     )
 
 
-def _pairs(session: Session, requests: list[Request], artifact_dir: Path) -> list[dict[str, Any]]:
+def _pairs(
+    session: Session, requests: list[Request], artifact_dir: Path, gpus_of: dict[str, float]
+) -> list[dict[str, Any]]:
     ids = [r.id for r in requests]
-    outputs = session.scalars(select(Output).where(Output.request_id.in_(ids))).all()
+    outputs = session.scalars(
+        select(Output).where(Output.request_id.in_(ids), Output.role.in_(list(ROLES)))
+    ).all()
     scores = scores_by_output(session, [o.id for o in outputs])
     by_request: dict[str, dict[int, dict[str, Output]]] = {}
     for (request_id, index), roles in group_pairs(outputs).items():
@@ -121,21 +133,42 @@ def _pairs(session: Session, requests: list[Request], artifact_dir: Path) -> lis
                     "prompt": request.prompt,
                     "seed": request.seed,
                     "params": request.params,
-                    **{role: _side(roles.get(role), scores, artifact_dir) for role in ROLES},
+                    **{
+                        role: _side(roles.get(role), scores, artifact_dir, gpus_of)
+                        for role in ROLES
+                    },
                 }
             )
     return rows
 
 
 def _side(
-    output: Output | None, scores: dict[str, dict[str, float]], artifact_dir: Path
+    output: Output | None,
+    scores: dict[str, dict[str, float]],
+    artifact_dir: Path,
+    gpus_of: dict[str, float],
 ) -> dict[str, Any]:
     if output is None:
-        return {"status": None, "latency_ms": None, "error": None, "scores": {}, "artifact": None}
+        return {
+            "status": None,
+            "model": None,
+            "latency_ms": None,
+            "samples": {},
+            "error": None,
+            "scores": {},
+            "artifact": None,
+        }
     path = artifact_path(artifact_dir, output.artifact_sha256) if output.artifact_sha256 else None
+    gpus = gpus_of.get(output.model or "", 0.0)
     return {
         "status": output.status,
+        "model": output.model,
         "latency_ms": None if output.latency_ms is None else round(output.latency_ms, 1),
+        "samples": {
+            "latency_ms": output.latency_ms,
+            "queue_ms": output.queue_ms,
+            "gpu_seconds": gpu_seconds(output.latency_ms, output.batch_size, gpus),
+        },
         "error": output.error,
         "scores": scores.get(output.id, {}),
         "artifact": str(path) if path else None,
@@ -143,25 +176,10 @@ def _side(
 
 
 def _fails(check: Check, row: dict[str, Any]) -> bool:
-    """Whether this pair is on the wrong side of the check's tolerance."""
-    cand, inc = row["candidate"], row["incumbent"]
-    if check.kind == "rate":
-        return cand["status"] in RATE_STATUSES[check.metric]
-    if check.kind == "quantile":
-        if cand["status"] != "ok" or inc["status"] != "ok":
-            return False  # latency checks judge successful outputs only, as the judge does
-        ratio = check.tolerance.ratio or 1.0
-        return cand["latency_ms"] > ratio * inc["latency_ms"] + (check.tolerance.absolute or 0.0)
-    value = cand["scores"].get(check.metric)
-    if value is None:
-        return False
-    if check.pair_value == "difference":
-        other = inc["scores"].get(check.metric)
-        if other is None:
-            return False
-        value -= other
-    if check.direction == "higher_is_better":
-        value = -value
-    if check.kind == "tail_rate":  # the pair is in the tail the check counts
-        return value > (check.threshold or 0.0)
-    return value > (check.tolerance.absolute or 0.0)
+    """Whether this pair is on the wrong side of the check, by the metric registry's rule."""
+    candidate, incumbent = (_observed(row[arm]) for arm in ROLES[::-1])
+    return check.pair_fails(candidate, incumbent)
+
+
+def _observed(side: dict[str, Any]) -> Observed:
+    return Observed(side["status"], side["samples"], side["scores"])

@@ -21,19 +21,64 @@ from controller.rollout.transitions import evidence_for, view_of
 from controller.serving.traffic import routing_table
 from controller.storage.tables import Rollout, RolloutEvent, utcnow
 
-STATUS_SCHEMA = 1
+STATUS_SCHEMA = 2
+NOT_STARTED = "not_started"  # a rollout in the config that `cutover init` has not created yet
+
+
+def deployment_status(
+    session: Session, config: Config, now: datetime | None = None
+) -> dict[str, Any]:
+    """Every route and every rollout at a glance: what serves each route, and where its
+    rollout stands (the full status of each rollout under `rollouts`)."""
+    now = now or utcnow()
+    plans = config.plans()
+    rows = {
+        row.name: row
+        for row in session.scalars(select(Rollout).where(Rollout.name.in_(list(plans))))
+    }
+    rollouts = {
+        name: rollout_status(session, rows[name], config, now)
+        if name in rows
+        else {"rollout": name, "route": plan.route.value, "state": NOT_STARTED}
+        for name, plan in plans.items()
+    }
+    by_route = {plan.route: name for name, plan in plans.items()}
+    routes = []
+    for route, settings in config.route_map.items():
+        name = by_route.get(route)
+        status = rollouts.get(name) if name else None
+        routes.append(
+            {
+                "route": route.value,
+                "model": settings.model,
+                "fallback": settings.fallback,
+                "fallback_after_s": settings.fallback_after,
+                "rollout": name,
+                "candidate": plans[name].candidate if name else None,
+                "state": status["state"] if status else None,
+                "stage": status.get("stage") if status else None,
+                "weights": status.get("weights") if status else None,
+            }
+        )
+    return {
+        "schema": STATUS_SCHEMA,
+        "deployment": config.name,
+        "routes": routes,
+        "rollouts": list(rollouts.values()),
+    }
 
 
 def rollout_status(
     session: Session, row: Rollout, config: Config, now: datetime | None = None
 ) -> dict[str, Any]:
     now = now or utcnow()
+    plan = config.plan(row.name)
     view = view_of(row)
     evidence = evidence_for(session, row, config, now)
     verdict = evidence.verdict_snapshot  # read once, by evidence_for
-    table = routing_table(row.name, view, row.version, config)
+    table = routing_table(plan, view, row.version)
     stage = view.stage.name
-    max_duration = config.rollout.for_stage("max_duration", stage)
+    max_duration = plan.for_stage("max_duration", stage)
     ready = view.state in (State.SHADOWING, State.CANARY) and not evidence.unmet()
     last_event = session.scalars(
         select(RolloutEvent)
@@ -44,6 +89,8 @@ def rollout_status(
     return {
         "schema": STATUS_SCHEMA,
         "rollout": row.name,
+        "route": row.route,
+        "models": {"incumbent": plan.incumbent, "candidate": plan.candidate},
         "state": view.state.value,
         "stage": stage,
         "stage_index": view.stage_index,
@@ -137,6 +184,39 @@ def event_dict(event: RolloutEvent) -> dict[str, Any]:
     }
 
 
+def render_overview(overview: dict[str, Any]) -> Group:
+    """Routes first (what serves each, which rollout runs there), then each rollout in full."""
+    routes = Table(title=f"routes of {overview['deployment']}", title_justify="left")
+    for column in ("route", "model", "fallback", "rollout", "candidate", "state", "traffic"):
+        routes.add_column(column)
+    for r in overview["routes"]:
+        weights = r["weights"]
+        traffic = f"{weights['incumbent']}% / {weights['candidate']}%" if weights else "100% / -"
+        fallback = r["fallback"] or "-"
+        if r["fallback"] and r["fallback_after_s"] is not None:
+            fallback += f" after {r['fallback_after_s']:g}s"
+        routes.add_row(
+            r["route"],
+            r["model"],
+            fallback,
+            r["rollout"] or "-",
+            r["candidate"] or "-",
+            f"{r['state']}@{r['stage']}" if r["stage"] else (r["state"] or "-"),
+            traffic,
+        )
+    parts: list[Any] = [routes]
+    for status in overview["rollouts"]:
+        if status["state"] == NOT_STARTED:
+            parts.append(
+                Text(
+                    f"rollout {status['rollout']}: not started (run `cutover init`)", style="yellow"
+                )
+            )
+        else:
+            parts.append(render_status(status))
+    return Group(*parts)
+
+
 def render_status(status: dict[str, Any]) -> Group:
     """The status as a person reads it: where the rollout is, and what holds it."""
     head = Table.grid(padding=(0, 2))
@@ -148,7 +228,7 @@ def render_status(status: dict[str, Any]) -> Group:
         for i, name in enumerate(status["stages"])
     )
     gates = status["gates"]
-    head.add_row("rollout", status["rollout"])
+    head.add_row("rollout", f"{status['rollout']} (route {status['route']})")
     head.add_row("state", Text(status["state"], style=state_style.get(status["state"], "cyan")))
     why = status.get("why")
     if why:
@@ -163,7 +243,8 @@ def render_status(status: dict[str, Any]) -> Group:
     head.add_row("stage", stages)
     head.add_row(
         "traffic",
-        f"incumbent {status['weights']['incumbent']}%  candidate {status['weights']['candidate']}%  "
+        f"incumbent {status['models']['incumbent']} {status['weights']['incumbent']}%  "
+        f"candidate {status['models']['candidate']} {status['weights']['candidate']}%  "
         f"mirrored {status['mirror_percent']:g}%",
     )
     head.add_row(

@@ -41,7 +41,8 @@ def load_window(session: Session, rollout: Rollout, gpus: dict[str, float]) -> W
         .where(
             Request.rollout_id == rollout.id,
             Request.created_at >= since,
-            Output.status != OutputStatus.LOST,  # an accounting outcome (the router died), not evidence
+            Output.status
+            != OutputStatus.LOST,  # an accounting outcome (the router died), not evidence
         )
         .order_by(Request.created_at, Request.id, Output.image_index)
     ).all()

@@ -24,7 +24,7 @@ from controller.rollout import lease
 from controller.rollout.analysis import judge
 from controller.rollout.scoring import Scorer
 from controller.rollout.state_machine import (
-    PASS,
+    MOVING,
     Command,
     Evidence,
     Refusal,
@@ -34,6 +34,7 @@ from controller.rollout.state_machine import (
 )
 from controller.rollout.transitions import (
     Applied,
+    Seen,
     apply_command,
     evidence_for,
     get_rollout,
@@ -44,6 +45,7 @@ from controller.storage.store import Store
 from controller.storage.tables import utcnow
 from policies.checks import FAIL
 from policies.policy import Policy, load_policy
+from policies.vocabulary import PASS, Arm
 from workers.logs import one_line
 
 log = structlog.get_logger("cutover.loop")
@@ -107,7 +109,9 @@ class TickResult:
     action: Applied | Refusal | None = None
 
 
-class ControllerLoop:
+class RolloutController:
+    """One rollout's tick: lease, reconcile, score, judge, act. `ControllerLoop` runs them all."""
+
     def __init__(
         self,
         config: Config,
@@ -115,57 +119,62 @@ class ControllerLoop:
         policy: Policy | None = None,
         holder: str | None = None,
         lease_ttl: float | None = None,
+        rollout: str | None = None,
     ) -> None:
         self.config = config
+        self.plan = config.plan(rollout)
+        self.name = self.plan.name
         self.store = store or Store.for_config(config)
-        self.policy = policy or load_policy(config.policy_path)
-        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.lease_ttl = timedelta(seconds=lease_ttl or config.rollout.lease_ttl)
+        self.policy = policy or load_policy(self.plan.policy_path)
+        self.holder = holder or default_holder()
+        self.lease_ttl = timedelta(seconds=lease_ttl or self.plan.settings.lease_ttl)
         self.scorer = Scorer(self.policy, config.artifact_path)
         self.standby = False
         # Requests created before this were already reconciled; None: look at all (at start).
         self._reconciled_until: datetime | None = None
         self.gpus = {
-            role: getattr(config.models, role).num_gpus for role in ("incumbent", "candidate")
+            Arm.INCUMBENT: config.models[self.plan.incumbent].num_gpus,
+            Arm.CANDIDATE: config.models[self.plan.candidate].num_gpus,
         }
 
     def tick(self, now: datetime | None = None) -> TickResult:
         """One evaluation. Every event logged inside it (scorer and judge included) carries
         the `rollout` key, so an SRE can filter a tick's events by rollout."""
-        with structlog.contextvars.bound_contextvars(rollout=self.config.name):
+        with structlog.contextvars.bound_contextvars(rollout=self.name):
             return self._tick(now or utcnow())
 
     def _tick(self, now: datetime) -> TickResult:
+        # The one read of the rollout this tick: everything below decides on it, and the
+        # action is swapped in only if the row's version is still this one.
         with self.store.reader() as session:
-            row = get_rollout(session, self.config.name)
+            row = get_rollout(session, self.name)
         if not lease.acquire(self.store, row.id, self.holder, self.lease_ttl, now):
             self._note_role(standby=True, rollout_id=row.id)
             return TickResult(leader=False)
         self._note_role(standby=False, rollout_id=row.id)
         result = TickResult(leader=True, lost=self._reconcile(row.id, now))
         result.scored = self.scorer.score_pending(self.store, row.id, now=now)
-        if view_of(row).state not in (State.SHADOWING, State.CANARY, State.PROMOTED):
+        view = view_of(row)
+        if view.state not in MOVING:
             return result
         with self.store.session() as session:
-            row = get_rollout(session, self.config.name)
             verdict = judge(session, row, self.policy, self.gpus, now)
-            failing = tuple(
-                f"{c['name']}: {c['reason']}"
-                for c in verdict.checks
-                if c["decision"] == FAIL and c["critical"]
-            )
-            result.verdict = verdict.decision
-        with self.store.reader() as session:
-            row = get_rollout(session, self.config.name)
-            view = view_of(row)
-            facts = Facts(
-                view,
-                evidence_for(session, row, self.config, now),
-                result.verdict,
-                failing,
-                self.config.rollout.auto_advance,
-                self.config.rollout.for_stage("max_duration", view.stage.name),
-            )
+            session.flush()
+            evidence = evidence_for(session, row, self.config, now, verdict=verdict)
+        result.verdict = verdict.decision
+        failing = tuple(
+            f"{c['name']}: {c['reason']}"
+            for c in verdict.checks
+            if c["decision"] == FAIL and c["critical"]
+        )
+        facts = Facts(
+            view,
+            evidence,
+            result.verdict,
+            failing,
+            self.plan.settings.auto_advance,
+            self.plan.for_stage("max_duration", view.stage.name),
+        )
         command = plan_action(facts)
         if command is not None:
             result.action = apply_command(
@@ -173,7 +182,7 @@ class ControllerLoop:
                 self.config,
                 command,
                 actor_of(self.holder),
-                expected_stage=view.stage.name,
+                seen=Seen(row, view, evidence),
                 now=now,
             )
             # A rollback or pause changes what users get without anyone typing a verb: an
@@ -181,7 +190,7 @@ class ControllerLoop:
             level = log.info if command.verb is Verb.ADVANCE else log.warning
             level(
                 "controller_action",
-                rollout=self.config.name,
+                rollout=self.name,
                 stage=view.stage.name,
                 verb=command.verb.value,
                 outcome=type(result.action).__name__,
@@ -213,28 +222,76 @@ class ControllerLoop:
         else:
             log.info("controller_leader", holder=self.holder)
 
-    def run(self, stop: threading.Event) -> None:
-        """Tick every evaluation interval until `stop` is set; errors are logged and retried."""
-        log.info("controller_started", rollout=self.config.name, holder=self.holder)
-        try:
-            while not stop.is_set():
-                try:
-                    self.tick()
-                except Exception as exc:
-                    # One line with the cause: a database outage must not print a traceback a tick.
-                    log.error(
-                        "controller_tick_failed", rollout=self.config.name, error=one_line(exc)
-                    )
-                stop.wait(self.config.rollout.evaluation_interval)
-        finally:
-            self.release()
-        log.info("controller_stopped", rollout=self.config.name, holder=self.holder)
-
     def release(self) -> None:
         """Hand the lease back so another loop (say `cutover serve`'s) may act at once."""
         try:
             with self.store.reader() as session:
-                rollout_id = get_rollout(session, self.config.name).id
+                rollout_id = get_rollout(session, self.name).id
             lease.release(self.store, rollout_id, self.holder)
         except Exception as exc:  # the database is gone: the lease expires after its TTL
-            log.warning("lease_release_failed", holder=self.holder, error=one_line(exc))
+            log.warning(
+                "lease_release_failed", rollout=self.name, holder=self.holder, error=one_line(exc)
+            )
+
+
+def default_holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class ControllerLoop:
+    """Every rollout of the config, ticked in turn by one thread, each under its own lease.
+
+    A rollout whose tick fails (its row is missing, its policy file is broken) logs one
+    line and is tried again next interval; the others tick on.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store | None = None,
+        holder: str | None = None,
+        rollouts: list[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store or Store.for_config(config)
+        self.holder = holder or default_holder()
+        self.names = rollouts if rollouts is not None else list(config.plans())
+        self.interval = min(
+            (config.plan(name).settings.evaluation_interval for name in self.names), default=30.0
+        )
+        self._controllers: dict[str, RolloutController] = {}
+
+    def controller(self, name: str) -> RolloutController:
+        """Built on first use, so one rollout's broken policy file stops only that rollout."""
+        if name not in self._controllers:
+            self._controllers[name] = RolloutController(
+                self.config, self.store, holder=self.holder, rollout=name
+            )
+        return self._controllers[name]
+
+    def tick(self, now: datetime | None = None) -> dict[str, TickResult | None]:
+        """One tick of every rollout; None for a rollout whose tick failed (logged)."""
+        results: dict[str, TickResult | None] = {}
+        for name in self.names:
+            try:
+                results[name] = self.controller(name).tick(now)
+            except Exception as exc:
+                # One line with the cause: a database outage must not print a traceback a tick.
+                log.error("controller_tick_failed", rollout=name, error=one_line(exc))
+                results[name] = None
+        return results
+
+    def run(self, stop: threading.Event) -> None:
+        """Tick every evaluation interval until `stop` is set."""
+        log.info("controller_started", rollouts=self.names, holder=self.holder)
+        try:
+            while not stop.is_set():
+                self.tick()
+                stop.wait(self.interval)
+        finally:
+            self.release()
+        log.info("controller_stopped", rollouts=self.names, holder=self.holder)
+
+    def release(self) -> None:
+        for controller in self._controllers.values():
+            controller.release()

@@ -16,11 +16,14 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from controller.serving.routing import CANDIDATE, INCUMBENT, is_mirrored, primary_role
+from controller.serving.routing import is_mirrored, primary_role
 from controller.serving.traffic import RoutingTable
 from policies.checks import FAIL, PASS, CheckResult, overall
 from policies.judge import OutputFacts, Window, build_window, evaluate
 from policies.policy import Policy
+from policies.vocabulary import Arm
+
+CANDIDATE, INCUMBENT = Arm.CANDIDATE, Arm.INCUMBENT
 
 ROLES = (CANDIDATE, INCUMBENT)
 
@@ -122,7 +125,17 @@ def generate(traffic: Traffic, rng: random.Random) -> Records:
     per_stage = traffic.requests / len(traffic.stages)
     for k in range(traffic.requests):
         weight = traffic.stages[min(int(k / per_stage), len(traffic.stages) - 1)]
-        table = RoutingTable("sim", "experimenting", str(weight), 1, weight, traffic.mirror_percent)
+        table = RoutingTable(
+            rollout="sim",
+            route="generate",
+            state="experimenting",
+            stage=str(weight),
+            version=1,
+            candidate_weight=weight,
+            mirror_percent=traffic.mirror_percent,
+            incumbent=INCUMBENT,
+            candidate=CANDIDATE,
+        )
         request_id = f"r{k}"
         if volumes:
             user = rng.choices(range(len(volumes)), weights=volumes)[0]

@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from controller.config import Stage
+from policies.vocabulary import PASS
 
 
 class State(StrEnum):
@@ -37,7 +38,6 @@ class Verb(StrEnum):
 
 MOVING = frozenset({State.SHADOWING, State.CANARY, State.PROMOTED})
 TERMINAL = frozenset({State.FINALIZED, State.ABORTED})
-PASS = "PASS"
 
 
 @dataclass(frozen=True)

@@ -71,22 +71,26 @@ def get_rollout(session: Session, name: str) -> Rollout:
     return row
 
 
-def create_rollout(store: Store, config: Config, actor: str) -> tuple[Rollout, bool]:
+def create_rollout(
+    store: Store, config: Config, actor: str, rollout: str | None = None
+) -> tuple[Rollout, bool]:
     """Create the rollout row and its first event; return (row, created)."""
+    plan = config.plan(rollout)
     with store.session() as session:
-        existing = session.scalars(select(Rollout).where(Rollout.name == config.name)).one_or_none()
+        existing = session.scalars(select(Rollout).where(Rollout.name == plan.name)).one_or_none()
         if existing is not None:
             return existing, False
         now = utcnow()
-        stages = config.stages
+        stages = plan.stages
         row = Rollout(
-            name=config.name,
+            name=plan.name,
+            route=plan.route.value,
             state=state_for_stage(tuple(stages), 0).value,
             stage_index=0,
             stages=[[s.name, s.weight] for s in stages],
             stage_entered_at=now,
-            incumbent=config.models.incumbent.pipeline,
-            candidate=config.models.candidate.pipeline,
+            incumbent=_described(config, plan.incumbent),
+            candidate=_described(config, plan.candidate),
             version=1,
             created_at=now,
             updated_at=now,
@@ -104,11 +108,16 @@ def create_rollout(store: Store, config: Config, actor: str) -> tuple[Rollout, b
                 from_stage=None,
                 to_state=row.state,
                 to_stage=stages[0].name,
-                reason=f"candidate {row.candidate} against incumbent {row.incumbent}",
+                reason=f"route {plan.route.value}: candidate {row.candidate} against incumbent {row.incumbent}",
             )
         )
-    log.info("rollout_created", rollout=config.name, stage=stages[0].name, actor=actor)
+    log.info("rollout_created", rollout=plan.name, stage=stages[0].name, actor=actor)
     return row, True
+
+
+def _described(config: Config, model: str) -> str:
+    """A model as the audit trail names it: its pool name and where its pipeline comes from."""
+    return f"{model} ({config.models[model].pipeline})"
 
 
 def latest_verdict(session: Session, row: Rollout) -> Verdict | None:
@@ -156,12 +165,20 @@ def verdict_snapshot(verdict: Verdict | None) -> dict[str, Any] | None:
 
 
 def evidence_for(
-    session: Session, row: Rollout, config: Config, now: datetime | None = None
+    session: Session,
+    row: Rollout,
+    config: Config,
+    now: datetime | None = None,
+    verdict: Verdict | None = None,
 ) -> Evidence:
-    """Gate facts for the rollout's current stage, with the gates the config sets for it."""
+    """Gate facts for the rollout's current stage, with the gates the config sets for it.
+
+    `verdict` is one the caller has just stored (the tick); otherwise the latest is read.
+    """
     now = now or utcnow()
+    plan = config.plan(row.name)
     stage = stages_of(row)[row.stage_index].name
-    verdict = latest_verdict(session, row)
+    verdict = verdict or latest_verdict(session, row)
     holding = []
     if verdict is not None:
         holding = [
@@ -173,13 +190,27 @@ def evidence_for(
         ]
     return Evidence(
         samples=stage_samples(session, row),
-        min_samples=config.rollout.for_stage("min_samples", stage),
+        min_samples=plan.for_stage("min_samples", stage),
         elapsed_s=(now - row.stage_entered_at).total_seconds(),
-        min_duration_s=config.rollout.for_stage("min_duration", stage),
+        min_duration_s=plan.for_stage("min_duration", stage),
         verdict=verdict.decision if verdict else None,
         verdict_detail=f"held by {', '.join(holding)}" if holding else "",
         verdict_snapshot=verdict_snapshot(verdict),
     )
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A rollout as one read found it: the row and its gate evidence, read together."""
+
+    row: Rollout
+    view: RolloutView
+    evidence: Evidence
+
+
+def read_rollout(session: Session, config: Config, name: str, now: datetime | None = None) -> Seen:
+    row = get_rollout(session, name)
+    return Seen(row, view_of(row), evidence_for(session, row, config, now))
 
 
 def apply_command(
@@ -188,32 +219,39 @@ def apply_command(
     command: Command,
     actor: str,
     *,
+    rollout: str | None = None,
     expected_stage: str | None = None,
+    seen: Seen | None = None,
     now: datetime | None = None,
 ) -> Applied | Refusal:
-    """Decide `command` against the stored rollout and persist it with a CAS."""
-    with store.reader() as session:
-        row = get_rollout(session, config.name)
-        view = view_of(row)
-        evidence = evidence_for(session, row, config, now)
+    """Decide `command` against the rollout and persist it with a compare-and-swap.
+
+    `seen` is a read the caller already made (the controller tick): the command is then
+    decided on exactly those facts, and the swap succeeds only if the row's version is
+    still the one read, so nothing that changed in between is overwritten.
+    """
+    if seen is None:
+        with store.reader() as session:
+            seen = read_rollout(session, config, config.plan(rollout).name, now)
+    row, view = seen.row, seen.view
     if expected_stage is not None and expected_stage != view.stage.name:
         return Refusal(
             f"state changed, re-read: the rollout is at stage {view.stage.name} ({view.state.value}), "
             f"not {expected_stage} as expected",
             kind="conflict",
         )
-    decision = decide(view, command, evidence)
+    decision = decide(view, command, seen.evidence)
     if isinstance(decision, Refusal):
         log.info(
             "transition_refused",
-            rollout=config.name,
+            rollout=row.name,
             stage=view.stage.name,
             verb=command.verb.value,
             actor=actor,
             reason=decision.reason,
         )
         return decision
-    return _persist(store, row, view, command, decision, evidence, actor, now or utcnow())
+    return _persist(store, row, view, command, decision, seen.evidence, actor, now or utcnow())
 
 
 def _persist(

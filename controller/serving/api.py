@@ -182,7 +182,7 @@ def parse_images_request(raw: bytes, limits: ServerConfig) -> ImagesRequest:
     try:
         return ImagesRequest.model_validate(data, context={"limits": limits}, strict=True)
     except ValidationError as exc:
-        raise BadRequest(422, [_field_error(e) for e in exc.errors()]) from None
+        raise BadRequest(422, [field_error(e) for e in exc.errors()]) from None
 
 
 class DuplicateKey(Exception):
@@ -202,7 +202,7 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-def _field_error(error: Any) -> dict[str, str]:
+def field_error(error: Any) -> dict[str, str]:
     field = ".".join(str(p) for p in error["loc"]) or "body"
     kind = error["type"]
     if kind == "extra_forbidden":

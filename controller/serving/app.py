@@ -1,4 +1,4 @@
-"""Assembling and starting the Ray Serve application: two ModelServers and a Router.
+"""Assembling and starting the Ray Serve application: a ModelServer per model in use, a Router.
 
 `cutover serve` calls `start`; tests call it too, so the code path that
 deploys in production is the one under test.
@@ -18,31 +18,32 @@ from workers.logs import configured_level
 
 log = structlog.get_logger("cutover.app")
 
-ROLES = ("incumbent", "candidate")
+ROUTER = "router"
 
 
 def build_app(config: Config) -> Any:
-    """The application graph: Router(incumbent ModelServer, candidate ModelServer)."""
+    """The application graph: Router({model name: ModelServer}), one deployment per model that a
+    route, a fallback or a rollout uses, named after the model in the pool."""
     from controller.serving.router import Router
     from workers.model_server import ModelServer
 
     data, base_dir = config.to_wire()
     level = configured_level()  # replicas log at the level of the command that deployed them
     servers = {}
-    for role in ROLES:
-        model = getattr(config.models, role)
-        servers[role] = ModelServer.options(
-            name=role,
+    for name in config.models_in_use():
+        model = config.models[name]
+        servers[name] = ModelServer.options(
+            name=name,
             num_replicas=model.replicas,
             ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
             max_ongoing_requests=max(64, model.max_batch_size * 4),
-        ).bind(role, model.model_dump(mode="json"), base_dir, str(config.log_path), level)
+        ).bind(name, model.model_dump(mode="json"), base_dir, str(config.log_path), level)
     return Router.options(
-        name="router",
+        name=ROUTER,
         num_replicas=config.server.replicas,
         ray_actor_options={"num_cpus": config.server.num_cpus},
         max_ongoing_requests=1000,
-    ).bind(data, base_dir, servers["incumbent"], servers["candidate"], level)
+    ).bind(data, base_dir, servers, level)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -72,7 +73,7 @@ def start_local_ray(
 
 
 def cpus_needed(config: Config) -> float:
-    models = [getattr(config.models, role) for role in ROLES]
+    models = [config.models[name] for name in config.models_in_use()]
     return (
         sum(m.num_cpus * m.replicas for m in models)
         + config.server.num_cpus * config.server.replicas

@@ -1,9 +1,11 @@
-"""The router: Ray Serve ingress that serves each user from one model and mirrors to the other.
+"""The router: Ray Serve ingress that serves each request from its route's model and mirrors.
 
-The primary answer goes back as soon as the serving model answers. Mirroring
-and recording happen beside it, bounded: a mirror that errors, hangs or lags
-cannot change the primary response, and excess mirrors are skipped and
-counted, never queued behind users.
+Every endpoint ends in `_serve`: pick the route's rollout (if one runs there),
+the user's side of it, answer from that side's model (or the route's fallback
+model when that one fails), and mirror to the other side. The primary answer
+goes back as soon as it is ready. Mirroring and recording happen beside it,
+bounded: a mirror that errors, hangs or lags cannot change the primary
+response, and excess mirrors are skipped and counted, never queued behind users.
 """
 
 import asyncio
@@ -12,6 +14,7 @@ import dataclasses
 import secrets
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -21,14 +24,18 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from controller.config import Config
-from controller.serving.api import BadRequest, ImagesRequest, error_envelope, parse_images_request
-from controller.serving.routing import is_mirrored, other, primary_role
+from controller.config import Config, RouteConfig
+from controller.serving.api import BadRequest, error_envelope, parse_images_request
+from controller.serving.asks import Ask, edit_ask, generation_ask, upscale_ask
+from controller.serving.routing import is_mirrored, primary_role
 from controller.serving.table_source import TableSource
 from controller.serving.traffic import RoutingTable
-from controller.storage.recorder import OutputRecord, Recorder, RequestRecord
+from controller.serving.uploads import Part, parse_edit, parse_upscale
+from controller.storage.recorder import Recorder
+from controller.storage.records import OutputRecord, RequestRecord
 from controller.storage.tables import utcnow
-from workers.jobs import ImageJob, ImageResult
+from policies.vocabulary import Arm
+from workers.jobs import ImageJob, ImageResult, OutputStatus
 from workers.logs import configure_logging, log_to_file
 
 log = structlog.get_logger("cutover.router")
@@ -37,13 +44,24 @@ http = FastAPI(title="cutover", description="Images API with shadow traffic and 
 
 # What a failed primary answer becomes for the client.
 FAILURE_STATUS = {
-    "error": 502,
-    "oom": 503,
-    "timeout": 504,
-    "blank": 502,
-    "rejected": 422,
-    "overload": 503,
+    OutputStatus.ERROR: 502,
+    OutputStatus.OOM: 503,
+    OutputStatus.TIMEOUT: 504,
+    OutputStatus.BLANK: 502,
+    OutputStatus.REJECTED: 422,
+    OutputStatus.OVERLOAD: 503,
 }
+NO_ROLLOUT = "none"  # the stage recorded for a request on a route no rollout runs on
+MAX_FORM_PARTS = 20
+
+
+@dataclasses.dataclass
+class Answer:
+    """What the user gets for each image, and which model gave it."""
+
+    results: list[ImageResult]
+    models: list[str]
+    fallback_cause: str | None = None
 
 
 @serve.deployment
@@ -53,15 +71,15 @@ class Router:
         self,
         config: dict[str, Any],
         base_dir: str,
-        incumbent: DeploymentHandle,
-        candidate: DeploymentHandle,
+        models: dict[str, DeploymentHandle],
         log_level: str | None = None,
     ) -> None:
         configure_logging(level=log_level)
         self.config = Config.from_wire(config, base_dir)
         log_to_file(self.config.log_path)
         self.limits = self.config.server
-        self.handles = {"incumbent": incumbent, "candidate": candidate}
+        self.routes = self.config.route_map
+        self.handles = models
         self.tables = TableSource(self.config)
         self.recorder = Recorder(
             self.config.resolved_database_url,
@@ -72,111 +90,44 @@ class Router:
         self.mirrors_in_flight = 0
         self.mirrors_skipped = 0
         self.mirrors_started = 0
+        self.fallbacks = 0
         self._background: set[asyncio.Task[Any]] = set()
 
     @http.post("/v1/images/generations")
-    async def generate(self, http_request: HttpRequest) -> JSONResponse:
-        request_id = str(uuid.uuid4())
-        table = self.tables.table
-        headers = {"x-cutover-request-id": request_id, "x-cutover-stage": table.stage}
-        try:
-            return await self._generate(http_request, request_id, table, headers)
-        except Exception as exc:  # a router bug: still the envelope, the headers and a log event
-            log.exception("router_failed", request_id=request_id, rollout=table.rollout)
-            return JSONResponse(
-                error_envelope(
-                    f"the router failed: {type(exc).__name__}",
-                    "router_error",
-                    request_id=request_id,
-                ),
-                status_code=500,
-                headers=headers,
-            )
-
-    async def _generate(
-        self,
-        http_request: HttpRequest,
-        request_id: str,
-        table: RoutingTable,
-        headers: dict[str, str],
-    ) -> JSONResponse:
-        try:
+    async def generations(self, http_request: HttpRequest) -> JSONResponse:
+        async def read() -> Ask:
             body = parse_images_request(await http_request.body(), self.limits)
-        except BadRequest as exc:
-            log.info(
-                "bad_request",
-                request_id=request_id,
-                rollout=table.rollout,
-                stage=table.stage,
-                errors=exc.errors,
-            )
-            return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+            return generation_ask(body, self.config)
 
-        sticky_key = body.user or request_id
-        role = primary_role(table, sticky_key)
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        jobs = self._jobs(request_id, body, seed)
-        mirrored = is_mirrored(table, request_id) and self._claim_mirror_slot()
-        # The request row is queued before any output, so its outputs never precede it in SQL.
-        self.recorder.record(
-            RequestRecord(
-                id=request_id,
-                rollout=table.rollout,
-                stage=table.stage,
-                primary_role=role,
-                sticky_key=sticky_key,
-                prompt=body.prompt,
-                params=body.generation_params(jobs[0].width, jobs[0].height),
-                seed=seed,
-                mirrored=mirrored,
-                created_at=utcnow(),
-            )
-        )
-        headers["x-cutover-served-by"] = role
+        return await self._handle(read)
 
-        results = await self._call_all(role, jobs, self.limits.request_timeout)
-        if mirrored:
-            # Dispatched once the primary has answered: the mirror's routing and its result's
-            # handling then never share the event loop with the user's request.
-            self._spawn(self._mirror(other(role), jobs, table.stage))
-        self._record_outputs(role, jobs, results, self.limits.request_timeout, is_primary=True)
-        log.info(
-            "served",
-            request_id=request_id,
-            rollout=table.rollout,
-            stage=table.stage,
-            role=role,
-            statuses=[r.status for r in results],
-            mirrored=mirrored,
-        )
+    @http.post("/v1/images/edits")
+    async def edits(self, http_request: HttpRequest) -> JSONResponse:
+        async def read() -> Ask:
+            return edit_ask(parse_edit(await self._form(http_request), self.limits), self.config)
 
-        failed = [r for r in results if not r.ok]
-        if failed:
-            status = FAILURE_STATUS.get(failed[0].status, 502)
-            return JSONResponse(
-                error_envelope(
-                    f"the model failed: {failed[0].error}",
-                    "model_error",
-                    status=failed[0].status,
-                    request_id=request_id,
-                ),
-                status_code=status,
-                headers=headers,
-            )
-        data = [
-            {"b64_json": base64.b64encode(r.png or b"").decode(), "seed": job.seed}
-            for job, r in zip(jobs, results, strict=True)
-        ]
-        return JSONResponse({"created": int(time.time()), "data": data}, headers=headers)
+        return await self._handle(read)
+
+    @http.post("/v1/images/upscales")
+    async def upscales(self, http_request: HttpRequest) -> JSONResponse:
+        async def read() -> Ask:
+            upload = parse_upscale(await self._form(http_request), self.limits)
+            return upscale_ask(upload, self.config)
+
+        return await self._handle(read)
 
     @http.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok"}
 
-    @http.get("/v1/rollout")
-    async def rollout(self) -> dict[str, Any]:
-        table = self.tables.table
-        return table.as_dict() | {"table_age_s": round(self.tables.age(), 3)}
+    @http.get("/v1/rollouts")
+    async def rollouts(self) -> dict[str, Any]:
+        """Every rollout's routing table as this replica uses it now, and how old it is."""
+        return {
+            "rollouts": {name: t.as_dict() for name, t in self.tables.tables.items()},
+            "routes": {route.value: r.model_dump(mode="json") for route, r in self.routes.items()},
+            "table_age_s": round(self.tables.age(), 3),
+        }
 
     @http.get("/v1/stats")
     async def stats(self) -> dict[str, Any]:
@@ -187,6 +138,7 @@ class Router:
                 "skipped": self.mirrors_skipped,
                 "in_flight": self.mirrors_in_flight,
             },
+            "fallbacks": self.fallbacks,
         }
 
     async def flush(self, timeout: float = 30.0, include_spill: bool = False) -> bool:
@@ -202,24 +154,176 @@ class Router:
             if hasattr(self, part):
                 getattr(self, part).close()
 
-    # -- internals --------------------------------------------------------------------------
+    # -- one request, whatever its endpoint -------------------------------------------------
 
-    def _jobs(self, request_id: str, body: ImagesRequest, seed: int) -> list[ImageJob]:
-        width, height = body.dimensions(self.limits)
-        return [
-            ImageJob(
-                request_id=request_id,
-                image_index=i,
-                prompt=body.prompt,
-                seed=seed + i,
-                width=width,
-                height=height,
-                steps=body.steps,
-                guidance=body.guidance,
-                negative_prompt=body.negative_prompt,
+    async def _handle(self, read: Callable[[], Awaitable[Ask]]) -> JSONResponse:
+        request_id = str(uuid.uuid4())
+        headers = {"x-cutover-request-id": request_id}
+        try:
+            try:
+                ask = await read()
+            except BadRequest as exc:
+                log.info("bad_request", request_id=request_id, errors=exc.errors)
+                return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+            return await self._serve(ask, request_id, headers)
+        except Exception as exc:  # a router bug: still the envelope, the headers and a log event
+            log.exception("router_failed", request_id=request_id)
+            return JSONResponse(
+                error_envelope(
+                    f"the router failed: {type(exc).__name__}",
+                    "router_error",
+                    request_id=request_id,
+                ),
+                status_code=500,
+                headers=headers,
             )
-            for i in range(body.n)
+
+    async def _form(self, http_request: HttpRequest) -> list[tuple[str, Part]]:
+        """The multipart parts as (name, text) or (name, (file name, bytes)); a body that is
+        not multipart, or is malformed, is a 4xx naming the body."""
+        kind = http_request.headers.get("content-type", "")
+        if not kind.startswith("multipart/form-data"):
+            raise BadRequest(
+                415,
+                [
+                    {
+                        "field": "body",
+                        "message": f"content-type is {kind or 'missing'}; send multipart/form-data",
+                    }
+                ],
+            )
+        declared = int(http_request.headers.get("content-length") or 0)
+        if declared > 2 * self.limits.max_upload_bytes + 65536:
+            raise BadRequest(
+                413,
+                [{"field": "body", "message": f"body is {declared} bytes, over the upload limit"}],
+            )
+        try:
+            form = await http_request.form(
+                max_files=len(("image", "mask")) + 1,
+                max_fields=MAX_FORM_PARTS,
+                max_part_size=self.limits.max_prompt_chars * 4 + 1024,
+            )
+        except Exception as exc:  # starlette's multipart errors: the client's body, not us
+            raise BadRequest(
+                400,
+                [{"field": "body", "message": f"not valid multipart/form-data: {exc}"}],
+            ) from None
+        parts: list[tuple[str, Part]] = []
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                parts.append((name, value))
+            else:
+                parts.append((name, (value.filename or "", await value.read())))
+        await form.close()
+        return parts
+
+    async def _serve(self, ask: Ask, request_id: str, headers: dict[str, str]) -> JSONResponse:
+        route = self.routes[ask.route]
+        table = self.tables.for_route(ask.route)
+        sticky_key = ask.body.user or request_id
+        arm = primary_role(table, sticky_key) if table else Arm.INCUMBENT
+        model = table.model_of(arm) if table else route.model
+        stage = table.stage if table else NO_ROLLOUT
+        seed = ask.body.seed if ask.body.seed is not None else secrets.randbelow(2**31)
+        jobs = ask.jobs(request_id, seed)
+        mirrored = (
+            table is not None and is_mirrored(table, request_id) and self._claim_mirror_slot()
+        )
+        # The request row is queued before any output, so its outputs never precede it in SQL.
+        self.recorder.record(
+            RequestRecord(
+                id=request_id,
+                rollout=table.rollout if table else None,
+                route=ask.route.value,
+                stage=stage,
+                primary_role=arm.value,
+                sticky_key=sticky_key,
+                prompt=ask.body.prompt,
+                params=ask.params(),
+                seed=seed,
+                mirrored=mirrored,
+                created_at=utcnow(),
+            )
+        )
+        headers |= {
+            "x-cutover-route": ask.route.value,
+            "x-cutover-stage": stage,
+            "x-cutover-served-by": arm.value,
+        }
+        answer = await self._answer(route, arm, model, jobs)
+        if mirrored and table is not None:
+            # Dispatched once the primary has answered: the mirror's routing and its result's
+            # handling then never share the event loop with the user's request.
+            self._spawn(self._mirror(table, arm.other, jobs))
+        headers["x-cutover-model"] = answer.models[0]
+        if answer.fallback_cause is not None:
+            headers["x-cutover-fallback"] = answer.fallback_cause
+        log.info(
+            "served",
+            request_id=request_id,
+            rollout=table.rollout if table else None,
+            route=ask.route.value,
+            stage=stage,
+            role=arm.value,
+            model=answer.models[0],
+            statuses=[r.status for r in answer.results],
+            fallback=answer.fallback_cause,
+            mirrored=mirrored,
+        )
+        failed = [r for r in answer.results if not r.ok]
+        if failed:
+            return JSONResponse(
+                error_envelope(
+                    f"the model failed: {failed[0].error}",
+                    "model_error",
+                    status=failed[0].status,
+                    request_id=request_id,
+                ),
+                status_code=FAILURE_STATUS.get(OutputStatus(failed[0].status), 502),
+                headers=headers,
+            )
+        data = [
+            {"b64_json": base64.b64encode(r.png or b"").decode(), "seed": job.seed}
+            for job, r in zip(jobs, answer.results, strict=True)
         ]
+        return JSONResponse({"created": int(time.time()), "data": data}, headers=headers)
+
+    async def _answer(
+        self, route: RouteConfig, arm: Arm, model: str, jobs: list[ImageJob]
+    ) -> Answer:
+        """The serving model's answer, or for each image it failed on (per `fallback_on`) the
+        fallback model's, inside the request's own timeout. Both attempts are recorded."""
+        started = time.monotonic()
+        timeout = self.limits.request_timeout
+        first = timeout
+        if route.fallback and route.fallback_after is not None:
+            first = min(route.fallback_after, timeout)
+        results = await self._call_all(model, jobs, first)
+        ids = self._record(arm, model, jobs, results, first, is_primary=True)
+        answer = Answer(list(results), [model] * len(jobs))
+        failed = [
+            i for i, r in enumerate(results) if route.fallback and r.status in route.fallback_on
+        ]
+        remaining = timeout - (time.monotonic() - started)
+        if not failed or route.fallback is None or remaining <= 0:
+            return answer
+        retried = await self._call_all(route.fallback, [jobs[i] for i in failed], remaining)
+        self._record(
+            Arm.FALLBACK,
+            route.fallback,
+            [jobs[i] for i in failed],
+            retried,
+            remaining,
+            is_primary=True,
+            fallback_of=[ids[i] for i in failed],
+        )
+        for i, result in zip(failed, retried, strict=True):
+            answer.results[i] = result
+            answer.models[i] = route.fallback
+        answer.fallback_cause = results[failed[0]].status
+        self.fallbacks += 1
+        return answer
 
     def _claim_mirror_slot(self) -> bool:
         if self.mirrors_in_flight >= self.limits.mirror_max_in_flight:
@@ -234,68 +338,76 @@ class Router:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _mirror(self, role: str, jobs: list[ImageJob], stage: str) -> None:
+    async def _mirror(self, table: RoutingTable, arm: Arm, jobs: list[ImageJob]) -> None:
+        model = table.model_of(arm)
         try:
-            results = await self._call_all(role, jobs, self.limits.mirror_timeout)
-            self._record_outputs(role, jobs, results, self.limits.mirror_timeout, is_primary=False)
+            results = await self._call_all(model, jobs, self.limits.mirror_timeout)
+            self._record(arm, model, jobs, results, self.limits.mirror_timeout, is_primary=False)
         except Exception:  # a mirror must never take anything down with it
-            log.exception("mirror_failed", request_id=jobs[0].request_id, role=role, stage=stage)
+            log.exception(
+                "mirror_failed",
+                request_id=jobs[0].request_id,
+                rollout=table.rollout,
+                stage=table.stage,
+                role=arm.value,
+            )
         finally:
             self.mirrors_in_flight -= 1
 
-    async def _call_all(self, role: str, jobs: list[ImageJob], timeout: float) -> list[ImageResult]:
-        return list(await asyncio.gather(*(self._call(role, job, timeout) for job in jobs)))
+    async def _call_all(
+        self, model: str, jobs: list[ImageJob], timeout: float
+    ) -> list[ImageResult]:
+        return list(await asyncio.gather(*(self._call(model, job, timeout) for job in jobs)))
 
-    async def _call(self, role: str, job: ImageJob, timeout: float) -> ImageResult:
+    async def _call(self, model: str, job: ImageJob, timeout: float) -> ImageResult:
         start = time.perf_counter()
         # The deadline travels with the job: the model server refuses work that cannot finish
         # by then, drops it unstarted once it has passed, and stops sampling between steps.
         job = dataclasses.replace(job, deadline=time.time() + timeout)
-        response = self.handles[role].generate.remote(job)
+        response = self.handles[model].generate.remote(job)
         try:
             return await asyncio.wait_for(response, timeout)
         except TimeoutError:
             response.cancel()
             return ImageResult(
-                "timeout",
+                OutputStatus.TIMEOUT,
                 error=f"no answer within {timeout:g}s",
                 latency_ms=(time.perf_counter() - start) * 1000,
             )
         except Exception as exc:  # the replica died or Ray failed: a model error, recorded as such
             return ImageResult(
-                "error",
+                OutputStatus.ERROR,
                 error=f"{type(exc).__name__}: {exc}"[:2000],
                 latency_ms=(time.perf_counter() - start) * 1000,
             )
 
-    def _record_outputs(
+    def _record(
         self,
-        role: str,
+        role: Arm,
+        model: str,
         jobs: list[ImageJob],
         results: list[ImageResult],
         timeout_s: float,
         *,
         is_primary: bool,
-    ) -> None:
+        fallback_of: list[str] | None = None,
+    ) -> list[str]:
+        """Queue one output record per image; returns their ids (a fallback links to them)."""
         now = utcnow()
-        for job, result in zip(jobs, results, strict=True):
+        ids = [str(uuid.uuid4()) for _ in jobs]
+        for i, (job, result) in enumerate(zip(jobs, results, strict=True)):
             self.recorder.record(
-                OutputRecord(
-                    id=str(uuid.uuid4()),
-                    request_id=job.request_id,
-                    role=role,
-                    image_index=job.image_index,
+                OutputRecord.of(
+                    ids[i],
+                    job,
+                    result,
+                    role=role.value,
+                    model=model,
                     is_primary=is_primary,
-                    status=result.status,
-                    created_at=now,
-                    error=result.error,
-                    latency_ms=result.latency_ms,
-                    queue_ms=result.queue_ms,
-                    batch_size=result.batch_size or None,
-                    peak_gpu_bytes=result.peak_gpu_bytes,
-                    oom_count=result.oom_count,
-                    batch_ooms=result.batch_ooms,
                     timeout_s=timeout_s,
+                    created_at=now,
+                    fallback_of=fallback_of[i] if fallback_of else None,
                 ),
                 png=result.png,
             )
+        return ids

@@ -2,7 +2,8 @@
 
 The bucket of a user depends only on the rollout name and the sticky key, not
 on the stage, so a user on the candidate at 10% stays on it at 30%, and a user
-stays on one side for the whole of a stage.
+stays on one side for the whole of a stage. Each route has its own rollout, so
+a user's side on `edit` is drawn apart from their side on `generate`.
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ from __future__ import annotations
 import hashlib
 
 from controller.serving.traffic import RoutingTable
+from policies.vocabulary import Arm
 
 BUCKETS = 10_000
-INCUMBENT = "incumbent"
-CANDIDATE = "candidate"
 
 
 def bucket(rollout: str, key: str, salt: str = "route") -> int:
@@ -21,19 +21,15 @@ def bucket(rollout: str, key: str, salt: str = "route") -> int:
     return int.from_bytes(digest[:8], "big") % BUCKETS
 
 
-def primary_role(table: RoutingTable, sticky_key: str) -> str:
+def primary_role(table: RoutingTable, sticky_key: str) -> Arm:
     """The candidate serves the users whose bucket is below its weight."""
     return (
-        CANDIDATE
+        Arm.CANDIDATE
         if bucket(table.rollout, sticky_key) < table.candidate_weight * BUCKETS // 100
-        else INCUMBENT
+        else Arm.INCUMBENT
     )
 
 
 def is_mirrored(table: RoutingTable, request_id: str) -> bool:
     """Mirroring is sampled per request (not per user), so every user contributes pairs."""
     return bucket(table.rollout, request_id, salt="mirror") < table.mirror_percent * BUCKETS / 100
-
-
-def other(role: str) -> str:
-    return INCUMBENT if role == CANDIDATE else CANDIDATE

@@ -18,8 +18,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from controller.config import Config
-from controller.serving.routing import other
 from controller.storage.tables import Output, Request
+from policies.vocabulary import Arm
 from workers.jobs import OutputStatus
 
 # How long a spilled record may wait for replay before it would be dead-lettered anyway.
@@ -37,7 +37,7 @@ def lost_after(config: Config) -> timedelta:
 def expected_outputs(request: Any) -> list[tuple[str, int]]:
     """(role, image index) of every output a request should have: each image from the
     serving role, and from the other role too when it was mirrored."""
-    roles = [request.primary_role] + ([other(request.primary_role)] if request.mirrored else [])
+    roles = [request.primary_role] + ([Arm(request.primary_role).other] if request.mirrored else [])
     count = int((request.params or {}).get("n") or 1)
     return [(role, index) for role in roles for index in range(count)]
 
@@ -88,7 +88,8 @@ def supersede_lost(session: Session, outputs: list[dict[str, Any]]) -> None:
     for start in range(0, len(request_ids), _CHUNK):
         placeholders = session.execute(
             select(Output.id, Output.request_id, Output.role, Output.image_index).where(
-                Output.request_id.in_(request_ids[start : start + _CHUNK]), Output.status == OutputStatus.LOST
+                Output.request_id.in_(request_ids[start : start + _CHUNK]),
+                Output.status == OutputStatus.LOST,
             )
         ).all()
         stale = [row.id for row in placeholders if tuple(row[1:]) in slots]

@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from controller.config import DatabaseConfig
 from controller.storage.artifacts import store_artifact
 from controller.storage.lost import supersede_lost
+from controller.storage.records import OutputRecord, RequestRecord
 from controller.storage.spill import SpillFile
 from controller.storage.store import Store, TransactionTimeout
 from controller.storage.tables import Output, Request, Rollout, utcnow
@@ -35,42 +36,6 @@ from workers.logs import one_line
 log = structlog.get_logger("cutover.recorder")
 
 ORPHAN_TTL = timedelta(minutes=10)
-
-
-@dataclass
-class RequestRecord:
-    id: str
-    rollout: str
-    stage: str
-    primary_role: str
-    sticky_key: str
-    prompt: str
-    params: dict[str, Any]
-    seed: int
-    mirrored: bool
-    created_at: datetime
-
-
-@dataclass
-class OutputRecord:
-    id: str
-    request_id: str
-    role: str
-    image_index: int
-    is_primary: bool
-    status: str
-    created_at: datetime
-    error: str | None = None
-    latency_ms: float | None = None
-    queue_ms: float | None = None
-    batch_size: int | None = None
-    peak_gpu_bytes: int | None = None
-    oom_count: int = 0
-    batch_ooms: int = 0
-    artifact_sha256: str | None = None
-    timeout_s: float | None = (
-        None  # the time the router gave this call (the judge censors pairs at the shorter)
-    )
 
 
 @dataclass
@@ -269,10 +234,10 @@ class Recorder:
 
     def _with_rollout_id(self, session: Any, row: dict[str, Any]) -> dict[str, Any]:
         name = row["rollout"]
-        if name not in self._rollout_ids:
+        if name is not None and name not in self._rollout_ids:
             self._rollout_ids[name] = session.scalar(select(Rollout.id).where(Rollout.name == name))
         return {k: v for k, v in row.items() if k != "rollout"} | {
-            "rollout_id": self._rollout_ids[name]
+            "rollout_id": None if name is None else self._rollout_ids[name]
         }
 
     def _spill_rows(self, rows: _Rows) -> None:

@@ -58,6 +58,7 @@ class Rollout(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
+    route: Mapped[str] = mapped_column(String(32), server_default="generate")
     state: Mapped[str] = mapped_column(String(16))
     stage_index: Mapped[int] = mapped_column(Integer)
     stages: Mapped[list[Any]] = mapped_column(JSON)
@@ -91,11 +92,19 @@ class RolloutEvent(Base):
 
 
 class Request(Base):
+    """One client request. `rollout_id` is null on a route no rollout is running on."""
+
     __tablename__ = "requests"
-    __table_args__ = (Index("ix_requests_rollout_stage_time", "rollout_id", "stage", "created_at"),)
+    __table_args__ = (
+        Index("ix_requests_rollout_stage_time", "rollout_id", "stage", "created_at"),
+        Index("ix_requests_route_time", "route", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    rollout_id: Mapped[int | None] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), nullable=True
+    )
+    route: Mapped[str] = mapped_column(String(32), server_default="generate")
     stage: Mapped[str] = mapped_column(String(16))
     primary_role: Mapped[str] = mapped_column(String(16))
     sticky_key: Mapped[str] = mapped_column(String(256))
@@ -132,6 +141,10 @@ class Output(Base):
     scored_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True, index=True)
     # The time the router gave this call: a pair is judged at its arms' shorter deadline.
     timeout_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Which model of the pool answered (its name in the config).
+    model: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # On a fallback's output: the failed attempt it answered for.
+    fallback_of: Mapped[str | None] = mapped_column(String(36), nullable=True)
 
 
 class Score(Base):
