@@ -525,7 +525,7 @@ def check_playbook(config: Config) -> list[Problem]:
             allowed = " or ".join(k.value for k in ROUTE_KINDS[route])
             refuse(
                 path,
-                f"{what} {name!r} is a {kind.value} model; route {route.value} needs {allowed}",
+                f"{what} {name!r} is of kind {kind.value}; route {route.value} needs {allowed}",
             )
 
     for route, settings in config.routes.items():

@@ -197,6 +197,25 @@ def _alembic(direction: str, engine: Engine, revision: str) -> None:
 
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        getattr(command, direction)(config, revision)
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # SQLite alters some columns by rebuilding the table (copy, drop, rename). With
+            # foreign keys on, dropping the old table would cascade-delete every row that
+            # points at it: a migration must never lose a row.
+            _sqlite_foreign_keys(connection, on=False)
+        try:
+            with connection.begin():
+                config.attributes["connection"] = connection
+                getattr(command, direction)(config, revision)
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first():
+                    raise StoreError(f"{direction} to {revision} left rows whose parent is gone")
+        finally:
+            if sqlite:
+                _sqlite_foreign_keys(connection, on=True)
+
+
+def _sqlite_foreign_keys(connection: Any, *, on: bool) -> None:
+    """Outside any transaction (inside one SQLite ignores the pragma)."""
+    connection.exec_driver_sql(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+    connection.commit()
