@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+DEFAULT_STRENGTH = 0.8  # an edit's, when the request gives none
+
 
 class OutputStatus(StrEnum):
     """How one image call ended: the one list the router, recorder, judge and reports share."""

@@ -18,7 +18,7 @@ import structlog
 from workers.config import ModelConfig, ModelKind
 from workers.deadlines import StepCallback
 from workers.images import is_blank, pil_image, to_uint8
-from workers.jobs import ImageJob
+from workers.jobs import DEFAULT_STRENGTH, ImageJob
 
 log = structlog.get_logger("cutover.pipeline")
 
@@ -134,7 +134,7 @@ class PipelineRunner:
         if kind is ModelKind.TEXT2IMG:
             return {"height": first.height, "width": first.width}
         images = [pil_image(job.image or b"", "RGB") for job in jobs]
-        strength = 0.8 if first.strength is None else first.strength
+        strength = DEFAULT_STRENGTH if first.strength is None else first.strength
         if kind is ModelKind.IMG2IMG:
             return {"image": images, "strength": strength}
         if kind is ModelKind.INPAINT:

@@ -11,6 +11,7 @@ clean PNGs, so a model server never parses what a client sent.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator
 from controller.config import ServerConfig
 from controller.serving.api import BadRequest, ImagesRequest, field_error
 from workers.config import UPSCALE_FACTOR
+from workers.jobs import DEFAULT_STRENGTH
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 FILE_FIELDS = ("image", "mask")
@@ -63,6 +65,14 @@ Part = str | tuple[str, bytes]  # a text field, or a file field: (file name, con
 def parse_edit(parts: list[tuple[str, Part]], limits: ServerConfig) -> Upload:
     """Validate an edit's multipart fields; raise BadRequest naming the first bad field."""
     fields, files = _split(parts, EditFields, limits, allowed_files=("image", "mask"))
+    strength = DEFAULT_STRENGTH if fields.strength is None else fields.strength
+    if fields.steps is not None and int(fields.steps * strength) < 1:
+        _refuse(
+            400,
+            "steps",
+            f"steps={fields.steps} at strength {strength:g} leaves no denoising step "
+            f"(an edit runs steps x strength of them); send steps >= {math.ceil(1 / strength)}",
+        )
     image, (width, height) = _image(files, "image", limits, "RGB")
     if fields.size is not None and fields.dimensions(limits) != (width, height):
         _refuse(

@@ -1,0 +1,249 @@
+"""The playbook over HTTP on a real local Ray: a pool of six tiny models of three kinds, four
+routes, two rollouts side by side, a distilled fallback, and malformed uploads."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from controller.config import load_config
+from controller.rollout.transitions import create_rollout
+from controller.serving import app as serving
+from controller.storage.store import Store
+from controller.storage.tables import Output, Request
+from tests.conftest import write_config
+from tests.test_uploads import IMAGE, MALFORMED, MASK, encoded
+from workers.tiny import make_tiny_pipeline
+
+pytestmark = pytest.mark.ray
+
+FALLBACK_AFTER = 1.5
+REQUEST_TIMEOUT = 20.0
+GEN, EDIT = "gen-next", "edit-v2"
+
+
+@pytest.fixture(scope="module")
+def playbook(tmp_path_factory, ray_serve):
+    root = tmp_path_factory.mktemp("playbook")
+    models = root / "models"
+    built = {
+        "sd": make_tiny_pipeline(models / "sd", variant="sd"),
+        "sd-next": make_tiny_pipeline(models / "sd-next", variant="sd"),
+        "sd-fast": make_tiny_pipeline(models / "sd-fast", variant="fast", distilled=True),
+        "edit-v1": make_tiny_pipeline(models / "edit-v1", variant="e1", kind="img2img"),
+        "edit-v2": make_tiny_pipeline(models / "edit-v2", variant="e2", kind="img2img"),
+        "paint": make_tiny_pipeline(models / "paint", variant="p", kind="inpaint"),
+    }
+    common = {"steps": 2, "num_cpus": 0.25, "warmup": [64], "batch_size": 2}
+    pool = {name: {"pipeline": str(path), **common} for name, path in built.items()}
+    pool["sd-fast"] |= {"sampler": "lcm", "guidance": 1.0}
+    pool["edit-v1"]["kind"] = pool["edit-v2"]["kind"] = "img2img"
+    pool["paint"]["kind"] = "inpaint"
+    path = write_config(
+        root,
+        {
+            "name": "editor",
+            "database_url": f"sqlite:///{root / 'cutover.db'}",
+            "models": pool,
+            "routes": {
+                "generate": {
+                    "model": "sd",
+                    "fallback": "sd-fast",
+                    "fallback_after": FALLBACK_AFTER,
+                },
+                "edit": {"model": "edit-v1"},
+                "inpaint": {"model": "paint"},
+            },
+            "rollouts": {
+                GEN: {"route": "generate", "candidate": "sd-next", "stages": [30, 100]},
+                EDIT: {"route": "edit", "candidate": "edit-v2", "stages": [1, 100]},
+            },
+            "server": {
+                "port": ray_serve,
+                "refresh_interval": 0.5,
+                "request_timeout": REQUEST_TIMEOUT,
+                "mirror_timeout": 20,
+                "max_size": 256,
+                "max_upload_bytes": 200_000,
+            },
+        },
+    )
+    config = load_config(path)
+    store = Store(config.resolved_database_url)
+    store.upgrade()
+    for name in config.plans():
+        create_rollout(store, config, "tester", name)
+    router = serving.start(config, http_port=ray_serve)
+    from ray import serve
+
+    client = httpx.Client(base_url=f"http://127.0.0.1:{ray_serve}", timeout=60)
+    for _ in range(240):
+        try:
+            if client.get("/healthz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    yield {
+        "config": config,
+        "store": store,
+        "client": client,
+        "router": router,
+        "handle": lambda model: serve.get_deployment_handle(model, app_name="editor"),
+    }
+    client.close()
+    serve.delete("editor")
+    store.close()
+
+
+def flush(playbook):
+    assert playbook["router"].flush.remote(60).result(timeout_s=90)
+
+
+def form(*parts):
+    """Multipart parts for httpx: text as (None, value), files as (name, bytes)."""
+    out = []
+    for name, value in parts:
+        if isinstance(value, tuple):
+            out.append((name, (value[0], value[1], "application/octet-stream")))
+        else:
+            out.append((name, (None, value.encode())))
+    return out
+
+
+def outputs_of(playbook, request_id):
+    with playbook["store"].reader() as session:
+        request = session.get(Request, request_id)
+        outputs = session.scalars(select(Output).where(Output.request_id == request_id)).all()
+        return request, outputs
+
+
+def test_an_edit_with_a_mask_reaches_the_inpaint_model(playbook):
+    client = playbook["client"]
+    masked = client.post(
+        "/v1/images/edits",
+        files=form(
+            ("prompt", "paint a door"), ("image", ("i.png", IMAGE)), ("mask", ("m.png", MASK))
+        ),
+    )
+    assert masked.status_code == 200, masked.text
+    assert (masked.headers["x-cutover-route"], masked.headers["x-cutover-model"]) == (
+        "inpaint",
+        "paint",
+    )
+    plain = client.post(
+        "/v1/images/edits",
+        files=form(("prompt", "make it blue"), ("image", ("i.png", IMAGE)), ("user", "u-edit")),
+    )
+    assert plain.status_code == 200, plain.text
+    assert plain.headers["x-cutover-route"] == "edit"
+    assert plain.headers["x-cutover-model"] in ("edit-v1", "edit-v2")
+    assert plain.headers["x-cutover-stage"] == "1"
+    flush(playbook)
+    request, outputs = outputs_of(playbook, masked.headers["x-cutover-request-id"])
+    assert request.route == "inpaint" and request.rollout_id is None and request.params["mask"]
+    assert [(o.model, o.status) for o in outputs] == [("paint", "ok")]
+
+
+def test_two_rollouts_run_side_by_side_each_user_on_one_side_per_route(playbook):
+    client = playbook["client"]
+    sides: dict[tuple[str, str], set[str]] = {}
+    for i in range(12):
+        user = f"user-{i}"
+        for _ in range(2):
+            gen = client.post(
+                "/v1/images/generations", json={"prompt": "a fox", "user": user, "steps": 1}
+            )
+            edit = client.post(
+                "/v1/images/edits",
+                files=form(
+                    ("prompt", "blue"), ("image", ("i.png", IMAGE)), ("user", user), ("steps", "2")
+                ),
+            )
+            assert gen.status_code == edit.status_code == 200, (gen.text, edit.text)
+            assert (gen.headers["x-cutover-stage"], edit.headers["x-cutover-stage"]) == ("30", "1")
+            sides.setdefault(("generate", user), set()).add(gen.headers["x-cutover-served-by"])
+            sides.setdefault(("edit", user), set()).add(edit.headers["x-cutover-served-by"])
+    assert all(len(s) == 1 for s in sides.values()), sides
+    flush(playbook)
+    with playbook["store"].reader() as session:
+        routes = dict(
+            session.execute(select(Request.route, func.count()).group_by(Request.route)).all()
+        )
+    assert routes["generate"] >= 24 and routes["edit"] >= 24
+
+
+def test_a_stalled_model_is_answered_by_the_fallback_inside_the_request_timeout(playbook):
+    client, handle = playbook["client"], playbook["handle"]
+    for model in ("sd", "sd-next"):
+        handle(model).set_faults.remote({"delay": FALLBACK_AFTER + 3}).result(timeout_s=30)
+    try:
+        answers = []
+        for i in range(6):
+            started = time.monotonic()
+            response = client.post(
+                "/v1/images/generations", json={"prompt": "a fox", "user": f"stall-{i}"}
+            )
+            answers.append((response, time.monotonic() - started))
+    finally:
+        for model in ("sd", "sd-next"):
+            handle(model).set_faults.remote({}).result(timeout_s=30)
+    flush(playbook)
+    for response, elapsed in answers:
+        assert response.status_code == 200, response.text
+        assert response.headers["x-cutover-fallback"] == "timeout"
+        assert response.headers["x-cutover-model"] == "sd-fast"
+        assert FALLBACK_AFTER <= elapsed < REQUEST_TIMEOUT
+        request, outputs = outputs_of(playbook, response.headers["x-cutover-request-id"])
+        by_role = {o.role: o for o in outputs if o.is_primary}
+        failed, answered = by_role[request.primary_role], by_role["fallback"]
+        assert (failed.status, failed.timeout_s) == ("timeout", FALLBACK_AFTER)
+        assert (answered.status, answered.model, answered.fallback_of) == (
+            "ok",
+            "sd-fast",
+            failed.id,
+        )
+
+
+def test_no_malformed_upload_gets_a_5xx_or_reaches_a_model(playbook):
+    client = playbook["client"]
+    with playbook["store"].reader() as session:
+        before = session.scalar(select(func.count()).select_from(Request))
+    statuses = {}
+    for case_id, parse, parts, status, field, _ in MALFORMED:
+        path = "/v1/images/edits" if parse.__name__ == "parse_edit" else "/v1/images/upscales"
+        if path.endswith("upscales"):
+            continue  # no upscale route here: see below
+        response = client.post(path, files=form(*parts))
+        statuses[case_id] = response.status_code
+        assert response.status_code == status, (case_id, response.text)
+        assert response.json()["error"]["param"] == field
+    broken = [
+        (
+            "not-multipart",
+            {"content": b'{"prompt": "x"}', "headers": {"content-type": "application/json"}},
+            415,
+        ),
+        (
+            "broken-multipart",
+            {
+                "content": b"--x\r\nnonsense",
+                "headers": {"content-type": "multipart/form-data; boundary=x"},
+            },
+            400,
+        ),
+    ]
+    for case_id, kwargs, status in broken:
+        response = client.post("/v1/images/edits", **kwargs)
+        assert response.status_code == status, (case_id, response.text)
+    unrouted = client.post(
+        "/v1/images/upscales", files=form(("image", ("s.png", encoded((16, 16)))))
+    )
+    assert unrouted.status_code == 404 and "route upscale" in unrouted.text
+    flush(playbook)
+    with playbook["store"].reader() as session:
+        assert session.scalar(select(func.count()).select_from(Request)) == before
+    assert all(400 <= s < 500 for s in statuses.values())
