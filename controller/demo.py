@@ -1,12 +1,14 @@
 """`cutover demo`: the whole playbook on a laptop, with tiny CPU models.
 
-For each scenario it writes a config, deploys the incumbent, the candidate and
-the router on a local Ray, runs the controller loop, and drives synthetic
-traffic (many users, typography prompts among them) until the rollout ends:
-`healthy` (a candidate of the same quality) must reach 100% by auto-advance,
-`regression` (the same candidate with a colour tint and extra errors injected)
-must be rolled back by the judge. Every process it starts is stopped before it
-returns.
+For each scenario it writes a config, deploys its models and the router on a
+local Ray, runs the controller loop, and drives synthetic traffic (many users,
+typography prompts among them) until every rollout ends: `healthy` (a
+candidate of the same quality) must reach 100% by auto-advance, `regression`
+(the same candidate with a colour tint and extra errors injected) must be
+rolled back by the judge, and `edit` runs two rollouts side by side: a 1%
+canary of an img2img candidate on the `edit` route while a text-to-image
+candidate goes through its stages on `generate`; both must reach 100%. Every
+process it starts is stopped before it returns.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from rich.table import Table
 
 from controller.config import Config, load_config
 from controller.lab.calibrate import default_prompts
-from controller.review.status import render_status, rollout_status
+from controller.review.status import deployment_status, render_overview
 from controller.rollout.transitions import create_rollout, get_rollout
 from controller.storage.store import Store
 from controller.storage.tables import utcnow
@@ -39,23 +41,30 @@ from policies.policy import DEFAULT_POLICY
 log = structlog.get_logger("cutover.demo")
 
 DEMO_POLICY = DEFAULT_POLICY.parent / "demo.yaml"
-EXPECTED = {"healthy": "promoted", "regression": "rolled_back"}
+# The state each scenario's rollouts must end in.
+EXPECTED = {
+    "healthy": {"demo-healthy": "promoted"},
+    "regression": {"demo-regression": "rolled_back"},
+    "edit": {"demo-edit-generate": "promoted", "demo-edit-edit": "promoted"},
+}
 FAULTS = {"healthy": {}, "regression": {"tint": [70, 10, -50], "error_percent": 20}}
+ENDED = ("promoted", "rolled_back", "paused", "aborted")
+EDIT_SHARE = 0.4  # of the edit scenario's requests
 
 
 @dataclass
 class Outcome:
     scenario: str
-    state: str
-    stage: str
+    states: dict[str, str]  # rollout: state@stage
     seconds: float
     requests: int
     reason: str
-    report: Path
+    reports: list[Path]
 
     @property
     def ok(self) -> bool:
-        return self.state == EXPECTED[self.scenario]
+        ended = {name: state.split("@")[0] for name, state in self.states.items()}
+        return ended == EXPECTED[self.scenario]
 
 
 def write_config(workdir: Path, scenario: str, port: int) -> Path:
@@ -71,6 +80,16 @@ def write_config(workdir: Path, scenario: str, port: int) -> Path:
             models / "candidate", seed=variant_seed("incumbent"), variant="candidate"
         )
     model = {"steps": 2, "guidance": 4.0, "batch_size": 4, "num_cpus": 0.5, "batch_wait": 0.05}
+    rollout = {
+        "stages": ["shadow", 10, 30, 60, 100],
+        "mirror_percent": 100,
+        "min_samples": 12,
+        "min_duration": 0,
+        "max_duration": "10m",
+        "auto_advance": True,
+        "evaluation_interval": 2,
+        "lease_ttl": 10,
+    }
     data = {
         "name": f"demo-{scenario}",
         "database_url": "sqlite:///cutover.db",
@@ -83,19 +102,10 @@ def write_config(workdir: Path, scenario: str, port: int) -> Path:
             "candidate": {
                 "pipeline": str(models / "candidate"),
                 **model,
-                "faults": FAULTS[scenario],
+                "faults": FAULTS.get(scenario, {}),
             },
         },
-        "rollout": {
-            "stages": ["shadow", 10, 30, 60, 100],
-            "mirror_percent": 100,
-            "min_samples": 12,
-            "min_duration": 0,
-            "max_duration": "10m",
-            "auto_advance": True,
-            "evaluation_interval": 2,
-            "lease_ttl": 10,
-        },
+        "rollout": rollout,
         "server": {
             "port": port,
             "refresh_interval": 0.5,
@@ -103,18 +113,59 @@ def write_config(workdir: Path, scenario: str, port: int) -> Path:
             "mirror_max_in_flight": 16,
         },
     }
+    if scenario == "edit":
+        _as_playbook(data, models, model, rollout)
     path = workdir / f"{scenario}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
+def _as_playbook(
+    data: dict[str, Any], models: Path, model: dict[str, Any], rollout: dict[str, Any]
+) -> None:
+    """The edit scenario's pool: generate's two models, and two img2img models of one weight
+    (the candidate "of the same quality") whose rollout starts as a 1% canary."""
+    from workers.tiny import ensure_tiny_pipeline, variant_seed
+
+    for name in ("edit-v1", "edit-v2"):
+        if not (models / name / "model_index.json").exists():
+            from workers.tiny import make_tiny_pipeline
+
+            make_tiny_pipeline(
+                models / name, seed=variant_seed("edit"), variant=name, kind="img2img"
+            )
+    ensure_tiny_pipeline(models / "edit-v1", variant="edit-v1", kind="img2img")
+    edit_model = {**model, "kind": "img2img", "steps": 3}
+    data["models"] = {
+        "sd": data["models"]["incumbent"],
+        "sd-next": {**data["models"]["candidate"], "faults": {}},
+        "edit-v1": {"pipeline": str(models / "edit-v1"), **edit_model},
+        "edit-v2": {"pipeline": str(models / "edit-v2"), **edit_model},
+    }
+    data["routes"] = {"generate": {"model": "sd"}, "edit": {"model": "edit-v1"}}
+    data.pop("rollout")
+    data["rollouts"] = {
+        "demo-edit-generate": {"route": "generate", "candidate": "sd-next", **rollout},
+        "demo-edit-edit": {
+            "route": "edit",
+            "candidate": "edit-v2",
+            **rollout,
+            "stages": [1, 100],
+        },
+    }
+
+
 class Traffic:
     """Synthetic users sending prompts until stopped; counts what it sent."""
 
-    def __init__(self, base_url: str, concurrency: int = 4, seed: int = 0) -> None:
+    def __init__(
+        self, base_url: str, concurrency: int = 4, seed: int = 0, edit_share: float = 0.0
+    ) -> None:
         self.client = httpx.Client(base_url=base_url, timeout=60)
         self.prompts = default_prompts()
         self.rng = random.Random(seed)
+        self.edit_share = edit_share
+        self.photo = _photo()
         self.concurrency = concurrency
         self.sent = 0
         self.failed = 0
@@ -125,9 +176,13 @@ class Traffic:
     def start(self) -> None:
         self._thread.start()
 
-    def _one(self, body: dict[str, str]) -> None:
+    def _one(self, body: dict[str, str], edit: bool) -> None:
         try:
-            response = self.client.post("/v1/images/generations", json=body)
+            if edit:
+                files = {"image": ("photo.png", self.photo, "image/png")}
+                response = self.client.post("/v1/images/edits", data=body, files=files)
+            else:
+                response = self.client.post("/v1/images/generations", json=body)
             self.failed += response.status_code != 200
         except httpx.HTTPError:
             self.failed += 1
@@ -145,12 +200,31 @@ class Traffic:
                     "prompt": self.rng.choice(self.prompts),
                     "user": f"user-{self.rng.randrange(500)}",
                 }
-                pool.submit(self._one, body)
+                pool.submit(self._one, body, self.rng.random() < self.edit_share)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=120)
         self.client.close()
+
+
+def _photo() -> bytes:
+    """The image every demo edit starts from: a 64x64 gradient."""
+    import numpy as np
+
+    from workers.images import to_png
+
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    return to_png(
+        np.stack(
+            [
+                np.tile(ramp, (64, 1)),
+                np.tile(ramp[:, None], (1, 64)),
+                np.full((64, 64), 128, np.uint8),
+            ],
+            axis=-1,
+        )
+    )
 
 
 def run_scenario(
@@ -166,27 +240,29 @@ def run_scenario(
     config = load_config(write_config(workdir, scenario, port), check_paths=True)
     store = Store.for_config(config)
     store.upgrade()
-    create_rollout(store, config, actor="demo")
+    for name in config.plans():
+        create_rollout(store, config, "demo", name)
     started = time.monotonic()
     serving.start(config, http_port=port)
     _wait_healthy(f"http://127.0.0.1:{port}")
     stop = threading.Event()
     loop = threading.Thread(target=ControllerLoop(config, store).run, args=(stop,), daemon=True)
     loop.start()
-    traffic = Traffic(f"http://127.0.0.1:{port}", seed=len(scenario))
+    share = EDIT_SHARE if scenario == "edit" else 0.0
+    traffic = Traffic(f"http://127.0.0.1:{port}", seed=len(scenario), edit_share=share)
     traffic.start()
     try:
         with Live(console=console, refresh_per_second=2, transient=False) as live:
             while time.monotonic() - started < timeout:
-                status = _status(store, config)
+                overview = _overview(store, config)
                 live.update(
                     Group(
                         f"[bold]scenario {scenario}[/bold]  requests sent {traffic.sent}  "
                         f"elapsed {time.monotonic() - started:.0f}s",
-                        render_status(status),
+                        render_overview(overview),
                     )
                 )
-                if status["state"] in ("promoted", "rolled_back", "paused", "aborted"):
+                if all(r["state"] in ENDED for r in overview["rollouts"]):
                     break
                 time.sleep(1)
     finally:
@@ -194,29 +270,37 @@ def run_scenario(
         stop.set()
         loop.join(timeout=30)
         serve.delete(config.name)
-    status = _status(store, config)
-    with store.reader() as session:
-        html = build_report(
-            session, get_rollout(session, config.name), config, load_policy(DEMO_POLICY)
+    overview = _overview(store, config)
+    reports = []
+    for name in config.plans():
+        with store.reader() as session:
+            html = build_report(
+                session, get_rollout(session, name), config, load_policy(DEMO_POLICY)
+            )
+        report = workdir / (
+            f"report-{scenario}.html"
+            if len(config.plans()) == 1
+            else f"report-{scenario}-{name}.html"
         )
-    report = workdir / f"report-{scenario}.html"
-    report.write_text(html, encoding="utf-8")
-    last = status["last_event"] or {}
+        report.write_text(html, encoding="utf-8")
+        reports.append(report)
     store.close()
     return Outcome(
         scenario,
-        status["state"],
-        status["stage"],
+        {r["rollout"]: f"{r['state']}@{r.get('stage')}" for r in overview["rollouts"]},
         time.monotonic() - started,
         traffic.sent,
-        str(last.get("reason", "")),
-        report,
+        "; ".join(
+            f"{r['rollout']}: {(r.get('last_event') or {}).get('reason', '')}"
+            for r in overview["rollouts"]
+        ),
+        reports,
     )
 
 
-def _status(store: Store, config: Config) -> dict[str, Any]:
+def _overview(store: Store, config: Config) -> dict[str, Any]:
     with store.reader() as session:
-        return rollout_status(session, get_rollout(session, config.name), config, utcnow())
+        return deployment_status(session, config, utcnow())
 
 
 def _wait_healthy(base_url: str, timeout: float = 120) -> None:
@@ -270,12 +354,14 @@ def render_summary(outcomes: list[Outcome]) -> Group:
     for o in outcomes:
         table.add_row(
             o.scenario,
-            f"{o.state}@{o.stage}",
-            EXPECTED[o.scenario],
+            ", ".join(f"{name} {state}" for name, state in o.states.items()),
+            ", ".join(EXPECTED[o.scenario].values()),
             str(o.requests),
             f"{o.seconds:.0f}",
-            o.reason[:200],
+            o.reason[:300],
             style=None if o.ok else "red",
         )
-    reports = "\n".join(f"report ({o.scenario}): {o.report.resolve()}" for o in outcomes)
+    reports = "\n".join(
+        f"report ({o.scenario}): {path.resolve()}" for o in outcomes for path in o.reports
+    )
     return Group(table, reports)

@@ -31,7 +31,11 @@ def leftovers(workdir: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     ("scenario", "state", "stage"),
-    [("regression", "rolled_back", None), ("healthy", "promoted", "100")],
+    [
+        ("regression", "rolled_back", None),
+        ("healthy", "promoted", "100"),
+        ("edit", "promoted", "100"),
+    ],
 )
 def test_demo_scenario(tmp_path, scenario, state, stage):
     workdir = tmp_path / ".cutover" / "demo"
@@ -57,6 +61,9 @@ def test_demo_scenario(tmp_path, scenario, state, stage):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     engine = create_engine(f"sqlite:///{workdir / 'cutover.db'}")
+    if scenario == "edit":
+        check_edit_scenario(engine, workdir)
+        return
     with engine.connect() as conn:
         row = conn.execute(
             text("SELECT state, stage_index, stages FROM rollouts WHERE name = :n"),
@@ -93,3 +100,38 @@ def test_demo_scenario(tmp_path, scenario, state, stage):
     assert (workdir / f"report-{scenario}.html").stat().st_size > 10_000
     assert not leftovers(workdir), leftovers(workdir)
     assert not leftovers(ray_temp_dir(workdir)), leftovers(ray_temp_dir(workdir))
+
+
+def check_edit_scenario(engine, workdir: Path) -> None:
+    """Two rollouts side by side: a 1% canary of an img2img candidate on `edit` while a
+    text-to-image candidate walks every stage on `generate`; both reach 100% by the loop."""
+    with engine.connect() as conn:
+        rollouts = {
+            name: (route, state, json.loads(stages) if isinstance(stages, str) else stages)
+            for name, route, state, stages in conn.execute(
+                text("SELECT name, route, state, stages FROM rollouts")
+            )
+        }
+        served = dict(
+            conn.execute(
+                text(
+                    "SELECT o.model, count(*) FROM outputs o JOIN requests q ON o.request_id = q.id "
+                    "WHERE q.route = 'edit' GROUP BY o.model"
+                )
+            ).all()
+        )
+        actors = {
+            a
+            for (a,) in conn.execute(
+                text("SELECT actor FROM rollout_events WHERE verb = 'advance'")
+            )
+        }
+    engine.dispose()
+    assert rollouts["demo-edit-edit"][:2] == ("edit", "promoted")
+    assert [w for _, w in rollouts["demo-edit-edit"][2]] == [1, 100]
+    assert rollouts["demo-edit-generate"][:2] == ("generate", "promoted")
+    assert set(served) == {"edit-v1", "edit-v2"} and min(served.values()) > 10, served
+    assert actors and all(a.startswith("controller@") for a in actors)
+    for name in ("demo-edit-generate", "demo-edit-edit"):
+        assert (workdir / f"report-edit-{name}.html").stat().st_size > 10_000
+    assert not leftovers(workdir), leftovers(workdir)

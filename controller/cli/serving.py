@@ -143,7 +143,9 @@ def control(
 
 @app.command(rich_help_panel="Run")
 def demo(
-    scenario: Annotated[str, typer.Option(help="healthy, regression or both.")] = "both",
+    scenario: Annotated[
+        str, typer.Option(help="healthy, regression, edit (two routes), or all.")
+    ] = "all",
     workdir: Annotated[
         str, typer.Option(help="Where models, database, artifacts and reports go.")
     ] = ".cutover/demo",
@@ -151,13 +153,16 @@ def demo(
         float, typer.Option(help="Seconds a scenario may take before it counts as failed.")
     ] = 600,
 ) -> None:
-    """The playbook end to end on tiny CPU models: a healthy candidate reaches 100%, a regressed one rolls back."""
+    """The playbook end to end on tiny CPU models: a healthy candidate reaches 100%, a regressed
+    one rolls back, and an img2img candidate's 1% edit canary runs beside a generate rollout."""
     from controller.demo import EXPECTED, render_summary, run_demo
 
-    if scenario not in ("healthy", "regression", "both"):
-        err.print(f"[red]refused:[/red] --scenario {scenario!r}: use healthy, regression or both")
+    if scenario not in (*EXPECTED, "all", "both"):
+        err.print(
+            f"[red]refused:[/red] --scenario {scenario!r}: use healthy, regression, edit or all"
+        )
         raise typer.Exit(EXIT_REFUSED)
-    scenarios = list(EXPECTED) if scenario == "both" else [scenario]
+    scenarios = list(EXPECTED) if scenario in ("all", "both") else [scenario]
     outcomes = guarded(lambda: run_demo(scenarios, Path(workdir), out, timeout))
     out.print(render_summary(outcomes))
     if not all(o.ok for o in outcomes):
