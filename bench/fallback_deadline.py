@@ -22,7 +22,10 @@ from pathlib import Path
 import httpx
 import structlog
 
-from bench.router_overhead import percentile
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def main() -> None:

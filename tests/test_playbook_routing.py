@@ -202,3 +202,56 @@ def test_the_shadow_log_judges_a_quantile_check_by_its_own_metric(tmp_path):
     assert queue_check.pair_fails(
         Observed("ok", {"queue_ms": 16.0}, {}), Observed("ok", {"queue_ms": 10.0}, {})
     )
+
+
+def test_verbs_take_rollout_and_refuse_to_guess(two_rollouts, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from controller.cli import app
+
+    config, _ = two_rollouts
+    path = write_config(tmp_path, playbook(database_url=config.database_url), "two.yaml")
+
+    def cutover(*args):
+        return CliRunner().invoke(app, ["-c", str(path), "--actor", "alice", *args])
+
+    guessed = cutover("pause", "--reason", "x")
+    assert guessed.exit_code == 2 and "say which with --rollout NAME" in guessed.output
+    paused = cutover("pause", "--rollout", "edit-v2", "--reason", "look at edits")
+    assert paused.exit_code == 0, paused.output
+    overview = json.loads(cutover("status", "--json").stdout)
+    states = {r["route"]: r["state"] for r in overview["routes"]}
+    assert states["edit"] == "paused" and states["generate"] == "canary"
+    assert states["upscale"] is None  # served by its model, no rollout
+    history = cutover("history", "-r", "edit-v2", "--json")
+    assert [json.loads(line)["verb"] for line in history.stdout.splitlines()] == ["init", "pause"]
+    one = json.loads(cutover("status", "--json", "-r", "gen-next").stdout)
+    assert (one["rollout"], one["route"], one["models"]) == (
+        "gen-next",
+        "generate",
+        {"incumbent": "sd", "candidate": "sd-next"},
+    )
+
+
+def test_an_action_decided_on_a_stale_read_is_refused_by_the_version(two_rollouts):
+    """The tick reads the row once and swaps on its version: an operator's verb in between
+    (pause then resume: same stage, new version) makes the tick's action a conflict."""
+    from controller.rollout.state_machine import Command, Refusal, Verb
+    from controller.rollout.transitions import apply_command, read_rollout
+
+    config, store = two_rollouts
+    with store.reader() as session:
+        stale = read_rollout(session, config, "gen-next")
+    for verb in (Verb.PAUSE, Verb.RESUME):
+        assert not isinstance(
+            apply_command(store, config, Command(verb, reason="op"), "bob", rollout="gen-next"),
+            Refusal,
+        )
+    late = apply_command(
+        store, config, Command(Verb.ROLLBACK, reason="tick"), "controller@x", seen=stale
+    )
+    assert isinstance(late, Refusal) and late.kind == "conflict"
+    with store.reader() as session:
+        assert get_rollout(session, "gen-next").state == "canary"
