@@ -29,8 +29,10 @@ from policies.checks import (
 from policies.metrics import SCORE_METRICS, counts, gpu_seconds
 from policies.policy import Policy
 from policies.vocabulary import Arm
+from workers.jobs import OutputStatus
 
 CANDIDATE, INCUMBENT = Arm.CANDIDATE, Arm.INCUMBENT
+OK, TIMEOUT = OutputStatus.OK, OutputStatus.TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -112,9 +114,7 @@ def build_window(
                     health.add(probe, value, error)
                     if error is None and value is not None and math.isfinite(value):
                         values.setdefault(probe, {}).setdefault(role, {})[o.image_index] = value
-        ok = {
-            role: {o.image_index for o in outs if o.status == "ok"} for role, outs in roles.items()
-        }
+        ok = {role: {o.image_index for o in outs if o.status == OK} for role, outs in roles.items()}
         both_ok = sorted(ok[CANDIDATE] & ok[INCUMBENT])
         scores_of = {
             probe: [
@@ -138,15 +138,15 @@ def _arm(outputs: list[OutputFacts], deadline_ms: float | None, gpus: float) -> 
     latencies: list[float | None] = []  # of the images that succeeded or timed out
     for o in outputs:
         late = deadline_ms is not None and o.latency_ms is not None and o.latency_ms > deadline_ms
-        status = "timeout" if o.status == "ok" and late else o.status
+        status = TIMEOUT if o.status == OK and late else o.status
         statuses.append(status)
-        if status == "timeout":
+        if status == TIMEOUT:
             latencies.append(deadline_ms if deadline_ms is not None else o.latency_ms)
-        elif status == "ok":
+        elif status == OK:
             latencies.append(o.latency_ms)
     known = [v for v in latencies if v is not None]
     latency = max(known) if known and len(known) == len(outputs) else None
-    all_ok = all(s == "ok" for s in statuses)
+    all_ok = all(s == OK for s in statuses)
     queue = max((o.queue_ms or 0.0 for o in outputs), default=0.0) if all_ok else None
     gpu = sum(gpu_seconds(o.latency_ms, o.batch_size, gpus) for o in outputs) if all_ok else None
     return Side(statuses, latency, queue, gpu)

@@ -28,7 +28,7 @@ from workers.deadlines import (
     latest_deadline,
     step_callback,
 )
-from workers.jobs import ImageJob
+from workers.jobs import ImageJob, OutputStatus
 from workers.memory import MemoryProbe, pixels
 
 log = structlog.get_logger("cutover.batching")
@@ -166,7 +166,8 @@ class BatchExecutor:
         for index, job in enumerate(jobs):
             if expired(job):
                 results[index] = Rendered(
-                    "timeout", error="dropped unstarted: its deadline passed while it waited"
+                    OutputStatus.TIMEOUT,
+                    error="dropped unstarted: its deadline passed while it waited",
                 )
             else:
                 live.append(index)
@@ -193,7 +194,7 @@ class BatchExecutor:
             log.warning(
                 "batch_stopped", batch_size=len(jobs), request_id=jobs[0].request_id, error=str(exc)
             )
-            return [Rendered("timeout", oom_count=ooms, error=str(exc)) for _ in jobs]
+            return [Rendered(OutputStatus.TIMEOUT, oom_count=ooms, error=str(exc)) for _ in jobs]
         finally:
             self.running_deadline = None
         if failure is not None:
@@ -204,7 +205,7 @@ class BatchExecutor:
             self.cost.observe(jobs, peak)
         return [
             Rendered(
-                "blank" if blank else "ok",
+                OutputStatus.BLANK if blank else OutputStatus.OK,
                 image=image,
                 oom_count=ooms,
                 peak_bytes=peak,
@@ -227,6 +228,6 @@ class BatchExecutor:
         if len(jobs) == 1:
             self.single_ooms_in_a_row += 1
             message = f"{first.width}x{first.height} does not fit in device memory even as a batch of one: {failure}"
-            return [Rendered("oom", oom_count=ooms + 1, error=message)]
+            return [Rendered(OutputStatus.OOM, oom_count=ooms + 1, error=message)]
         half = len(jobs) // 2
         return self._render_group(jobs[:half], ooms + 1) + self._render_group(jobs[half:], ooms + 1)

@@ -25,7 +25,7 @@ from workers.config import FaultConfig, ModelConfig
 from workers.deadlines import Admission, SpeedModel, StepCallback, measure_speed
 from workers.faults import InjectedError, apply_tint, plan_for
 from workers.images import to_png
-from workers.jobs import ImageJob, ImageResult
+from workers.jobs import ImageJob, ImageResult, OutputStatus
 from workers.logs import configure_logging, log_to_file
 from workers.memory import make_probe
 from workers.pipeline import PipelineRunner
@@ -154,7 +154,9 @@ class ModelServer:
             finally:
                 self.admission.finished(cost)
         except Exception as exc:  # every failure becomes a recorded result, never a dead request
-            status = "oom" if type(exc).__name__ == "OutOfMemoryError" else "error"
+            status = (
+                OutputStatus.OOM if type(exc).__name__ == "OutOfMemoryError" else OutputStatus.ERROR
+            )
             log.warning(
                 "generate_failed",
                 request_id=job.request_id,
@@ -166,7 +168,7 @@ class ModelServer:
                 status,
                 error=f"{type(exc).__name__}: {exc}",
                 latency_ms=_ms_since(arrived),
-                oom_count=int(status == "oom"),
+                oom_count=int(status == OutputStatus.OOM),
             )
         return ImageResult(
             outcome.status,

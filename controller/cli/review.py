@@ -20,6 +20,7 @@ from controller.cli.core import (
     out,
 )
 from controller.rollout.transitions import get_rollout
+from policies.vocabulary import ARMS
 
 
 @app.command("shadow-log", rich_help_panel="Review")
@@ -68,7 +69,7 @@ def shadow_log_command(
         return moment if moment.tzinfo else moment.astimezone()
 
     def run() -> None:
-        if role is not None and role not in ("incumbent", "candidate"):
+        if role is not None and role not in ARMS:
             raise Refused(f"--role {role!r}: use incumbent or candidate")
         config = cli_config(ctx)
         plan = config.plan(rollout_name)

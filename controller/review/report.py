@@ -20,6 +20,8 @@ from controller.review.shadow_log import Filters, shadow_log
 from controller.review.status import event_dict, rollout_status
 from controller.storage.tables import Output, Request, Rollout, RolloutEvent, Verdict
 from policies.policy import Policy
+from policies.vocabulary import ARMS, Arm
+from workers.jobs import OutputStatus
 
 GALLERY_PER_CHECK = 6
 FAILURES_SHOWN = 10
@@ -86,13 +88,15 @@ def _latency_chart(session: Session, rollout: Rollout) -> dict[str, Any]:
         select(Output.role, Output.latency_ms)
         .join(Request, Output.request_id == Request.id)
         .where(
-            Request.rollout_id == rollout.id, Output.status == "ok", Output.latency_ms.is_not(None)
+            Request.rollout_id == rollout.id,
+            Output.status == OutputStatus.OK,
+            Output.latency_ms.is_not(None),
         )
     ).all()
-    values = {"incumbent": [], "candidate": []}
+    values: dict[str, list[float]] = {arm: [] for arm in ARMS}
     for role, latency in rows:
         values[role].append(latency)
-    everything = values["incumbent"] + values["candidate"]
+    everything = values[Arm.INCUMBENT] + values[Arm.CANDIDATE]
     if not everything:
         return {"empty": True}
     top = sorted(everything)[int(0.99 * (len(everything) - 1))] or 1.0
@@ -142,11 +146,11 @@ def _gallery(check: Any, pairs: list[dict[str, Any]]) -> dict[str, Any]:
     """Pairs with the check's metric, worst first, images inlined."""
 
     def value(row: dict[str, Any]) -> float | None:
-        cand = row["candidate"]["scores"].get(check.metric)
+        cand = row[Arm.CANDIDATE]["scores"].get(check.metric)
         if cand is None:
             return None
         if check.pair_value == "difference":
-            inc = row["incumbent"]["scores"].get(check.metric)
+            inc = row[Arm.INCUMBENT]["scores"].get(check.metric)
             return None if inc is None else cand - inc
         return cand
 
@@ -165,9 +169,9 @@ def _gallery(check: Any, pairs: list[dict[str, Any]]) -> dict[str, Any]:
                 "prompt": row["prompt"],
                 "request_id": row["request_id"],
                 "stage": row["stage"],
-                "incumbent": _data_uri(row["incumbent"]["artifact"]),
-                "candidate": _data_uri(row["candidate"]["artifact"]),
-                "scores": row["candidate"]["scores"],
+                "incumbent": _data_uri(row[Arm.INCUMBENT]["artifact"]),
+                "candidate": _data_uri(row[Arm.CANDIDATE]["artifact"]),
+                "scores": row[Arm.CANDIDATE]["scores"],
             }
             for v, row in ranked
         ],
@@ -178,7 +182,7 @@ def _failures(session: Session, rollout: Rollout) -> list[dict[str, Any]]:
     rows = session.execute(
         select(Output, Request.prompt, Request.stage)
         .join(Request, Output.request_id == Request.id)
-        .where(Request.rollout_id == rollout.id, Output.status != "ok")
+        .where(Request.rollout_id == rollout.id, Output.status != OutputStatus.OK)
         .order_by(Output.created_at.desc())
         .limit(FAILURES_SHOWN)
     ).all()

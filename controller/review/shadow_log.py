@@ -21,7 +21,7 @@ from controller.storage.pairs import group_pairs, scores_by_output
 from controller.storage.tables import Output, Request, Rollout
 from policies.metrics import Observed, gpu_seconds
 from policies.policy import Check, Policy
-from policies.vocabulary import ARMS
+from policies.vocabulary import ARMS, Arm
 
 ROLES = ARMS  # incumbent, candidate
 
@@ -60,8 +60,8 @@ def shadow_log(
         offset += batch
         for row in _pairs(session, requests, artifact_dir, gpus_of):
             if filters.status is not None and filters.status not in (
-                row["incumbent"]["status"],
-                row["candidate"]["status"],
+                row[Arm.INCUMBENT]["status"],
+                row[Arm.CANDIDATE]["status"],
             ):
                 continue  # the status matched another image of the same request
             if check is None or _fails(check, row):

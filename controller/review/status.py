@@ -20,6 +20,8 @@ from controller.rollout.state_machine import RolloutView, State, human_duration
 from controller.rollout.transitions import evidence_for, view_of
 from controller.serving.traffic import routing_table
 from controller.storage.tables import Rollout, RolloutEvent, utcnow
+from policies.vocabulary import ARMS, FAIL, PASS, Arm
+from workers.jobs import OutputStatus
 
 STATUS_SCHEMA = 2
 NOT_STARTED = "not_started"  # a rollout in the config that `cutover init` has not created yet
@@ -90,12 +92,12 @@ def rollout_status(
         "schema": STATUS_SCHEMA,
         "rollout": row.name,
         "route": row.route,
-        "models": {"incumbent": plan.incumbent, "candidate": plan.candidate},
+        "models": {Arm.INCUMBENT: plan.incumbent, Arm.CANDIDATE: plan.candidate},
         "state": view.state.value,
         "stage": stage,
         "stage_index": view.stage_index,
         "stages": [s.name for s in view.stages],
-        "weights": {"incumbent": table.incumbent_weight, "candidate": table.candidate_weight},
+        "weights": {Arm.INCUMBENT: table.incumbent_weight, Arm.CANDIDATE: table.candidate_weight},
         "mirror_percent": table.mirror_percent,
         "stage_entered_at": row.stage_entered_at.isoformat(),
         "in_stage_s": round(evidence.elapsed_s, 1),
@@ -113,8 +115,8 @@ def rollout_status(
             "max_duration_s": max_duration,
             "verdict": {
                 "have": evidence.verdict,
-                "need": "PASS",
-                "met": evidence.verdict == "PASS",
+                "need": PASS,
+                "met": evidence.verdict == PASS,
             },
         },
         "ready_to_advance": ready,
@@ -268,7 +270,7 @@ def render_status(status: dict[str, Any]) -> Group:
         checks = Table(title="latest verdict per check", title_justify="left")
         for column in ("check", "decision", "estimate", "bounds", "reason"):
             checks.add_column(column)
-        colour = {"PASS": "green", "FAIL": "red"}
+        colour = {PASS: "green", FAIL: "red"}
         for check in status["checks"]:
             bounds = _bounds_text(check["lower"], check["upper"])
             estimate = "" if check["estimate"] is None else f"{check['estimate']:.4g}"
@@ -325,17 +327,17 @@ def render_shadow_log(rows: list[dict[str, Any]]) -> Table:
         table.add_column(column, overflow="fold")
     for row in rows:
         sides = []
-        for role in ("incumbent", "candidate"):
+        for role in ARMS:
             side = row[role]
             latency = "" if side["latency_ms"] is None else f" {side['latency_ms']:.0f}ms"
             sides.append(
                 Text(
                     f"{side['status'] or '-'}{latency}",
-                    style="green" if side["status"] == "ok" else "red",
+                    style="green" if side["status"] == OutputStatus.OK else "red",
                 )
             )
         scores = ", ".join(
-            f"{k} {v:.3g}" for k, v in sorted(row["candidate"]["scores"].items()) if v is not None
+            f"{k} {v:.3g}" for k, v in sorted(row[Arm.CANDIDATE]["scores"].items()) if v is not None
         )
         table.add_row(
             row["created_at"][5:19].replace("T", " "),

@@ -28,7 +28,9 @@ from controller.storage.tables import Output, Request, Score, utcnow
 from policies.policy import Policy
 from policies.probes.colour import colour_shift
 from policies.probes.typography import ENGINES, typography_cer
+from policies.vocabulary import Arm
 from workers.images import from_png
+from workers.jobs import OutputStatus
 
 log = structlog.get_logger("cutover.scorer")
 
@@ -84,11 +86,11 @@ class Scorer:
             siblings = _ok_outputs_by_request(session, {request.id for _, request in rows})
         settled: dict[str, list[tuple[str, Any, Any]]] = {}
         for output, request in rows:
-            if output.status != "ok" or not sampled(output.id, self.policy.sample_rate):
+            if output.status != OutputStatus.OK or not sampled(output.id, self.policy.sample_rate):
                 settled[output.id] = []
                 continue
             partners = partners_of(output, siblings.get(output.request_id, []))
-            waiting = output.role == "candidate" and "incumbent" not in partners
+            waiting = output.role == Arm.CANDIDATE and Arm.INCUMBENT not in partners
             if waiting and now - output.created_at < PARTNER_WAIT:
                 continue  # the incumbent's side of this pair is not recorded yet
             settled[output.id] = self._probe(output, request, partners)
@@ -131,8 +133,10 @@ class Scorer:
                 )
             ]
         probes = [("typography_cer", lambda: typography_cer(request.prompt, image, self.ocr))]
-        if output.role == "candidate" and "incumbent" in partners:
-            probes.append(("colour_shift_de", lambda: self._against(image, partners["incumbent"])))
+        if output.role == Arm.CANDIDATE and Arm.INCUMBENT in partners:
+            probes.append(
+                ("colour_shift_de", lambda: self._against(image, partners[Arm.INCUMBENT]))
+            )
         if "previous" in partners:
             probes.append(("frame_drift_de", lambda: self._against(image, partners["previous"])))
         if self.clip is not None:
@@ -180,7 +184,9 @@ def _ok_outputs_by_request(session: Session, request_ids: set[str]) -> dict[str,
     found: dict[str, list[Output]] = {}
     if request_ids:
         for other in session.scalars(
-            select(Output).where(Output.request_id.in_(request_ids), Output.status == "ok")
+            select(Output).where(
+                Output.request_id.in_(request_ids), Output.status == OutputStatus.OK
+            )
         ):
             found.setdefault(other.request_id, []).append(other)
     return found

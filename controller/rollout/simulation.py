@@ -22,6 +22,7 @@ from policies.checks import FAIL, PASS, CheckResult, overall
 from policies.judge import OutputFacts, Window, build_window, evaluate
 from policies.policy import Policy
 from policies.vocabulary import Arm
+from workers.jobs import OutputStatus
 
 CANDIDATE, INCUMBENT = Arm.CANDIDATE, Arm.INCUMBENT
 
@@ -187,15 +188,15 @@ def _arm(
         latency = traffic.latency_median_s[role] * math.exp(rng.gauss(0.0, traffic.latency_sigma))
         draw = rng.random()
         if whole or (not traffic.whole_request_failures and draw < p_fail):
-            status = "error"
+            status = OutputStatus.ERROR
         elif draw < p_fail + traffic.oom and not traffic.whole_request_failures:
-            status = "oom"
+            status = OutputStatus.OOM
         elif rng.random() < traffic.blank:
-            status = "blank"
+            status = OutputStatus.BLANK
         elif latency > timeout:
-            status, latency = "timeout", timeout
+            status, latency = OutputStatus.TIMEOUT, timeout
         else:
-            status = "ok"
+            status = OutputStatus.OK
         statuses.append(status)
         latencies.append(latency * 1000)
     return statuses, latencies
@@ -212,7 +213,7 @@ def _scores(
     rows: list[ScoreRow] = []
     quoted = rng.random() < traffic.typography_share
     for pair in by_index.values():
-        if any(pair[role].status != "ok" for role in ROLES):
+        if any(pair[role].status != OutputStatus.OK for role in ROLES):
             continue
         cand, inc = pair[CANDIDATE].id, pair[INCUMBENT].id
         if _errored(traffic, rng, "colour_shift_de"):

@@ -28,6 +28,7 @@ from controller.rollout.state_machine import (
 )
 from controller.storage.store import Store
 from controller.storage.tables import Request, Rollout, RolloutEvent, Verdict, utcnow
+from policies.vocabulary import PASS
 
 log = structlog.get_logger("cutover.transitions")
 
@@ -186,7 +187,7 @@ def evidence_for(
             if c.get("probe_error")
             else c.get("name", "?")
             for c in verdict.checks
-            if c.get("decision") != "PASS" or c.get("probe_error")
+            if c.get("decision") != PASS or c.get("probe_error")
         ]
     return Evidence(
         samples=stage_samples(session, row),
