@@ -8,10 +8,12 @@ Under CI (CI=true) a missing URL is an error, not a skip.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from sqlalchemy import create_engine, text
@@ -127,6 +129,21 @@ def ray_serve() -> Iterator[int]:
     yield port
     serve.shutdown()
     ray.shutdown()
+
+
+def router_client(port: int, wait_s: float = 120) -> httpx.Client:
+    """An HTTP client for the router on `port`, once its /healthz answers (deployments start
+    in tens of seconds)."""
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if client.get("/healthz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    return client
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 from sqlalchemy import func, select
 
@@ -14,7 +13,7 @@ from controller.rollout.transitions import create_rollout
 from controller.serving import app as serving
 from controller.storage.store import Store
 from controller.storage.tables import Output, Request
-from tests.conftest import write_config
+from tests.conftest import router_client, write_config
 from tests.test_uploads import IMAGE, MALFORMED, MASK, encoded
 from workers.tiny import make_tiny_pipeline
 
@@ -79,14 +78,7 @@ def playbook(tmp_path_factory, ray_serve):
     router = serving.start(config, http_port=ray_serve)
     from ray import serve
 
-    client = httpx.Client(base_url=f"http://127.0.0.1:{ray_serve}", timeout=60)
-    for _ in range(240):
-        try:
-            if client.get("/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+    client = router_client(ray_serve)
     yield {
         "config": config,
         "store": store,

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
@@ -26,7 +25,7 @@ from controller.rollout.transitions import apply_command, get_rollout
 from controller.serving import app as serving
 from controller.storage.artifacts import artifact_path
 from controller.storage.tables import Output, Request
-from tests.conftest import image_distance, prepare_rollout, write_config
+from tests.conftest import image_distance, prepare_rollout, router_client, write_config
 from tests.test_api import MALFORMED
 from workers.config import ModelConfig
 from workers.images import from_png
@@ -70,14 +69,7 @@ def deployed(tmp_path_factory, tiny_models, ray_serve):
     router = serving.start(config, http_port=port)
     from ray import serve
 
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    for _ in range(120):
-        try:
-            if client.get("/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+    client = router_client(port)
     yield {
         "config": config,
         "path": path,
