@@ -125,16 +125,13 @@ def _as_playbook(
 ) -> None:
     """The edit scenario's pool: generate's two models, and two img2img models of one weight
     (the candidate "of the same quality") whose rollout starts as a 1% canary."""
-    from workers.tiny import ensure_tiny_pipeline, variant_seed
+    from workers.tiny import make_tiny_pipeline, variant_seed
 
     for name in ("edit-v1", "edit-v2"):
         if not (models / name / "model_index.json").exists():
-            from workers.tiny import make_tiny_pipeline
-
             make_tiny_pipeline(
                 models / name, seed=variant_seed("edit"), variant=name, kind="img2img"
             )
-    ensure_tiny_pipeline(models / "edit-v1", variant="edit-v1", kind="img2img")
     edit_model = {**model, "kind": "img2img", "steps": 3}
     data["models"] = {
         "sd": data["models"]["incumbent"],

@@ -35,12 +35,14 @@ def playbook(tmp_path_factory, ray_serve):
         "edit-v1": make_tiny_pipeline(models / "edit-v1", variant="e1", kind="img2img"),
         "edit-v2": make_tiny_pipeline(models / "edit-v2", variant="e2", kind="img2img"),
         "paint": make_tiny_pipeline(models / "paint", variant="p", kind="inpaint"),
+        "up": make_tiny_pipeline(models / "up", variant="u", kind="upscale"),
     }
     common = {"steps": 2, "num_cpus": 0.25, "warmup": [64], "batch_size": 2}
     pool = {name: {"pipeline": str(path), **common} for name, path in built.items()}
     pool["sd-fast"] |= {"sampler": "lcm", "guidance": 1.0}
     pool["edit-v1"]["kind"] = pool["edit-v2"]["kind"] = "img2img"
     pool["paint"]["kind"] = "inpaint"
+    pool["up"]["kind"] = "upscale"
     path = write_config(
         root,
         {
@@ -55,6 +57,7 @@ def playbook(tmp_path_factory, ray_serve):
                 },
                 "edit": {"model": "edit-v1"},
                 "inpaint": {"model": "paint"},
+                "upscale": {"model": "up"},
             },
             "rollouts": {
                 GEN: {"route": "generate", "candidate": "sd-next", "stages": [30, 100]},
@@ -198,6 +201,56 @@ def test_a_stalled_model_is_answered_by_the_fallback_inside_the_request_timeout(
             "sd-fast",
             failed.id,
         )
+    # The judge sees the failed attempts, never the fallback's answers in their place.
+    from controller.rollout.analysis import load_window
+    from controller.rollout.transitions import get_rollout
+
+    with playbook["store"].reader() as session:
+        window = load_window(session, get_rollout(session, GEN), {})
+    units = {u.request_id: u for u in window.units}
+    ids = [r.headers["x-cutover-request-id"] for r, _ in answers]
+    judged = [units[i] for i in ids if i in units]
+    assert judged  # mirrored requests, both arms recorded
+    for unit in judged:
+        assert set(unit.arms) == {"incumbent", "candidate"}
+        assert all(arm.statuses == ["timeout"] for arm in unit.arms.values())
+
+
+def test_an_upscale_comes_back_four_times_larger(playbook):
+    import base64
+    import io
+
+    from PIL import Image
+
+    response = playbook["client"].post(
+        "/v1/images/upscales",
+        files=form(("image", ("s.png", encoded((16, 16)))), ("prompt", "sharp"), ("seed", "3")),
+    )
+    assert response.status_code == 200, response.text
+    assert (response.headers["x-cutover-route"], response.headers["x-cutover-model"]) == (
+        "upscale",
+        "up",
+    )
+    image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+    assert image.size == (64, 64)
+
+
+def test_a_route_no_config_serves_is_a_404(tmp_path):
+    from controller.config import load_config as load
+    from controller.serving.api import BadRequest
+    from controller.serving.asks import upscale_ask
+    from controller.serving.uploads import parse_upscale
+
+    config = load(
+        write_config(
+            tmp_path,
+            {"name": "x", "models": {"incumbent": {"pipeline": "org/a"}}},
+        )
+    )
+    upload = parse_upscale([("image", ("s.png", encoded((16, 16))))], config.server)
+    with pytest.raises(BadRequest) as caught:
+        upscale_ask(upload, config)
+    assert caught.value.status == 404 and "route upscale" in str(caught.value)
 
 
 def test_no_malformed_upload_gets_a_5xx_or_reaches_a_model(playbook):
@@ -208,7 +261,7 @@ def test_no_malformed_upload_gets_a_5xx_or_reaches_a_model(playbook):
     for case_id, parse, parts, status, field, _ in MALFORMED:
         path = "/v1/images/edits" if parse.__name__ == "parse_edit" else "/v1/images/upscales"
         if path.endswith("upscales"):
-            continue  # no upscale route here: see below
+            continue  # below
         response = client.post(path, files=form(*parts))
         statuses[case_id] = response.status_code
         assert response.status_code == status, (case_id, response.text)
@@ -231,10 +284,11 @@ def test_no_malformed_upload_gets_a_5xx_or_reaches_a_model(playbook):
     for case_id, kwargs, status in broken:
         response = client.post("/v1/images/edits", **kwargs)
         assert response.status_code == status, (case_id, response.text)
-    unrouted = client.post(
-        "/v1/images/upscales", files=form(("image", ("s.png", encoded((16, 16)))))
-    )
-    assert unrouted.status_code == 404 and "route upscale" in unrouted.text
+    for case_id, parse, parts, status, field, _ in MALFORMED:
+        if parse.__name__ == "parse_upscale":
+            response = client.post("/v1/images/upscales", files=form(*parts))
+            assert response.status_code == status, (case_id, response.text)
+            assert response.json()["error"]["param"] == field
     flush(playbook)
     with playbook["store"].reader() as session:
         assert session.scalar(select(func.count()).select_from(Request)) == before

@@ -53,6 +53,7 @@ FAILURE_STATUS = {
 }
 NO_ROLLOUT = "none"  # the stage recorded for a request on a route no rollout runs on
 MAX_FORM_PARTS = 20
+MAX_FORM_FILES = 3  # image and mask, and one more so a repeated file is named, not dropped
 
 
 @dataclasses.dataclass
@@ -200,7 +201,7 @@ class Router:
             )
         try:
             form = await http_request.form(
-                max_files=len(("image", "mask")) + 1,
+                max_files=MAX_FORM_FILES,
                 max_fields=MAX_FORM_PARTS,
                 max_part_size=self.limits.max_prompt_chars * 4 + 1024,
             )

@@ -235,7 +235,10 @@ class Recorder:
     def _with_rollout_id(self, session: Any, row: dict[str, Any]) -> dict[str, Any]:
         name = row["rollout"]
         if name is not None and name not in self._rollout_ids:
-            self._rollout_ids[name] = session.scalar(select(Rollout.id).where(Rollout.name == name))
+            found = session.scalar(select(Rollout.id).where(Rollout.name == name))
+            if found is None:  # not `init`ed yet: asked again next time, never cached as absent
+                return {k: v for k, v in row.items() if k != "rollout"} | {"rollout_id": None}
+            self._rollout_ids[name] = found
         return {k: v for k, v in row.items() if k != "rollout"} | {
             "rollout_id": None if name is None else self._rollout_ids[name]
         }
