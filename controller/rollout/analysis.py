@@ -18,6 +18,7 @@ from controller.storage.tables import Output, Request, Rollout, RolloutEvent, Ve
 from policies.checks import overall
 from policies.judge import OutputFacts, Window, build_window, evaluate
 from policies.policy import Policy
+from policies.vocabulary import ARMS
 from workers.jobs import OutputStatus
 
 
@@ -41,8 +42,11 @@ def load_window(session: Session, rollout: Rollout, gpus: dict[str, float]) -> W
         .where(
             Request.rollout_id == rollout.id,
             Request.created_at >= since,
-            Output.status
-            != OutputStatus.LOST,  # an accounting outcome (the router died), not evidence
+            # `lost` is an accounting outcome (the router died), not evidence.
+            Output.status != OutputStatus.LOST,
+            # A fallback's answer is the user's, not an arm's: the failed attempt it stood in
+            # for is what the judge counts, so a fallback never hides an arm's failure.
+            Output.role.in_([arm.value for arm in ARMS]),
         )
         .order_by(Request.created_at, Request.id, Output.image_index)
     ).all()
