@@ -149,7 +149,7 @@ class RolloutConfig(Strict):
     """One rollout: a candidate model taking a route over from the route's model, stage by stage."""
 
     route: Route = Route.GENERATE
-    candidate: str = "candidate"
+    candidate: str = SHORTHAND_CANDIDATE
     policy: str | None = Field(None, description="policy file; default: the config's `policy`")
     stages: list[str | int] = Field(default_factory=lambda: list(DEFAULT_STAGES))
     mirror_percent: Annotated[

@@ -3,10 +3,12 @@ memory-adaptive batching as text-to-image, and gives the same image for the same
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import image_distance
 from tests.test_memory import FITS_THREE, B, serve_queue
@@ -66,8 +68,10 @@ def test_each_kind_batches_by_memory_and_renders_reproducibly(built, kind, pipel
 def test_the_upscaler_enlarges_its_image_by_its_factor(built):
     model = ModelConfig(pipeline=str(built[ModelKind.UPSCALE]), kind="upscale", steps=2)
     job = warmup_job(ModelKind.UPSCALE, 128, steps=2)
+    source = Image.open(io.BytesIO(job.image)).size
     image, blank = PipelineRunner(model, built[ModelKind.UPSCALE]).call([job])[0]
-    assert image.shape == (128, 128, 3) and 128 // UPSCALE_FACTOR == 32 and not blank
+    assert source == (128 // UPSCALE_FACTOR,) * 2  # what went in: a quarter of the side
+    assert image.shape == (128, 128, 3) and not blank
 
 
 def test_the_distilled_model_samples_in_two_steps_with_the_lcm_scheduler(built):

@@ -25,9 +25,6 @@ class OutputStatus(StrEnum):
     LOST = "lost"  # the router died before recording an outcome (written by reconciliation)
 
 
-STATUSES = tuple(OutputStatus)
-
-
 @dataclass(frozen=True)
 class ImageJob:
     request_id: str

@@ -23,8 +23,6 @@ from policies.metrics import Observed, gpu_seconds
 from policies.policy import Check, Policy
 from policies.vocabulary import ARMS, Arm
 
-ROLES = ARMS  # incumbent, candidate
-
 
 @dataclass(frozen=True)
 class Filters:
@@ -111,7 +109,7 @@ def _pairs(
 ) -> list[dict[str, Any]]:
     ids = [r.id for r in requests]
     outputs = session.scalars(
-        select(Output).where(Output.request_id.in_(ids), Output.role.in_(list(ROLES)))
+        select(Output).where(Output.request_id.in_(ids), Output.role.in_(list(ARMS)))
     ).all()
     scores = scores_by_output(session, [o.id for o in outputs])
     by_request: dict[str, dict[int, dict[str, Output]]] = {}
@@ -134,8 +132,7 @@ def _pairs(
                     "seed": request.seed,
                     "params": request.params,
                     **{
-                        role: _side(roles.get(role), scores, artifact_dir, gpus_of)
-                        for role in ROLES
+                        role: _side(roles.get(role), scores, artifact_dir, gpus_of) for role in ARMS
                     },
                 }
             )
@@ -177,8 +174,7 @@ def _side(
 
 def _fails(check: Check, row: dict[str, Any]) -> bool:
     """Whether this pair is on the wrong side of the check, by the metric registry's rule."""
-    candidate, incumbent = (_observed(row[arm]) for arm in ROLES[::-1])
-    return check.pair_fails(candidate, incumbent)
+    return check.pair_fails(_observed(row[Arm.CANDIDATE]), _observed(row[Arm.INCUMBENT]))
 
 
 def _observed(side: dict[str, Any]) -> Observed:
