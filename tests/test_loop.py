@@ -208,8 +208,11 @@ def test_two_loops_only_the_lease_holder_acts(setup):
         RolloutController(config, store, holder="b"),
     )
     record_traffic(store, config, 400, candidate_error=0.4)
-    assert not (first.tick().leader and second.tick().leader)
-    assert second.tick().leader is False
+    # One clock for both loops: on a slow machine a tick (scoring 64 outputs) can outlast the
+    # 1 s TTL, and the second loop would rightly take an expired lease.
+    now = utcnow()
+    assert not (first.tick(now).leader and second.tick(now).leader)
+    assert second.tick(now).leader is False
     assert [e.verb for e in events(store, config)] == ["init", "rollback"]
     # The holder stops renewing; after the TTL the other takes over.
     later = utcnow() + timedelta(seconds=first.lease_ttl.total_seconds() + 1)
