@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from policies.policy import Check
-from policies.sequential import Interval, bounded_mean_cs, mean_bounds, mean_test, quantile_cs
+from policies.sequential import Interval, mean_bounds_counts, mean_test_counts
+from policies.summaries import BetGrid, LogHistogram, PairCounts
 from policies.vocabulary import FAIL, INCONCLUSIVE, PASS
 
 
@@ -42,7 +43,9 @@ class ProbeHealth:
 
     attempts: int = 0
     errors: int = 0
-    first_error: str | None = None
+    # One of the errors: the least in sort order, so it does not depend on the order in which
+    # outputs were scored or judged.
+    example_error: str | None = None
 
     def failing(self, max_share: float) -> bool:
         return self.attempts > 0 and self.errors / self.attempts > max_share
@@ -70,9 +73,7 @@ def _decide(check: Check, bounds: Interval, samples: int) -> str:
     return INCONCLUSIVE
 
 
-def evaluate_rate(
-    check: Check, units: Sequence[tuple[float, float]], alpha: float, what: str = ""
-) -> CheckResult:
+def evaluate_rate(check: Check, units: PairCounts, alpha: float, what: str = "") -> CheckResult:
     """Two rates on paired units: FAIL when candidate > ratio x incumbent + absolute, PASS when below.
 
     Each unit is one mirrored request: (share of the candidate's images that count, share of
@@ -88,21 +89,14 @@ def evaluate_rate(
     """
     r, a = check.tolerance.rate_ratio, check.tolerance.rate_absolute
     low, high = -r - a, 1.0 - a
-    z = [c - r * i - a for c, i in units]
-    n = len(z)
-    p_c = sum(c for c, _ in units) / n if n else 0.0
-    p_i = sum(i for _, i in units) / n if n else 0.0
-    against_ok, against_bad = mean_test(z, 0.0, low, high)
-    needed = math.log(1.0 / alpha)
-    if n < check.min_samples:
-        decision = INCONCLUSIVE
-    elif against_ok >= needed:
-        decision = FAIL
-    elif against_bad >= needed:
-        decision = PASS
-    else:
-        decision = INCONCLUSIVE
-    bounds = mean_bounds(z, alpha, low, high) if n else Interval(low, high)
+    c, i, counts = units.arrays()
+    z = c - r * i - a
+    n = int(counts.sum())
+    p_c = float(c @ counts) / n if n else 0.0
+    p_i = float(i @ counts) / n if n else 0.0
+    against_ok, against_bad = mean_test_counts(z, counts, 0.0, low, high)
+    decision = _decide_by_evidence(check, n, against_ok, against_bad, alpha)
+    bounds = mean_bounds_counts(z, counts, alpha, low, high) if n else Interval(low, high)
     tolerance = _rate_tolerance(r, a)
     words = {
         FAIL: f"above {tolerance} of the incumbent's (e-value {_e(against_ok)} >= {1 / alpha:.3g})",
@@ -117,7 +111,7 @@ def evaluate_rate(
     return CheckResult(
         check.name,
         decision,
-        sum(z) / n if n else None,  # how far beyond the tolerance (<= 0: within it), as the bounds
+        float(z @ counts) / n if n else None,  # how far beyond the tolerance (<= 0: within it)
         bounds.lower,
         bounds.upper,
         n,
@@ -125,6 +119,21 @@ def evaluate_rate(
         _min_samples_note(check, n, reason),
         alpha,
     )
+
+
+def _decide_by_evidence(
+    check: Check, n: int, against_ok: float, against_bad: float, alpha: float
+) -> str:
+    """FAIL once the e-value against "within tolerance" reaches 1/alpha, PASS once the one
+    against "beyond it" does; nothing before `min_samples`."""
+    needed = math.log(1.0 / alpha)
+    if n < check.min_samples:
+        return INCONCLUSIVE
+    if against_ok >= needed:
+        return FAIL
+    if against_bad >= needed:
+        return PASS
+    return INCONCLUSIVE
 
 
 Pair = tuple[float | None, float | None]  # one image's probe value: (candidate's, incumbent's)
@@ -139,8 +148,9 @@ def paired_values(check: Check, pairs: Sequence[Pair]) -> list[float]:
     return [v for v in values if math.isfinite(v)]
 
 
-def tail_units(check: Check, pairs: Sequence[Sequence[Pair]]) -> list[tuple[float, float]]:
-    """Per request, the shares of its pairs in the tail against each arm (a `tail_rate` check).
+def tail_unit(check: Check, pairs: Sequence[Pair]) -> tuple[float, float] | None:
+    """One request's shares of its pairs in the tail against each arm (a `tail_rate` check);
+    None when none of its pairs has a value.
 
     With `pair_value: candidate` the value already compares the pair (e.g. the ΔE between the
     two images), so only the candidate can be in the tail. With `difference`, a pair whose
@@ -148,21 +158,14 @@ def tail_units(check: Check, pairs: Sequence[Sequence[Pair]]) -> list[tuple[floa
     incumbent is worse by as much counts against the incumbent: an A/A pair is as likely
     to land in either tail.
     """
-    sign = -1 if check.direction == "higher_is_better" else 1
+    values = signed(check, paired_values(check, pairs))
+    if not values:
+        return None
     threshold = check.threshold or 0.0
-    units = []
-    for request in pairs:
-        values = [sign * v for v in paired_values(check, request)]
-        if not values:
-            continue
-        cand = sum(v > threshold for v in values) / len(values)
-        inc = (
-            0.0
-            if check.pair_value == "candidate"
-            else sum(v < -threshold for v in values) / len(values)
-        )
-        units.append((cand, inc))
-    return units
+    cand = sum(v > threshold for v in values) / len(values)
+    if check.pair_value == "candidate":
+        return cand, 0.0
+    return cand, sum(v < -threshold for v in values) / len(values)
 
 
 def probe_failing(check: Check, health: ProbeHealth, max_share: float) -> CheckResult | None:
@@ -172,7 +175,7 @@ def probe_failing(check: Check, health: ProbeHealth, max_share: float) -> CheckR
     reason = (
         f"probe {check.metric} errored on {health.errors}/{health.attempts} outputs it scored "
         f"({health.errors / health.attempts:.0%}, more than the policy's max_probe_error_share "
-        f"{max_share:.0%}): {health.first_error}; the check holds the rollout until its probe "
+        f"{max_share:.0%}): {health.example_error}; the check holds the rollout until its probe "
         "works (see the scorer's probe_failed events)"
     )
     return CheckResult(
@@ -193,13 +196,13 @@ def _e(log_e: float) -> str:
 
 
 def evaluate_quantile(
-    check: Check, candidate: Sequence[float], incumbent: Sequence[float], alpha: float
+    check: Check, candidate: LogHistogram, incumbent: LogHistogram, alpha: float
 ) -> CheckResult:
     """Quantile of each arm from its own one-sided bounds (alpha/2 each), compared by the tolerance."""
     q = check.quantile or 0.5
-    cand = quantile_cs(candidate, q, alpha / 2)
-    inc = quantile_cs(incumbent, q, alpha / 2)
-    est_c, est_i = _point_quantile(candidate, q), _point_quantile(incumbent, q)
+    cand = candidate.quantile_bounds(q, alpha / 2)
+    inc = incumbent.quantile_bounds(q, alpha / 2)
+    est_c, est_i = candidate.point_quantile(q), incumbent.point_quantile(q)
     if check.tolerance.ratio is not None:
         r = check.tolerance.ratio
         # Regression in units of the incumbent: candidate - r x incumbent, positive means beyond tolerance.
@@ -210,7 +213,7 @@ def evaluate_quantile(
         tolerance_text = f"tolerance {check.tolerance.absolute:g}"
     if check.direction == "higher_is_better":
         bounds = Interval(-bounds.upper, -bounds.lower)
-    samples = min(len(candidate), len(incumbent))
+    samples = min(candidate.n, incumbent.n)
     decision = _decide(check, bounds, samples)
     reason = (
         f"candidate p{q * 100:g} {check.metric} {est_c:.4g} vs {est_i:.4g}; candidate in "
@@ -231,49 +234,53 @@ def evaluate_quantile(
     )
 
 
-def evaluate_paired(check: Check, values: Sequence[float], alpha: float) -> CheckResult:
+def paired_grid(check: Check) -> BetGrid:
+    """The empty summary of a paired check: values signed so that larger is worse."""
+    low, high = check.range
+    if check.direction == "higher_is_better":
+        low, high = -high, -low
+    return BetGrid(low, high, _limit(check))
+
+
+def signed(check: Check, values: Sequence[float]) -> list[float]:
+    """A paired check's values, finite only, signed so that larger is worse."""
+    sign = -1 if check.direction == "higher_is_better" else 1
+    return [sign * v for v in values if math.isfinite(v)]
+
+
+def evaluate_paired(check: Check, grid: BetGrid, alpha: float) -> CheckResult:
     """Mean paired regression (candidate minus incumbent, or the pair's own score) by betting.
 
-    FAIL rests on the lower bound alone and PASS on the upper alone, each one-sided at
-    alpha, so a false FAIL has probability at most alpha.
+    The same test as the rate checks (`mean_test`) at the tolerance itself: FAIL and PASS
+    are separate one-sided claims, each wrong with probability at most alpha at any look.
     """
-    low, high = check.range
-    sign = -1 if check.direction == "higher_is_better" else 1
-    signed = [sign * v for v in values if math.isfinite(v)]
-    lo, hi = (low, high) if sign == 1 else (-high, -low)
-    bounds = bounded_mean_cs(signed, alpha, lo, hi)
-    mean = sum(signed) / len(signed) if signed else 0.0
-    decision = _decide(check, bounds, len(signed))
+    against_ok, against_bad = grid.test_at_limit()
+    n = grid.n
+    decision = _decide_by_evidence(check, n, against_ok, against_bad, alpha)
+    bounds = grid.bounds(alpha)
     tolerance = _limit(check)
     what = "mean paired difference" if check.pair_value == "difference" else "mean per pair"
     words = {
-        FAIL: f"at least {bounds.lower:+.4g} with {_confidence(alpha)} confidence",
-        PASS: f"at most {bounds.upper:+.4g} with {_confidence(alpha)} confidence",
-        INCONCLUSIVE: f"in [{bounds.lower:+.4g}, {bounds.upper:+.4g}], each end with "
-        f"{_confidence(alpha)} confidence",
+        FAIL: f"above the tolerance {tolerance:g} (e-value {_e(against_ok)} >= {1 / alpha:.3g})",
+        PASS: f"within the tolerance {tolerance:g} (e-value {_e(against_bad)} >= {1 / alpha:.3g})",
+        INCONCLUSIVE: f"not yet shown within or beyond the tolerance {tolerance:g} (e-values "
+        f"{_e(against_ok)} for a regression, {_e(against_bad)} against; {1 / alpha:.3g} decides)",
     }[decision]
     reason = (
-        f"{check.metric} {what} {mean:+.4g} over {len(signed)} pairs, {words}, "
-        f"tolerance {tolerance:g}"
+        f"{check.metric} {what} {grid.mean:+.4g} over {n} pairs, {words}; the mean is in "
+        f"[{bounds.lower:+.4g}, {bounds.upper:+.4g}], each end with {_confidence(alpha)} confidence"
     )
     return CheckResult(
         check.name,
         decision,
-        mean,
+        grid.mean,
         bounds.lower,
         bounds.upper,
-        len(signed),
+        n,
         check.critical,
-        _min_samples_note(check, len(signed), reason),
+        _min_samples_note(check, n, reason),
         alpha,
     )
-
-
-def _point_quantile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
 def _min_samples_note(check: Check, samples: int, reason: str) -> str:

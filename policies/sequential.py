@@ -8,7 +8,7 @@ upper end. The judge's FAIL rests on lower ends and its PASS on upper ends, so
 no claim pays for the other side. The judge may recompute a verdict after
 every record.
 
-Three constructions, all from Ville's inequality on a nonnegative supermartingale:
+Two constructions, both from Ville's inequality on a nonnegative supermartingale:
 - `log_mixture_ratio`: conjugate (beta) mixtures of likelihood ratios for a
   Bernoulli mean (Robbins 1970; Howard et al. 2021, "Time-uniform, nonparametric,
   nonasymptotic confidence sequences", section on conjugate mixtures), the prior
@@ -17,13 +17,10 @@ Three constructions, all from Ville's inequality on a nonnegative supermartingal
   estimation of quantiles"). `bernoulli_cs`, the same mixture as bounds on a rate,
   no longer backs a check (rate checks are paired, below); its tests still vouch
   for the mixture the quantile bounds use.
-- `bounded_mean_cs`: betting bounds for means of bounded data, with the
-  variance-adaptive predictable plug-in stakes of Waudby-Smith & Ramdas 2023,
-  "Estimating means of bounded random variables by betting"; each end is a
-  one-sided sequence, because the judge's FAIL uses only the lower end and its
-  PASS only the upper. The paired checks use it.
 - `mean_test`: a mixture of constant bets against "mean <= m" and "mean >= m" for
-  bounded data, the rate and tail checks' test on paired units.
+  bounded data, the test of every rate, tail and paired check. Constant bets make the
+  test order-free and its state a sum per bet, which is what lets the judge fold new
+  data into a summary instead of replaying history (`policies/summaries.py`).
 """
 
 from __future__ import annotations
@@ -131,70 +128,9 @@ def quantile_cs(values: Sequence[float], q: float, alpha: float) -> Interval:
     return Interval(lower, upper)
 
 
-GRID = 2001  # candidate means on [0, 1] for the betting sequence
 # Largest share of what the bounds allow a bet may stake (Waudby-Smith & Ramdas suggest 1/2 to 3/4):
 # one observation at the far end of the range then costs a bet at most log(1 / (1 - BET_CAP)).
 BET_CAP = 0.75
-
-
-class BettingCS:
-    """Betting confidence bounds for a mean of data in [low, high], updated one point at a time.
-
-    Waudby-Smith & Ramdas (2023): for each candidate mean m, one gambler bets
-    that the mean is above m (stake lambda * (x - m)) and another that it is below; each
-    one's capital is a nonnegative supermartingale whenever the true mean lies on the side
-    it bets against, so by Ville's inequality the chance that it ever reaches 1/alpha is
-    at most alpha. The lower bound is the smallest m the "above" gambler has not beaten,
-    the upper bound the largest m the "below" gambler has not: each bound is a one-sided
-    (1 - alpha) sequence, and the two together a (1 - 2 alpha) interval. The judge uses
-    the lower bound to FAIL and the upper bound to PASS, so each claim is wrong with
-    probability at most alpha; hedging both bets into one capital would charge every
-    claim for both (log 2 more evidence). Stakes are the predictable plug-in of their
-    empirical-Bernstein sequence, capped at BET_CAP of what the range allows.
-    """
-
-    def __init__(self, alpha: float, low: float = 0.0, high: float = 1.0, grid: int = GRID) -> None:
-        import numpy as np
-
-        self._np = np
-        self.low, self.span = low, high - low
-        self.m = np.linspace(0.0, 1.0, grid)
-        self._log_up = np.zeros(grid)
-        self._log_down = np.zeros(grid)
-        self._below = np.zeros(grid, dtype=bool)  # means the "above" gambler has beaten
-        self._above = np.zeros(grid, dtype=bool)  # means the "below" gambler has beaten
-        self._limit = math.log(1.0 / alpha)
-        with np.errstate(divide="ignore"):
-            self._cap_up = np.minimum(BET_CAP / self.m, 1e6)
-            self._cap_down = np.minimum(BET_CAP / (1.0 - self.m), 1e6)
-        self.n = 0
-        self._sum = self._sum_sq = 0.0
-        self._var = 0.25
-
-    def update(self, raw: float) -> None:
-        np = self._np
-        x = min(max((raw - self.low) / self.span, 0.0), 1.0)
-        self.n += 1
-        t = self.n
-        lam = math.sqrt(2 * self._limit / (self._var * t * math.log(1 + t)))
-        self._log_up += np.log1p(np.minimum(lam, self._cap_up) * (x - self.m))
-        self._log_down += np.log1p(-np.minimum(lam, self._cap_down) * (x - self.m))
-        self._below |= self._log_up >= self._limit
-        self._above |= self._log_down >= self._limit
-        self._sum += x
-        mean = (0.5 + self._sum) / (t + 1)
-        self._sum_sq += (x - mean) ** 2
-        self._var = (0.25 + self._sum_sq) / (t + 1)
-
-    def interval(self) -> Interval:
-        """[lower, upper]: each end a one-sided bound at 1 - alpha (see the class docstring)."""
-        step = 1.0 / (self.m.size - 1)
-        not_below, not_above = self.m[~self._below], self.m[~self._above]
-        lower = max(float(not_below.min()) - step, 0.0) if not_below.size else 1.0
-        upper = min(float(not_above.max()) + step, 1.0) if not_above.size else 0.0
-        if lower > upper:  # the two claims contradict: possible only with probability < 2 alpha
-            lower = upper = self._sum / max(self.n, 1)
-        return Interval(self.low + self.span * lower, self.low + self.span * upper)
 
 
 def accepted_counts(n: int, q: float, alpha: float) -> tuple[int, int]:
@@ -224,16 +160,6 @@ def accepted_counts(n: int, q: float, alpha: float) -> tuple[int, int]:
     return edge("below", 0), edge("above", n)
 
 
-def bounded_mean_cs(
-    values: Sequence[float], alpha: float, low: float = 0.0, high: float = 1.0
-) -> Interval:
-    """The betting bounds after all of `values`: each end one-sided at 1 - alpha."""
-    sequence = BettingCS(alpha, low, high)
-    for value in values:
-        sequence.update(value)
-    return sequence.interval()
-
-
 # Stakes the paired tests mix over, as shares of the largest stake that the data's range allows:
 # 12 constant bets, log-spaced. The mixture grows nearly as fast as the best of them in
 # hindsight, paying log(12) once, whatever the failure rate (prototyped against the
@@ -252,7 +178,7 @@ def mean_test(values: Sequence[float], m: float, low: float, high: float) -> tup
     The values need not be identically distributed: the null is on each one's conditional mean.
     """
 
-    return _mean_test(*_distinct(values, low, high), m, low, high)
+    return mean_test_counts(*_distinct(values, low, high), m, low, high)
 
 
 def _distinct(values: Sequence[float], low: float, high: float) -> tuple[Any, Any]:
@@ -263,9 +189,12 @@ def _distinct(values: Sequence[float], low: float, high: float) -> tuple[Any, An
     return np.unique(np.clip(np.asarray(values, dtype=float), low, high), return_counts=True)
 
 
-def _mean_test(x: Any, counts: Any, m: float, low: float, high: float) -> tuple[float, float]:
+def mean_test_counts(x: Any, counts: Any, m: float, low: float, high: float) -> tuple[float, float]:
+    """`mean_test` on values given once each with how many times each was seen."""
     import numpy as np
 
+    x = np.clip(np.asarray(x, dtype=float), low, high)
+    counts = np.asarray(counts, dtype=float)
     if x.size == 0 or not low < m < high:
         return 0.0, 0.0
     shares = np.asarray(STAKES)
@@ -286,7 +215,15 @@ def mean_bounds(values: Sequence[float], alpha: float, low: float, high: float) 
     The judge decides by `mean_test` at the tolerance itself; these bounds only show how far
     the data are from it (bisection to about 1e-7 of the range).
     """
-    x, counts = _distinct(values, low, high)
+    return mean_bounds_counts(*_distinct(values, low, high), alpha, low, high)
+
+
+def mean_bounds_counts(x: Any, counts: Any, alpha: float, low: float, high: float) -> Interval:
+    """`mean_bounds` on values given once each with how many times each was seen."""
+    import numpy as np
+
+    x = np.clip(np.asarray(x, dtype=float), low, high)
+    counts = np.asarray(counts, dtype=float)
     if x.size == 0:
         return Interval(low, high)
     limit = math.log(1.0 / alpha)
@@ -294,7 +231,7 @@ def mean_bounds(values: Sequence[float], alpha: float, low: float, high: float) 
 
     def edge(side: int, out: float) -> float:
         def rejected(m: float) -> bool:
-            return _mean_test(x, counts, m, low, high)[side] >= limit
+            return mean_test_counts(x, counts, m, low, high)[side] >= limit
 
         return _last_accepted(rejected, centre, out, 24) if rejected(out) else out
 

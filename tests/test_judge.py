@@ -15,19 +15,20 @@ from policies.checks import (
     evaluate_paired,
     evaluate_quantile,
     evaluate_rate,
+    paired_grid,
+    signed,
 )
 from policies.policy import Check, Tolerance, load_policy
 from policies.sequential import (
     PRIOR_A,
     PRIOR_B,
-    BettingCS,
     bernoulli_cs,
-    bounded_mean_cs,
     log_mixture_ratio,
     mean_bounds,
     mean_test,
     quantile_cs,
 )
+from policies.summaries import BetGrid, LogHistogram, PairCounts
 
 
 @pytest.mark.parametrize("side", ["above", "below"])
@@ -99,23 +100,29 @@ def test_bernoulli_cs_is_wider_than_a_fixed_sample_interval_but_shrinks():
     assert bernoulli_cs(500, 10000, 0.05).width < cs.width / 2.5
 
 
-def test_time_uniform_coverage_of_quantile_and_betting_sequences():
-    """Each end of the quantile and of the betting bounds is wrong at some look w.p. <= alpha."""
+def test_time_uniform_coverage_of_quantile_and_betting_summaries():
+    """Each end of the quantile bounds (exact and from the log histogram the judge keeps) and
+    of the paired check's grid bounds is wrong at some look w.p. <= alpha."""
     rng = random.Random(11)
     alpha = 0.1
-    misses = {"p90 low": 0, "p90 high": 0, "mean low": 0, "mean high": 0}
+    keys = ("p90 low", "p90 high", "sketch low", "sketch high", "mean low", "mean high")
+    misses = dict.fromkeys(keys, 0)
     true_p90, true_mean = -math.log(0.1), 2 / 7  # Exp(1) and Beta(2, 5)
     for _ in range(150):
-        values, bounded = [], []
+        values, histogram, grid = [], LogHistogram(), BetGrid(0.0, 1.0, 0.5)
         missed = dict.fromkeys(misses, False)
         for t in range(1, 401):
             values.append(rng.expovariate(1.0))
-            bounded.append(rng.betavariate(2, 5))
+            histogram.add(values[-1])
+            grid.add_many([rng.betavariate(2, 5)])
             if t % 25 == 0:
                 quantile = quantile_cs(values, 0.9, alpha)
-                mean = bounded_mean_cs(bounded, alpha)
+                sketch = histogram.quantile_bounds(0.9, alpha)
+                mean = grid.bounds(alpha)
                 missed["p90 low"] |= true_p90 < quantile.lower
                 missed["p90 high"] |= true_p90 > quantile.upper
+                missed["sketch low"] |= true_p90 < sketch.lower
+                missed["sketch high"] |= true_p90 > sketch.upper
                 missed["mean low"] |= true_mean < mean.lower
                 missed["mean high"] |= true_mean > mean.upper
         for key, value in missed.items():
@@ -123,56 +130,60 @@ def test_time_uniform_coverage_of_quantile_and_betting_sequences():
     assert all(count / 150 <= alpha for count in misses.values()), misses
 
 
-def test_each_betting_bound_is_one_sided_at_alpha():
-    """A mean sitting exactly at the tolerance: the lower bound alone wrongly exceeds it in at most
-    alpha of runs (a false FAIL), checked after every point. Data at the two ends of the range
-    make the bets as risky as they can be."""
+def test_the_histogram_rounds_each_bound_outwards_by_at_most_one_bucket():
+    rng = random.Random(2)
+    values = [rng.lognormvariate(4, 0.5) for _ in range(3000)]
+    exact, sketch = quantile_cs(values, 0.95, 0.01), LogHistogram.of(values)
+    bounds = sketch.quantile_bounds(0.95, 0.01)
+    assert exact.lower / 1.01 <= bounds.lower <= exact.lower
+    assert exact.upper <= bounds.upper <= exact.upper * 1.01
+    point = sorted(values)[int(0.95 * len(values))]
+    assert sketch.point_quantile(0.95) == pytest.approx(point, rel=0.006)
+
+
+def test_each_paired_claim_is_one_sided_at_alpha():
+    """A mean sitting exactly at the tolerance: the test against "within tolerance" wrongly
+    reaches 1/alpha (a false FAIL) in at most alpha of runs, checked after every point. Data at
+    the two ends of the range make the bets as risky as they can be."""
     rng = random.Random(17)
     alpha, false_fails = 0.2, 0
     for _ in range(300):
-        sequence = BettingCS(alpha, -1.0, 1.0, grid=401)
+        grid = BetGrid(-1.0, 1.0, 0.0)
         for _step in range(300):
-            sequence.update(rng.choice((-1.0, 1.0)) if rng.random() < 0.1 else 0.0)
-            if sequence.interval().lower > 0.0:
+            grid.add_many([rng.choice((-1.0, 1.0)) if rng.random() < 0.1 else 0.0])
+            if grid.test_at_limit()[0] >= math.log(1 / alpha):
                 false_fails += 1
                 break
     assert false_fails / 300 <= alpha
 
 
-def test_one_sided_bounds_fail_sooner_than_a_hedged_two_sided_sequence():
-    """The point of one-sided bounds: the same data cross the tolerance sooner than the hedged
-    (two-sided, alpha) sequence would, here computed independently from its definition."""
+def test_the_grid_summary_is_the_mean_test_on_the_raw_values_in_any_order():
+    """The paired check's state is a sum per bet: folding values in any order and any
+    chunks gives the e-values `mean_test` computes from the raw values, and bounds within
+    a grid step of `mean_bounds`, rounded outwards."""
     rng = random.Random(23)
     values = [max(-1.0, min(1.0, rng.gauss(0.05, 0.15))) for _ in range(400)]
-    alpha = 0.01
+    one_pass, shuffled = BetGrid(-1.0, 1.0, 0.03), BetGrid(-1.0, 1.0, 0.03)
+    one_pass.add_many(values)
+    order = values[:]
+    rng.shuffle(order)
+    for start in range(0, len(order), 37):
+        shuffled.add_many(order[start : start + 37])
+    raw = mean_test(values, 0.03, -1.0, 1.0)
+    assert one_pass.test_at_limit() == pytest.approx(raw, rel=1e-9)
+    assert shuffled.test_at_limit() == pytest.approx(raw, rel=1e-9)
+    restored = BetGrid.from_json(shuffled.to_json())
+    assert restored.test_at_limit() == pytest.approx(raw, rel=1e-9) and restored.n == 400
+    exact, grid = mean_bounds(values, 0.01, -1.0, 1.0), one_pass.bounds(0.01)
+    step = 2.0 / 256
+    assert exact.lower - step <= grid.lower <= exact.lower
+    assert exact.upper <= grid.upper <= exact.upper + step
 
-    def first_fail_one_sided() -> int:
-        sequence = BettingCS(alpha, -1.0, 1.0, grid=401)
-        for n, value in enumerate(values, 1):
-            sequence.update(value)
-            if sequence.interval().lower > 0.0:
-                return n
-        return len(values) + 1
 
-    def first_fail_hedged() -> int:
-        # Capital of the "above 0" and "below 0" bets at m = 1/2 (0 on the [-1, 1] scale),
-        # averaged: it must reach 1/alpha, i.e. either bet about 2/alpha.
-        up = down = 0.0
-        total, squares, var = 0.0, 0.0, 0.25
-        for n, value in enumerate(values, 1):
-            x = (value + 1) / 2
-            lam = math.sqrt(2 * math.log(2 / alpha) / (var * n * math.log(1 + n)))
-            up += math.log1p(min(lam, 0.75 / 0.5) * (x - 0.5))
-            down += math.log1p(-min(lam, 0.75 / 0.5) * (x - 0.5))
-            if math.log((math.exp(up) + math.exp(down)) / 2) >= math.log(1 / alpha):
-                return n
-            total += x
-            squares += (x - (0.5 + total) / (n + 1)) ** 2
-            var = (0.25 + squares) / (n + 1)
-        return len(values) + 1
-
-    one_sided, hedged = first_fail_one_sided(), first_fail_hedged()
-    assert one_sided <= len(values) and one_sided < hedged
+def grid_of(check, values):
+    grid = paired_grid(check)
+    grid.add_many(signed(check, values))
+    return grid
 
 
 def check(kind, metric, **extra):
@@ -191,16 +202,21 @@ def test_rate_check_fails_passes_and_says_why():
     """Units are mirrored requests: (candidate's failed share, incumbent's)."""
     c = check("rate", "failure")
     worse = [(1.0, 0.0)] * 120 + [(0.0, 1.0)] * 20 + [(0.0, 0.0)] * 860
-    fail = evaluate_rate(c, worse, 0.01)
+    fail = evaluate_rate(c, PairCounts.of(worse), 0.01)
     assert fail.decision == FAIL and fail.lower > 0
     assert fail.reason.startswith("candidate failure rate 12.00% vs 2.00% over 1000 mirrored")
     assert "above 1 pp of the incumbent's" in fail.reason and "99% confidence" in fail.reason
-    assert evaluate_rate(c, [(0.0, 0.0)] * 5000, 0.01).decision == PASS
+    assert evaluate_rate(c, PairCounts.of([(0.0, 0.0)] * 5000), 0.01).decision == PASS
     assert (
-        evaluate_rate(c, [(1.0, 0.0)] * 3 + [(0.0, 1.0)] * 2 + [(0.0, 0.0)] * 95, 0.01).decision
+        evaluate_rate(
+            c, PairCounts.of([(1.0, 0.0)] * 3 + [(0.0, 1.0)] * 2 + [(0.0, 0.0)] * 95), 0.01
+        ).decision
         == INCONCLUSIVE
     )
-    assert "5/20 samples" in evaluate_rate(c, [(1.0, 0.0)] * 4 + [(0.0, 0.0)], 0.01).reason
+    assert (
+        "5/20 samples"
+        in evaluate_rate(c, PairCounts.of([(1.0, 0.0)] * 4 + [(0.0, 0.0)]), 0.01).reason
+    )
 
 
 def test_rate_check_tests_the_rate_ratio_with_both_failures_counted():
@@ -209,13 +225,13 @@ def test_rate_check_tests_the_rate_ratio_with_both_failures_counted():
     c = check("rate", "failure", tolerance={"ratio": 1.25})
     # Independent arms: both fail 20%, candidate only 30%, incumbent only 20%, neither 30%.
     units = [(1.0, 1.0)] * 2000 + [(1.0, 0.0)] * 3000 + [(0.0, 1.0)] * 2000 + [(0.0, 0.0)] * 3000
-    at_boundary = evaluate_rate(c, units, 0.05)
+    at_boundary = evaluate_rate(c, PairCounts.of(units), 0.05)
     assert at_boundary.decision == INCONCLUSIVE
     assert at_boundary.lower < 0 < at_boundary.upper
     slightly_worse = (
         [(1.0, 1.0)] * 2000 + [(1.0, 0.0)] * 4000 + [(0.0, 1.0)] * 2000 + [(0.0, 0.0)] * 2000
     )
-    assert evaluate_rate(c, slightly_worse, 0.05).decision == FAIL
+    assert evaluate_rate(c, PairCounts.of(slightly_worse), 0.05).decision == FAIL
 
 
 def test_mean_test_is_one_sided_at_alpha_under_its_null():
@@ -259,20 +275,20 @@ def test_quantile_check_with_ratio_tolerance():
     base = [rng.lognormvariate(4, 0.3) for _ in range(3000)]
     slow = [2 * rng.lognormvariate(4, 0.3) for _ in range(3000)]
     same = [rng.lognormvariate(4, 0.3) for _ in range(3000)]
-    assert evaluate_quantile(c, slow, base, 0.01).decision == FAIL
-    assert evaluate_quantile(c, same, base, 0.01).decision == PASS
+    assert evaluate_quantile(c, LogHistogram.of(slow), LogHistogram.of(base), 0.01).decision == FAIL
+    assert evaluate_quantile(c, LogHistogram.of(same), LogHistogram.of(base), 0.01).decision == PASS
 
 
 def test_paired_check_on_differences_and_direction():
     rng = random.Random(5)
     worse = [max(-1, min(1, rng.gauss(0.3, 0.1))) for _ in range(200)]
     c = check("paired_mean", "typography_cer", tolerance={"absolute": 0.05})
-    assert evaluate_paired(c, worse, 0.01).decision == FAIL
-    assert evaluate_paired(c, [-v for v in worse], 0.01).decision == PASS
+    assert evaluate_paired(c, grid_of(c, worse), 0.01).decision == FAIL
+    assert evaluate_paired(c, grid_of(c, [-v for v in worse]), 0.01).decision == PASS
     higher = check(
         "paired_mean", "clip_score", tolerance={"absolute": 0.05}, direction="higher_is_better"
     )
-    assert evaluate_paired(higher, [-v for v in worse], 0.01).decision == FAIL
+    assert evaluate_paired(higher, grid_of(higher, [-v for v in worse]), 0.01).decision == FAIL
 
 
 def test_a_policy_still_using_negligible_is_told_what_to_write(tmp_path):

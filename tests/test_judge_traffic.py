@@ -17,9 +17,10 @@ import pytest
 from bench.judge_sim import only, previous_judge_fails, uncensored
 from controller.rollout.simulation import SCENARIOS, Traffic, generate, judge_traffic
 from policies.checks import FAIL, INCONCLUSIVE, PASS, evaluate_rate, overall
-from policies.judge import OutputFacts, build_window, evaluate
+from policies.judge import OutputFacts, build_window, evaluate, state_of
 from policies.metrics import METRICS
 from policies.policy import load_policy
+from policies.summaries import PairCounts
 from policies.vocabulary import Arm
 
 CANDIDATE, INCUMBENT = Arm.CANDIDATE, Arm.INCUMBENT
@@ -70,7 +71,8 @@ def test_a_request_wide_failure_of_four_images_is_one_unit():
             units.extend((float(c in bad), float(i in bad)) for c, i in pairs)
             if (
                 len(units) % 400 == 0
-                and evaluate_rate(check, units, AT_THE_BOUNDARY.alpha).decision == FAIL
+                and evaluate_rate(check, PairCounts.of(units), AT_THE_BOUNDARY.alpha).decision
+                == FAIL
             ):
                 return True
         return False
@@ -195,7 +197,7 @@ def test_a_non_finite_latency_never_reaches_the_quantile_check():
     outputs.append(out("odd", INCUMBENT, 0))
     outputs.append(out("odd", CANDIDATE, 0, latency=float("nan")))
     window = build_window(outputs, {o.request_id for o in outputs}, [], {})
-    latency = next(r for r in evaluate(load_policy(), window) if r.name == "latency_p95")
+    latency = next(r for r in evaluate(state_of(load_policy(), window)) if r.name == "latency_p95")
     assert latency.samples == 60 and "nan" not in latency.reason.lower()
 
 
@@ -220,7 +222,7 @@ def test_units_are_whole_mirrored_requests_judged_at_the_shorter_deadline():
     assert (
         four.arms[INCUMBENT].statuses == ["error"] * 4 and four.arms[INCUMBENT].latency_ms is None
     )
-    results = {r.name: r for r in evaluate(load_policy(), window)}
+    results = {r.name: r for r in evaluate(state_of(load_policy(), window))}
     assert results["error_rate"].samples == 2  # two units, not five images
     # The incumbent failed both: mean(z) = 0 - 1.2 x 1 - 0.01, far inside the tolerance.
     assert results["error_rate"].estimate == pytest.approx(-1.21)

@@ -13,7 +13,7 @@ from controller.rollout.loop import RolloutController
 from controller.rollout.transitions import get_rollout
 from controller.storage.recorder import Recorder, _Rows
 from controller.storage.records import OutputRecord
-from controller.storage.tables import Output, utcnow
+from controller.storage.tables import Output, StoredJudgeState, utcnow
 from tests.conftest import add_request, base_config, prepare_rollout, write_config
 
 
@@ -100,4 +100,9 @@ def test_requests_whose_router_died_end_as_lost_and_a_late_output_replaces_it(tm
         window = load_window(session, get_rollout(session, config.name), {})
     # Replayed, the died request pairs again on its image 0 (image 1 of both arms stays lost).
     assert sorted(u.request_id for u in window.units) == sorted([died, whole])
+    # ... and the loop's judge, which had dropped it for want of a candidate, folds it now.
+    assert restarted.tick(now).leader
+    with store.reader() as session:
+        stored = session.get(StoredJudgeState, rollout_id)
+        assert stored.state["units"] == 2
     store.close()

@@ -1,5 +1,6 @@
-"""Revision 0005 carries a database of the previous schema forward: its rollout becomes the
-`generate` route's rollout, no row is lost, and the two-model config keeps working on it."""
+"""Revisions 0005 and 0006 carry a database of the 0004 schema forward: its rollout becomes
+the `generate` route's rollout, no row is lost, the incremental judge folds its old pairs
+once, and the two-model config keeps working on it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,17 @@ from controller.rollout.loop import RolloutController
 from controller.rollout.state_machine import Command, Verb
 from controller.rollout.transitions import apply_command, get_rollout
 from controller.storage.store import Store
-from controller.storage.tables import Output, Request, Rollout, RolloutEvent, Score, Verdict, utcnow
+from controller.storage.tables import (
+    JUDGE_DONE,
+    Output,
+    Request,
+    Rollout,
+    RolloutEvent,
+    Score,
+    StoredJudgeState,
+    Verdict,
+    utcnow,
+)
 from tests.conftest import base_config, write_config
 
 TABLES = (Rollout, RolloutEvent, Request, Output, Score, Verdict)
@@ -104,7 +115,7 @@ def test_a_database_of_the_previous_schema_is_carried_forward(tmp_path, db_url):
     assert counts(store) == before
 
     store.upgrade()
-    assert store.current_revision() == "0005"
+    assert store.current_revision() == "0006"
     assert counts(store) == before  # no row lost
     with store.reader() as session:
         row = get_rollout(session, config.name)
@@ -124,6 +135,9 @@ def test_a_database_of_the_previous_schema_is_carried_forward(tmp_path, db_url):
     # ... and acts on it: the loop judges the old pairs, a verb moves it with a CAS.
     result = RolloutController(config, store).tick()
     assert result.leader and result.verdict is not None
+    with store.reader() as session:
+        assert set(session.scalars(select(Request.judge_progress))) == {JUDGE_DONE}
+        assert session.get(StoredJudgeState, row.id).state["units"] == 12
     applied = apply_command(
         store, config, Command(Verb.ADVANCE, force=True, reason="migrated"), "alice"
     )

@@ -18,7 +18,7 @@ from controller.serving.routing import primary_role
 from controller.serving.table_source import TableSource
 from controller.storage.store import Store
 from controller.storage.tables import Output, utcnow
-from policies.judge import OutputFacts, build_window, evaluate
+from policies.judge import OutputFacts, build_window, evaluate, state_of
 from policies.metrics import Observed
 from policies.policy import Check, Policy
 from policies.vocabulary import Arm
@@ -150,7 +150,7 @@ def test_fallback_rate_fails_a_candidate_that_would_send_users_to_the_fallback()
             ),
         ]
     arms = [f for f in facts if f.role != "fallback"]  # analysis.load_window keeps arms only
-    (result,) = evaluate(fallback_policy(), build_window(arms, mirrored, [], {}))
+    (result,) = evaluate(state_of(fallback_policy(), build_window(arms, mirrored, [], {})))
     assert result.decision == "FAIL", result.reason
 
 

@@ -14,7 +14,7 @@ from controller.rollout.scoring import Scorer, partners_of
 from controller.rollout.transitions import get_rollout
 from controller.storage.artifacts import store_artifact
 from controller.storage.tables import Output, Score, utcnow
-from policies.judge import evaluate
+from policies.judge import evaluate, state_of
 from policies.policy import load_policy
 from tests.conftest import add_request, base_config, prepare_rollout, write_config
 
@@ -103,11 +103,11 @@ def test_scorer_writes_scores_and_probe_errors(tmp_path, db_url):
     )
     # One output in five could not be read: more than the default 5% of probe errors, so the
     # probes' checks hold the rollout and say why ...
-    held = {r.name: r for r in evaluate(load_policy(), window)}
+    held = {r.name: r for r in evaluate(state_of(load_policy(), window))}
     assert held["typography_cer"].probe_error and "artifact" in held["typography_cer"].reason
     # ... and with a policy that tolerates it, they judge the two pairs.
     lenient = load_policy().model_copy(update={"max_probe_error_share": 0.5})
-    results = {r.name: r for r in evaluate(lenient, window)}
+    results = {r.name: r for r in evaluate(state_of(lenient, window))}
     assert results["colour_shift"].samples == 2 and results["typography_cer"].samples == 2
     store.close()
 

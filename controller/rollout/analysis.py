@@ -1,25 +1,65 @@
-"""Analysis: the judge run over what SQL holds for a rollout attempt, its verdict stored.
+"""Analysis: the judge over what SQL holds for a rollout attempt, folded in as it arrives.
 
 The attempt is everything since the newest `init` or `retry` event. The judge
-itself (`policies/judge.py`) is pure; this module is its only reader of SQL.
+itself (`policies/judge.py`) is pure; this module is its only reader of SQL. Each
+tick reads only the requests not yet folded (`requests.judge_progress`, indexed), so
+its cost follows the traffic since the last tick, never the attempt's history.
+A request moves pending -> arms folded -> done, in the same transaction that stores
+the state it was folded into: a loop killed at any point folds nothing twice.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+import structlog
+from sqlalchemy import Row, select, tuple_, update
 from sqlalchemy.orm import Session
 
+from controller.storage.lost import expected_outputs
 from controller.storage.pairs import score_rows
-from controller.storage.tables import Output, Request, Rollout, RolloutEvent, Verdict, utcnow
+from controller.storage.store import Store
+from controller.storage.tables import (
+    JUDGE_ARMS,
+    JUDGE_DONE,
+    JUDGE_PENDING,
+    Output,
+    Request,
+    Rollout,
+    RolloutEvent,
+    StoredJudgeState,
+    Verdict,
+    utcnow,
+)
 from policies.checks import overall
-from policies.judge import OutputFacts, Window, build_window, evaluate
+from policies.judge import (
+    JudgeState,
+    OutputFacts,
+    ProbeTally,
+    ScoreRow,
+    Unit,
+    Window,
+    evaluate,
+    rows_by_output_id,
+    score_rows_of,
+    unit_of,
+)
 from policies.policy import Policy
 from policies.vocabulary import ARMS
 from workers.jobs import OutputStatus
+
+log = structlog.get_logger("cutover.judge")
+
+# Requests read per transaction, and the most a tick folds: a backlog (the first tick after
+# an upgrade, or a long pause) is caught up over several ticks, each short.
+CHUNK = 2000
+MAX_CHUNKS_PER_TICK = 25
 
 
 def attempt_started(session: Session, rollout: Rollout) -> datetime:
@@ -33,51 +73,137 @@ def attempt_started(session: Session, rollout: Rollout) -> datetime:
     return started or rollout.created_at
 
 
+def fingerprint(policy: Policy, gpus: dict[str, float]) -> str:
+    """What the summaries depend on besides the data: the checks and the arms' GPU counts."""
+    text = json.dumps([policy.model_dump(mode="json"), sorted(gpus.items())], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def judge_row(session: Session, rollout_id: int) -> StoredJudgeState:
+    """The rollout's stored judge, created empty (to be reset on first use) if absent."""
+    row = session.get(StoredJudgeState, rollout_id)
+    if row is None:
+        row = StoredJudgeState(
+            rollout_id=rollout_id,
+            attempt_started=utcnow(),
+            fingerprint="",
+            state={},
+            updated_at=utcnow(),
+        )
+        session.add(row)
+    return row
+
+
+def fold_new(
+    store: Store,
+    rollout: Rollout,
+    policy: Policy,
+    gpus: dict[str, float],
+    now: datetime | None = None,
+    max_chunks: int = MAX_CHUNKS_PER_TICK,
+    chunk: int = CHUNK,
+) -> JudgeState:
+    """Fold the attempt's requests that are ready and not folded yet; return the state.
+
+    One transaction per chunk, each storing the state with the requests it moved, so a
+    long catch-up never holds the database (SQLite's single writer above all) for long.
+    """
+    after: tuple[datetime, str] | None = None
+    for _ in range(max_chunks):
+        with store.session() as session:
+            state, since = _load(session, rollout, policy, gpus)
+            query = select(
+                Request.id,
+                Request.created_at,
+                Request.judge_progress,
+                Request.primary_role,
+                Request.mirrored,
+                Request.params,
+            ).where(
+                Request.rollout_id == rollout.id,
+                Request.judge_progress < JUDGE_DONE,
+                Request.created_at >= since,
+            )
+            if after is not None:
+                query = query.where(tuple_(Request.created_at, Request.id) > after)
+            pending = session.execute(
+                query.order_by(Request.created_at, Request.id).limit(chunk)
+            ).all()
+            if pending:
+                _fold(session, state, pending, gpus)
+            _save(session, rollout.id, state, now or utcnow())
+        if len(pending) < chunk:
+            break
+        after = (pending[-1].created_at, pending[-1].id)
+    return state
+
+
+def recompute(
+    session: Session, rollout: Rollout, policy: Policy, gpus: dict[str, float]
+) -> JudgeState:
+    """The state one pass over every raw row of the attempt gives, ignoring the stored state
+    and the progress marks (it writes nothing): what the incremental state must equal."""
+    state = JudgeState(policy)
+    for unit, rows in attempt_units(session, rollout, gpus):
+        state.fold_arms(unit)
+        if rows is not None:
+            state.fold_scores(unit, rows)
+    return state
+
+
 def load_window(session: Session, rollout: Rollout, gpus: dict[str, float]) -> Window:
-    """The attempt's outputs and scores from SQL, as `build_window` judges them."""
+    """Every unit of the attempt with its scores, in arrival order: to inspect what the judge
+    sees. It holds the whole attempt in memory; the judge itself never does."""
+    units, health = [], ProbeTally()
+    for unit, rows in attempt_units(session, rollout, gpus):
+        units.append(unit)
+        health.add_rows(rows or [])
+    return Window(units, health.health())
+
+
+def attempt_units(
+    session: Session, rollout: Rollout, gpus: dict[str, float]
+) -> Iterator[tuple[Unit, list[ScoreRow] | None]]:
+    """Each unit of the attempt from the raw rows, a chunk at a time, with the score rows of
+    its outputs once the scorer has settled them (None before)."""
     since = attempt_started(session, rollout)
-    rows = session.execute(
-        select(Output, Request.mirrored)
-        .join(Request, Output.request_id == Request.id)
-        .where(
+    after: tuple[datetime, str] | None = None
+    while True:
+        query = select(
+            Request.id, Request.created_at, Request.primary_role, Request.mirrored, Request.params
+        ).where(
             Request.rollout_id == rollout.id,
+            Request.mirrored.is_(True),
             Request.created_at >= since,
-            # `lost` is an accounting outcome (the router died), not evidence.
-            Output.status != OutputStatus.LOST,
-            # A fallback's answer is the user's, not an arm's: the failed attempt it stood in
-            # for is what the judge counts, so a fallback never hides an arm's failure.
-            Output.role.in_([arm.value for arm in ARMS]),
         )
-        .order_by(Request.created_at, Request.id, Output.image_index)
-    ).all()
-    facts = [
-        OutputFacts(
-            o.id,
-            o.request_id,
-            o.role,
-            o.image_index,
-            o.status,
-            o.latency_ms,
-            o.queue_ms,
-            o.batch_size,
-            o.timeout_s,
-        )
-        for o, _ in rows
-    ]
-    mirrored = {o.request_id for o, is_mirrored in rows if is_mirrored}
-    paired_ids = [f.id for f in facts if f.request_id in mirrored and f.status == OutputStatus.OK]
-    return build_window(facts, mirrored, score_rows(session, paired_ids), gpus)
+        if after is not None:
+            query = query.where(tuple_(Request.created_at, Request.id) > after)
+        chunk = session.execute(query.order_by(Request.created_at, Request.id).limit(CHUNK)).all()
+        if not chunk:
+            return
+        ready = _ready(session, chunk, gpus)
+        rows = _score_rows(session, ready)
+        for request_id, request in ready.items():
+            if request.unit is None:
+                continue
+            if request.settled:
+                scored = unit_of(request_id, request.facts, gpus, rows)
+                assert scored is not None
+                yield scored, score_rows_of(request.facts, rows)
+            else:
+                yield request.unit, None
+        after = (chunk[-1].created_at, chunk[-1].id)
 
 
 def judge(
     session: Session,
     rollout: Rollout,
     policy: Policy,
-    gpus: dict[str, float],
+    state: JudgeState,
     now: datetime | None = None,
 ) -> Verdict:
-    """Evaluate every check and store the verdict (in the caller's transaction)."""
-    results = evaluate(policy, load_window(session, rollout, gpus))
+    """Evaluate every check on the folded state and store the verdict (caller's transaction)."""
+    results = evaluate(state)
     verdict = Verdict(
         rollout_id=rollout.id,
         stage=rollout.stages[rollout.stage_index][0],
@@ -88,6 +214,162 @@ def judge(
     )
     session.add(verdict)
     return verdict
+
+
+def _load(
+    session: Session, rollout: Rollout, policy: Policy, gpus: dict[str, float]
+) -> tuple[JudgeState, datetime]:
+    """The stored state, or a fresh one when the attempt, the policy or the GPUs changed.
+
+    A fresh state re-folds the attempt: every request of it goes back to pending.
+    """
+    since = attempt_started(session, rollout)
+    row = judge_row(session, rollout.id)
+    expected = fingerprint(policy, gpus)
+    if row.fingerprint == expected and row.attempt_started == since and row.state:
+        return JudgeState.from_json(policy, row.state), since
+    why = (
+        "first judgement"
+        if not row.fingerprint
+        else "new attempt"
+        if row.attempt_started != since
+        else "policy or GPU counts changed"
+    )
+    refolded = session.execute(
+        update(Request)
+        .where(
+            Request.rollout_id == rollout.id,
+            Request.judge_progress > JUDGE_PENDING,
+            Request.created_at >= since,
+            Request.mirrored.is_(True),
+        )
+        .values(judge_progress=JUDGE_PENDING)
+    ).rowcount
+    log.info("judge_state_reset", rollout=rollout.name, reason=why, refolded=refolded)
+    row.attempt_started, row.fingerprint = since, expected
+    return JudgeState(policy), since
+
+
+def _save(session: Session, rollout_id: int, state: JudgeState, now: datetime) -> None:
+    row = judge_row(session, rollout_id)
+    row.state = state.to_json()
+    row.updated_at = now
+
+
+@dataclass
+class _Ready:
+    """A request whose every expected output of both arms is recorded."""
+
+    facts: dict[str, list[OutputFacts]]  # by role, `lost` placeholders left out
+    unit: Unit | None  # None: an arm has no outcome but `lost`, so nothing to judge
+    settled: bool  # the scorer has settled every ok output of both arms
+
+
+def _fold(
+    session: Session, state: JudgeState, pending: Sequence[Row[Any]], gpus: dict[str, float]
+) -> None:
+    """Fold what is ready of these pending requests and move each as far as it went."""
+    ready = _ready(session, pending, gpus)
+    progress = {p.id: p.judge_progress for p in pending}
+    for request_id, request in ready.items():
+        if request.unit is not None and progress[request_id] == JUDGE_PENDING:
+            state.fold_arms(request.unit)
+    done = _fold_scores(session, state, ready, gpus)
+    done += [k for k, r in ready.items() if r.unit is None]
+    armed = [k for k, r in ready.items() if k not in done and progress[k] == JUDGE_PENDING]
+    _mark(session, armed, JUDGE_ARMS)
+    _mark(session, done, JUDGE_DONE)
+
+
+def _fold_scores(
+    session: Session, state: JudgeState, ready: dict[str, _Ready], gpus: dict[str, float]
+) -> list[str]:
+    """Fold the scores of every settled unit; returns their request ids."""
+    rows = _score_rows(session, ready)
+    settled = [k for k, r in ready.items() if r.unit is not None and r.settled]
+    for request_id in settled:
+        facts = ready[request_id].facts
+        unit = unit_of(request_id, facts, gpus, rows)
+        assert unit is not None
+        state.fold_scores(unit, score_rows_of(facts, rows))
+    return settled
+
+
+def _score_rows(session: Session, ready: dict[str, _Ready]) -> dict[str, list[ScoreRow]]:
+    """The score rows of the settled units' ok outputs, by output id."""
+    ok_ids = [
+        o.id
+        for r in ready.values()
+        if r.unit is not None and r.settled
+        for outs in r.facts.values()
+        for o in outs
+        if o.status == OutputStatus.OK
+    ]
+    return rows_by_output_id(score_rows(session, ok_ids))
+
+
+def _mark(session: Session, request_ids: list[str], progress: int) -> None:
+    for start in range(0, len(request_ids), 500):
+        session.execute(
+            update(Request)
+            .where(Request.id.in_(request_ids[start : start + 500]))
+            .values(judge_progress=progress)
+        )
+
+
+def _ready(
+    session: Session, requests: Sequence[Row[Any]], gpus: dict[str, float]
+) -> dict[str, _Ready]:
+    """Of these requests, those with every expected output of both arms recorded (a `lost`
+    placeholder counts as recorded: it is the outcome of an image that never came)."""
+    by_request: dict[str, list[Any]] = {}
+    for o in session.execute(
+        select(
+            Output.id,
+            Output.request_id,
+            Output.role,
+            Output.image_index,
+            Output.status,
+            Output.latency_ms,
+            Output.queue_ms,
+            Output.batch_size,
+            Output.timeout_s,
+            Output.scored_at,
+        )
+        .where(
+            Output.request_id.in_([r.id for r in requests]),
+            Output.role.in_([arm.value for arm in ARMS]),
+        )
+        .order_by(Output.image_index)
+    ):
+        by_request.setdefault(o.request_id, []).append(o)
+    ready: dict[str, _Ready] = {}
+    for request in requests:
+        outputs = by_request.get(request.id, [])
+        if not set(expected_outputs(request)) <= {(o.role, o.image_index) for o in outputs}:
+            continue  # an arm is still on its way (or its loss not reconciled yet)
+        facts: dict[str, list[OutputFacts]] = {}
+        for o in outputs:
+            # `lost` is an accounting outcome (the router died), not evidence.
+            if o.status != OutputStatus.LOST:
+                facts.setdefault(o.role, []).append(_facts(o))
+        settled = all(o.scored_at is not None for o in outputs if o.status == OutputStatus.OK)
+        ready[request.id] = _Ready(facts, unit_of(request.id, facts, gpus), settled)
+    return ready
+
+
+def _facts(o: Any) -> OutputFacts:
+    return OutputFacts(
+        o.id,
+        o.request_id,
+        o.role,
+        o.image_index,
+        o.status,
+        o.latency_ms,
+        o.queue_ms,
+        o.batch_size,
+        o.timeout_s,
+    )
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import structlog
 
 from controller.config import Config
 from controller.rollout import lease
-from controller.rollout.analysis import judge
+from controller.rollout.analysis import fold_new, judge, judge_row
 from controller.rollout.scoring import Scorer
 from controller.rollout.state_machine import (
     MOVING,
@@ -130,8 +130,6 @@ class RolloutController:
         self.lease_ttl = timedelta(seconds=lease_ttl or self.plan.settings.lease_ttl)
         self.scorer = Scorer(self.policy, config.artifact_path)
         self.standby = False
-        # Requests created before this were already reconciled; None: look at all (at start).
-        self._reconciled_until: datetime | None = None
         self.gpus = {
             Arm.INCUMBENT: config.models[self.plan.incumbent].num_gpus,
             Arm.CANDIDATE: config.models[self.plan.candidate].num_gpus,
@@ -157,8 +155,9 @@ class RolloutController:
         view = view_of(row)
         if view.state not in MOVING:
             return result
+        state = fold_new(self.store, row, self.policy, self.gpus, now)
         with self.store.session() as session:
-            verdict = judge(session, row, self.policy, self.gpus, now)
+            verdict = judge(session, row, self.policy, state, now)
             session.flush()
             evidence = evidence_for(session, row, self.config, now, verdict=verdict)
         result.verdict = verdict.decision
@@ -200,13 +199,14 @@ class RolloutController:
         return result
 
     def _reconcile(self, rollout_id: int, now: datetime) -> int:
-        """Give requests whose router died an outcome (`lost`), so counts add up."""
+        """Give requests whose router died an outcome (`lost`), so counts add up. How far
+        that has been done is stored with the judge, so a restart does not rescan history."""
         before = now - lost_after(self.config)
         with self.store.session() as session:
-            lost = reconcile_lost(
-                session, rollout_id, before=before, since=self._reconciled_until, now=now
-            )
-        self._reconciled_until = before
+            stored = judge_row(session, rollout_id)
+            since = stored.reconciled_until
+            lost = reconcile_lost(session, rollout_id, before=before, since=since, now=now)
+            stored.reconciled_until = before if since is None else max(since, before)
         if lost:
             log.warning("outputs_lost", outputs=lost, note="their router replica died")
         return lost

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from controller.serving.routing import is_mirrored, primary_role
 from controller.serving.traffic import RoutingTable
 from policies.checks import FAIL, PASS, CheckResult, overall
-from policies.judge import OutputFacts, Window, build_window, evaluate
+from policies.judge import OutputFacts, Window, build_window, evaluate, state_of
 from policies.policy import Policy
 from policies.vocabulary import Arm
 from workers.jobs import OutputStatus
@@ -271,8 +271,13 @@ def judge_traffic(
     rollback_at = None
     results: list[CheckResult] = []
     looks = list(range(look_every, len(window.units) + 1, look_every)) or [len(window.units)]
+    state, folded = state_of(policy, Window([], window.probe_health)), 0
     for n in looks:
-        results = evaluate(policy, Window(window.units[:n], window.probe_health))
+        for unit in window.units[folded:n]:  # as the loop does: each unit folded once
+            state.fold_arms(unit)
+            state.fold_scores(unit, [])
+        folded = n
+        results = evaluate(state)
         for r in results:
             if r.decision == FAIL:
                 first_fail.setdefault(r.name, n)

@@ -14,12 +14,12 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from controller.config import Config
-from controller.storage.tables import Output, Request
-from policies.vocabulary import Arm
+from controller.storage.tables import JUDGE_PENDING, Output, Request
+from policies.vocabulary import ARMS, Arm
 from workers.jobs import OutputStatus
 
 # How long a spilled record may wait for replay before it would be dead-lettered anyway.
@@ -94,7 +94,28 @@ def supersede_lost(session: Session, outputs: list[dict[str, Any]]) -> None:
         ).all()
         stale = [row.id for row in placeholders if tuple(row[1:]) in slots]
         if stale:
+            _rejudge_dropped(session, {row.request_id for row in placeholders if row.id in stale})
             session.execute(delete(Output).where(Output.id.in_(stale)))
+
+
+def _rejudge_dropped(session: Session, request_ids: set[str]) -> None:
+    """Send back to the judge the requests it dropped for want of an arm: one whose arm had
+    nothing but `lost` was never a unit, and a real output makes it one. (A request judged
+    with some images lost keeps its judgement: a late image is not folded in twice.)"""
+    arms = [arm.value for arm in ARMS]
+    rows = session.execute(
+        select(Output.request_id, Output.role, Output.status).where(
+            Output.request_id.in_(sorted(request_ids)), Output.role.in_(arms)
+        )
+    ).all()
+    had_outcome = {(r.request_id, r.role) for r in rows if r.status != OutputStatus.LOST}
+    dropped = [rid for rid in request_ids if any((rid, arm) not in had_outcome for arm in arms)]
+    if dropped:
+        session.execute(
+            update(Request)
+            .where(Request.id.in_(dropped), Request.mirrored.is_(True))
+            .values(judge_progress=JUDGE_PENDING)
+        )
 
 
 def _recorded(session: Session, request_ids: list[str]) -> set[tuple[str, str, int]]:

@@ -31,13 +31,15 @@ def group_pairs(outputs: Iterable[Output]) -> dict[PairKey, dict[str, Output]]:
 def score_rows(
     session: Session, output_ids: list[str]
 ) -> list[tuple[str, str, float | None, str | None]]:
-    """Every score row of these outputs, errors included: (output id, probe, value, error)."""
+    """Every score row of these outputs, errors included, rows of probes the sampling left out
+    excluded: (output id, probe, value, error)."""
     rows: list[tuple[str, str, float | None, str | None]] = []
     for start in range(0, len(output_ids), _CHUNK):
         rows.extend(
             session.execute(
                 select(Score.output_id, Score.probe, Score.value, Score.error).where(
-                    Score.output_id.in_(output_ids[start : start + _CHUNK])
+                    Score.output_id.in_(output_ids[start : start + _CHUNK]),
+                    Score.sampled.is_(True),
                 )
             ).all()
         )

@@ -51,6 +51,8 @@ class OutputRecord:
     batch_ooms: int = 0
     artifact_sha256: str | None = None  # set by the recorder once the image is stored
     scored_at: datetime | None = None  # set by the scorer
+    claimed_by: str | None = None  # set by the scorer that takes it
+    claim_expires: datetime | None = None  # ... until when
     timeout_s: float | None = None  # the time the router gave this call
     model: str | None = None  # the pool's name for the model that answered
     fallback_of: str | None = None  # on a fallback's output: the failed attempt's output id

@@ -18,9 +18,11 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -91,6 +93,20 @@ class RolloutEvent(Base):
     verdict: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
+# How far the judge has folded a request into its rollout's `JudgeState`.
+JUDGE_PENDING = 0  # a mirrored request: not folded yet
+JUDGE_ARMS = 1  # its arms' outcomes are folded; its scores are not yet
+JUDGE_DONE = 2  # fully folded, or nothing to fold (not mirrored, no rollout)
+
+
+def _judge_progress(context: Any) -> int:
+    """Only a mirrored request of a rollout is ever judged; every other starts done, so the
+    judge's index on pending requests holds the in-flight few, not the whole history."""
+    row = context.get_current_parameters()
+    judged = row.get("mirrored") and row.get("rollout_id") is not None
+    return JUDGE_PENDING if judged else JUDGE_DONE
+
+
 class Request(Base):
     """One client request. `rollout_id` is null on a route no rollout is running on."""
 
@@ -98,6 +114,7 @@ class Request(Base):
     __table_args__ = (
         Index("ix_requests_rollout_stage_time", "rollout_id", "stage", "created_at"),
         Index("ix_requests_route_time", "route", "created_at"),
+        Index("ix_requests_judge_pending", "rollout_id", "judge_progress", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -113,6 +130,9 @@ class Request(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     mirrored: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    judge_progress: Mapped[int] = mapped_column(
+        SmallInteger, default=_judge_progress, server_default="0"
+    )
 
 
 class Output(Base):
@@ -145,6 +165,10 @@ class Output(Base):
     model: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # On a fallback's output: the failed attempt it answered for.
     fallback_of: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # The scorer that claimed this output, until when: a scorer that dies mid-batch lets
+    # its claim expire and another takes the output over.
+    claimed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    claim_expires: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class Score(Base):
@@ -158,6 +182,9 @@ class Score(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # False: the probe's random draw left this output out (the policy's sample rate); the row
+    # records that it was not scored on purpose, and the judge does not count it.
+    sampled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
 
 
 class Verdict(Base):
@@ -175,6 +202,27 @@ class Verdict(Base):
     decision: Mapped[str] = mapped_column(String(16))
     samples: Mapped[int] = mapped_column(Integer, default=0)
     checks: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+
+
+class StoredJudgeState(Base):
+    """A rollout's judge: every check's summary of the attempt so far (`policies.judge`).
+
+    Written in the tick's transaction with the requests it folded, so a loop killed at
+    any moment resumes from a state that counts each unit exactly once.
+    """
+
+    __tablename__ = "judge_states"
+
+    rollout_id: Mapped[int] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt_started: Mapped[datetime] = mapped_column(UtcDateTime)
+    # The policy and GPU counts the summaries were built under: another means a new state.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    state: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # Requests created before this have had their missing outputs reconciled (`lost`).
+    reconciled_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class ControllerLease(Base):
