@@ -182,9 +182,10 @@ class BetGrid:
         with np.errstate(divide="ignore", invalid="ignore"):
             up = np.where(valid, self.shares / (m - self.low), 0.0)
             down = np.where(valid, self.shares / (self.high - m), 0.0)
-        centred = x[:, None, None] - m[None]  # (values, means, 1)
-        self.log_capital[0] += np.log1p(up[None] * centred).sum(axis=0)
-        self.log_capital[1] += np.log1p(-down[None] * centred).sum(axis=0)
+        for start in range(0, x.size, 256):  # 256 values x 6,000 bets at a time: 12 MB
+            centred = x[start : start + 256, None, None] - m[None]  # (values, means, 1)
+            self.log_capital[0] += np.log1p(up[None] * centred).sum(axis=0)
+            self.log_capital[1] += np.log1p(-down[None] * centred).sum(axis=0)
         self.n += int(x.size)
         self.total += float(x.sum())
 

@@ -266,3 +266,40 @@ def test_a_changed_policy_or_a_retry_starts_a_fresh_state(tmp_path, sqlite_url):
         stored = session.get(StoredJudgeState, rollout.id)
         assert stored.state["units"] == before.units == after.units
     store.close()
+
+
+def test_the_stage_count_settles_old_requests_once_and_counts_only_the_new(tmp_path, db_url):
+    """The `samples` gate from a stored count plus the requests newer than its mark equals
+    a count of the whole stage, before and after the mark moves, and a new stage starts at 0."""
+    from controller.rollout.analysis import judge_row
+    from controller.rollout.stage_count import settle_stage_count, stage_samples
+    from controller.rollout.state_machine import Command, Verb
+    from controller.rollout.transitions import apply_command
+    from tests.conftest import add_request
+
+    config, store = prepare_rollout(write_config(tmp_path, base_config(db_url)))
+    start = utcnow() + timedelta(seconds=1)
+    with store.session() as session:
+        row = get_rollout(session, config.name)
+        for k in range(30):
+            add_request(session, row.id, created_at=start + timedelta(minutes=k))
+        judge_row(session, row.id)
+    with store.session() as session:
+        row = get_rollout(session, config.name)
+        assert stage_samples(session, row) == 30
+        settle_stage_count(session, row, start + timedelta(minutes=20))
+    with store.session() as session:
+        row = get_rollout(session, config.name)
+        assert session.get(StoredJudgeState, row.id).stage_count["count"] == 20
+        add_request(session, row.id, created_at=start + timedelta(minutes=40))
+        assert stage_samples(session, row) == 31
+        settle_stage_count(session, row, start + timedelta(minutes=10))  # a mark never goes back
+        assert session.get(StoredJudgeState, row.id).stage_count["count"] == 20
+    applied = apply_command(store, config, Command(Verb.ADVANCE, force=True, reason="t"), "t")
+    with store.session() as session:
+        row = get_rollout(session, config.name)
+        assert row.stages[row.stage_index][0] == applied.to_stage != "shadow"
+        assert stage_samples(session, row) == 0
+        add_request(session, row.id, stage=applied.to_stage, created_at=utcnow())
+        assert stage_samples(session, row) == 1
+    store.close()

@@ -59,7 +59,7 @@ log = structlog.get_logger("cutover.judge")
 # Requests read per transaction, and the most a tick folds: a backlog (the first tick after
 # an upgrade, or a long pause) is caught up over several ticks, each short.
 CHUNK = 2000
-MAX_CHUNKS_PER_TICK = 25
+MAX_CHUNKS_PER_TICK = 5
 
 
 def attempt_started(session: Session, rollout: Rollout) -> datetime:
@@ -167,32 +167,20 @@ def attempt_units(
     """Each unit of the attempt from the raw rows, a chunk at a time, with the score rows of
     its outputs once the scorer has settled them (None before)."""
     since = attempt_started(session, rollout)
-    after: tuple[datetime, str] | None = None
-    while True:
-        query = select(
-            Request.id, Request.created_at, Request.primary_role, Request.mirrored, Request.params
-        ).where(
+    query = (
+        select(Request.id, Request.primary_role, Request.mirrored, Request.params)
+        .where(
             Request.rollout_id == rollout.id,
             Request.mirrored.is_(True),
             Request.created_at >= since,
         )
-        if after is not None:
-            query = query.where(tuple_(Request.created_at, Request.id) > after)
-        chunk = session.execute(query.order_by(Request.created_at, Request.id).limit(CHUNK)).all()
-        if not chunk:
-            return
-        ready = _ready(session, chunk, gpus)
-        rows = _score_rows(session, ready)
-        for request_id, request in ready.items():
-            if request.unit is None:
-                continue
-            if request.settled:
-                scored = unit_of(request_id, request.facts, gpus, rows)
-                assert scored is not None
-                yield scored, score_rows_of(request.facts, rows)
-            else:
-                yield request.unit, None
-        after = (chunk[-1].created_at, chunk[-1].id)
+        .order_by(Request.created_at, Request.id)
+        .execution_options(yield_per=CHUNK)  # one streamed read, a chunk in memory at a time
+    )
+    for chunk in session.execute(query).partitions():
+        for request in _ready(session, chunk, gpus).values():
+            if request.unit is not None:
+                yield request.unit, request.score_rows
 
 
 def judge(
@@ -260,52 +248,30 @@ def _save(session: Session, rollout_id: int, state: JudgeState, now: datetime) -
 class _Ready:
     """A request whose every expected output of both arms is recorded."""
 
-    facts: dict[str, list[OutputFacts]]  # by role, `lost` placeholders left out
     unit: Unit | None  # None: an arm has no outcome but `lost`, so nothing to judge
-    settled: bool  # the scorer has settled every ok output of both arms
+    # Every score row of its outputs once the scorer has settled both arms; None before.
+    score_rows: list[ScoreRow] | None
 
 
 def _fold(
     session: Session, state: JudgeState, pending: Sequence[Row[Any]], gpus: dict[str, float]
 ) -> None:
     """Fold what is ready of these pending requests and move each as far as it went."""
-    ready = _ready(session, pending, gpus)
     progress = {p.id: p.judge_progress for p in pending}
-    for request_id, request in ready.items():
-        if request.unit is not None and progress[request_id] == JUDGE_PENDING:
+    armed, done = [], []
+    for request_id, request in _ready(session, pending, gpus).items():
+        if request.unit is None:
+            done.append(request_id)
+            continue
+        if progress[request_id] == JUDGE_PENDING:
             state.fold_arms(request.unit)
-    done = _fold_scores(session, state, ready, gpus)
-    done += [k for k, r in ready.items() if r.unit is None]
-    armed = [k for k, r in ready.items() if k not in done and progress[k] == JUDGE_PENDING]
-    _mark(session, armed, JUDGE_ARMS)
+        if request.score_rows is None:
+            armed.append(request_id)
+        else:
+            state.fold_scores(request.unit, request.score_rows)
+            done.append(request_id)
+    _mark(session, [k for k in armed if progress[k] == JUDGE_PENDING], JUDGE_ARMS)
     _mark(session, done, JUDGE_DONE)
-
-
-def _fold_scores(
-    session: Session, state: JudgeState, ready: dict[str, _Ready], gpus: dict[str, float]
-) -> list[str]:
-    """Fold the scores of every settled unit; returns their request ids."""
-    rows = _score_rows(session, ready)
-    settled = [k for k, r in ready.items() if r.unit is not None and r.settled]
-    for request_id in settled:
-        facts = ready[request_id].facts
-        unit = unit_of(request_id, facts, gpus, rows)
-        assert unit is not None
-        state.fold_scores(unit, score_rows_of(facts, rows))
-    return settled
-
-
-def _score_rows(session: Session, ready: dict[str, _Ready]) -> dict[str, list[ScoreRow]]:
-    """The score rows of the settled units' ok outputs, by output id."""
-    ok_ids = [
-        o.id
-        for r in ready.values()
-        if r.unit is not None and r.settled
-        for outs in r.facts.values()
-        for o in outs
-        if o.status == OutputStatus.OK
-    ]
-    return rows_by_output_id(score_rows(session, ok_ids))
 
 
 def _mark(session: Session, request_ids: list[str], progress: int) -> None:
@@ -343,7 +309,7 @@ def _ready(
         .order_by(Output.image_index)
     ):
         by_request.setdefault(o.request_id, []).append(o)
-    ready: dict[str, _Ready] = {}
+    complete: dict[str, tuple[dict[str, list[OutputFacts]], bool]] = {}
     for request in requests:
         outputs = by_request.get(request.id, [])
         if not set(expected_outputs(request)) <= {(o.role, o.image_index) for o in outputs}:
@@ -354,8 +320,23 @@ def _ready(
             if o.status != OutputStatus.LOST:
                 facts.setdefault(o.role, []).append(_facts(o))
         settled = all(o.scored_at is not None for o in outputs if o.status == OutputStatus.OK)
-        ready[request.id] = _Ready(facts, unit_of(request.id, facts, gpus), settled)
-    return ready
+        complete[request.id] = (facts, settled)
+    ok_ids = [
+        o.id
+        for facts, settled in complete.values()
+        if settled
+        for outs in facts.values()
+        for o in outs
+        if o.status == OutputStatus.OK
+    ]
+    rows = rows_by_output_id(score_rows(session, ok_ids))
+    return {
+        request_id: _Ready(
+            unit_of(request_id, facts, gpus, rows if settled else None),
+            score_rows_of(facts, rows) if settled else None,
+        )
+        for request_id, (facts, settled) in complete.items()
+    }
 
 
 def _facts(o: Any) -> OutputFacts:

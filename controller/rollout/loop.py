@@ -23,6 +23,7 @@ from controller.config import Config
 from controller.rollout import lease
 from controller.rollout.analysis import fold_new, judge, judge_row
 from controller.rollout.scoring import Scorer
+from controller.rollout.stage_count import settle_stage_count
 from controller.rollout.state_machine import (
     MOVING,
     Command,
@@ -42,7 +43,7 @@ from controller.rollout.transitions import (
 )
 from controller.storage.lost import lost_after, reconcile_lost
 from controller.storage.store import Store
-from controller.storage.tables import utcnow
+from controller.storage.tables import Rollout, utcnow
 from policies.checks import FAIL
 from policies.policy import Policy, load_policy
 from policies.vocabulary import PASS, Arm
@@ -150,7 +151,7 @@ class RolloutController:
             self._note_role(standby=True, rollout_id=row.id)
             return TickResult(leader=False)
         self._note_role(standby=False, rollout_id=row.id)
-        result = TickResult(leader=True, lost=self._reconcile(row.id, now))
+        result = TickResult(leader=True, lost=self._reconcile(row, now))
         result.scored = self.scorer.score_pending(self.store, row.id, now=now)
         view = view_of(row)
         if view.state not in MOVING:
@@ -198,15 +199,18 @@ class RolloutController:
             )
         return result
 
-    def _reconcile(self, rollout_id: int, now: datetime) -> int:
+    def _reconcile(self, row: Rollout, now: datetime) -> int:
         """Give requests whose router died an outcome (`lost`), so counts add up. How far
         that has been done is stored with the judge, so a restart does not rescan history."""
         before = now - lost_after(self.config)
+        stages = [name for name, _ in row.stages]
         with self.store.session() as session:
-            stored = judge_row(session, rollout_id)
+            stored = judge_row(session, row.id)
             since = stored.reconciled_until
-            lost = reconcile_lost(session, rollout_id, before=before, since=since, now=now)
+            lost = reconcile_lost(session, row.id, stages, before=before, since=since, now=now)
             stored.reconciled_until = before if since is None else max(since, before)
+            # Requests older than `before` can no longer arrive: the stage's count takes them in.
+            settle_stage_count(session, row, before)
         if lost:
             log.warning("outputs_lost", outputs=lost, note="their router replica died")
         return lost

@@ -12,10 +12,11 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from controller.config import Config, Stage
+from controller.rollout.stage_count import stage_samples
 from controller.rollout.state_machine import (
     Command,
     Evidence,
@@ -27,7 +28,7 @@ from controller.rollout.state_machine import (
     state_for_stage,
 )
 from controller.storage.store import Store
-from controller.storage.tables import Request, Rollout, RolloutEvent, Verdict, utcnow
+from controller.storage.tables import Rollout, RolloutEvent, Verdict, utcnow
 from policies.vocabulary import PASS
 
 log = structlog.get_logger("cutover.transitions")
@@ -134,23 +135,6 @@ def latest_verdict(session: Session, row: Rollout) -> Verdict | None:
         .order_by(Verdict.evaluated_at.desc(), Verdict.id.desc())
         .limit(1)
     ).one_or_none()
-
-
-def stage_samples(session: Session, row: Rollout) -> int:
-    """Requests recorded since the rollout entered its current stage."""
-    stage = stages_of(row)[row.stage_index].name
-    return (
-        session.scalar(
-            select(func.count())
-            .select_from(Request)
-            .where(
-                Request.rollout_id == row.id,
-                Request.stage == stage,
-                Request.created_at >= row.stage_entered_at,
-            )
-        )
-        or 0
-    )
 
 
 def verdict_snapshot(verdict: Verdict | None) -> dict[str, Any] | None:

@@ -223,6 +223,8 @@ class StoredJudgeState(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     # Requests created before this have had their missing outputs reconciled (`lost`).
     reconciled_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # The current stage's requests older than a mark, counted once (`rollout/stage_count.py`).
+    stage_count: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class ControllerLease(Base):

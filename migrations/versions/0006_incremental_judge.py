@@ -48,6 +48,7 @@ def upgrade() -> None:
         sa.Column("state", sa.JSON(), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("reconciled_until", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("stage_count", sa.JSON(), nullable=True),
     )
 
 

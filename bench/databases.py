@@ -1,0 +1,38 @@
+"""The two backends a bench compares, each a fresh database dropped afterwards."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+DEFAULT_POSTGRES = os.environ.get(
+    "CUTOVER_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@contextmanager
+def fresh_postgres(admin_url: str = DEFAULT_POSTGRES) -> Iterator[str]:
+    """A new, empty PostgreSQL database on the server of `admin_url`; dropped on exit."""
+    name = f"cutover_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextmanager
+def backends(work: Path, postgres: str = DEFAULT_POSTGRES) -> Iterator[dict[str, str]]:
+    """{"sqlite": url, "postgresql": url}, both fresh."""
+    with fresh_postgres(postgres) as pg:
+        yield {"sqlite": f"sqlite:///{work / 'bench.db'}", "postgresql": pg}
