@@ -180,3 +180,32 @@ document.getElementById('r').addEventListener('load', () => {{
         result["reportTitle"].startswith("cutover report") and result["wrapperTitle"] == "wrapper"
     ), result
     assert result["promptShownAsText"], result
+
+
+def test_the_check_charts_read_a_bounded_spread_of_verdicts(tmp_path, db_url, monkeypatch):
+    """A tick stores a verdict every interval; the report reads at most CHART_POINTS of them,
+    evenly spread, always the first and the newest."""
+    from controller.review import report
+
+    config, store = prepare_rollout(write_config(tmp_path, base_config(db_url)))
+    start = utcnow()
+    with store.session() as session:
+        rollout = get_rollout(session, config.name)
+        session.add_all(
+            Verdict(
+                rollout_id=rollout.id,
+                stage="shadow",
+                evaluated_at=start + timedelta(seconds=k),
+                decision="INCONCLUSIVE",
+                samples=k,
+                checks=[],
+            )
+            for k in range(95)
+        )
+    monkeypatch.setattr(report, "CHART_POINTS", 10)
+    with store.reader() as session:
+        picked = report._verdicts_evenly(session, get_rollout(session, config.name))
+    samples = [v.samples for v in picked]
+    assert samples == sorted(samples) and samples[0] == 0 and samples[-1] == 94
+    assert 10 <= len(samples) <= 11
+    store.close()

@@ -170,15 +170,28 @@ def test_table_output_and_refusals(config_path):
     assert bad_since.exit_code == 2 and "--since" in bad_since.stderr
 
 
-def test_a_listing_cut_at_the_limit_says_so(config_path):
+def test_a_listing_cut_at_the_limit_says_so_and_names_the_next_page(config_path):
     runner = CliRunner()
-    cut = runner.invoke(app, ["-c", str(config_path), "shadow-log", "--limit", "2"])
-    assert cut.exit_code == 0
-    assert "showing the newest 2 pairs; 6 requests match" in cut.stderr
-    assert "--limit N shows more (default 50)" in cut.stderr
+    base = ["-c", str(config_path), "shadow-log", "--json"]
+    everything = [json.loads(x) for x in runner.invoke(app, base).stdout.splitlines()]
+    assert len(everything) == 6
+    pages, before = [], []
+    while True:
+        page = runner.invoke(app, [*base, "--limit", "2", *before])
+        assert page.exit_code == 0, page.stderr
+        pages.append([json.loads(x) for x in page.stdout.splitlines()])
+        if "next page" not in page.stderr:
+            break
+        assert "showing 2 pairs, newest first; more match" in page.stderr
+        before = ["--before", pages[-1][-1]["request_id"]]
+    # Keyset pages: together they are the whole listing, in order, nothing twice.
+    assert [r["request_id"] for p in pages for r in p] == [r["request_id"] for r in everything]
+    assert [len(p) for p in pages] == [2, 2, 2]
     failing = runner.invoke(
         app, ["-c", str(config_path), "shadow-log", "--status", "error", "--limit", "1"]
     )
-    assert "showing the newest 1 pairs; 2 requests match" in failing.stderr
+    assert "showing 1 pairs, newest first; more match" in failing.stderr
     whole = runner.invoke(app, ["-c", str(config_path), "shadow-log", "--limit", "6"])
     assert whole.exit_code == 0 and "showing" not in whole.stderr  # nothing was cut
+    unknown = runner.invoke(app, [*base, "--before", "no-such-request"])
+    assert unknown.exit_code == 2 and "--before 'no-such-request'" in unknown.stderr

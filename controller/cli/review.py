@@ -43,13 +43,17 @@ def shadow_log_command(
         str | None, typer.Option(help="Prompts containing this text.")
     ] = None,
     limit: Annotated[int, typer.Option(help="At most this many rows, newest first.")] = 50,
+    before: Annotated[
+        str | None,
+        typer.Option(help="Only requests older than this request id: the next page."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines, one pair each.")] = False,
     rollout_name: RolloutOpt = None,
 ) -> None:
     """Recorded pairs for review: both sides' status, latency, scores and image paths."""
     from datetime import datetime, timedelta
 
-    from controller.review.shadow_log import Filters, matching_requests, shadow_log
+    from controller.review.shadow_log import Filters, shadow_log
     from controller.review.status import render_shadow_log
     from controller.storage.tables import utcnow
     from policies.policy import load_policy
@@ -76,7 +80,14 @@ def shadow_log_command(
         policy = load_policy(plan.policy_path)
         # One row more than asked: it tells whether the listing was cut at --limit.
         filters = Filters(
-            when(since) if since else None, stage, role, status, failing, prompt_contains, limit + 1
+            when(since) if since else None,
+            stage,
+            role,
+            status,
+            failing,
+            prompt_contains,
+            limit + 1,
+            before,
         )
         with open_store(config) as store:
             store.require_schema()
@@ -92,14 +103,16 @@ def shadow_log_command(
                     )
                 except ValueError as exc:
                     raise Refused(str(exc)) from None
-                cut = len(rows) > limit
-                total = None if failing or not cut else matching_requests(session, rollout, filters)
-        rows = rows[:limit]
+        cut = len(rows) > limit
         if cut:
-            more = "more match --failing" if total is None else f"{total} requests match"
+            # A page ends between requests, so the next page (--before) misses no image.
+            split = rows[limit]["request_id"]
+            whole = [r for r in rows[:limit] if r["request_id"] != split]
+            rows = whole or rows[:limit]
+        if cut:
             err.print(
-                f"showing the newest {limit} pairs; {more}. --limit N shows more (default 50), "
-                "--since/--stage narrow it"
+                f"showing {limit} pairs, newest first; more match. The next page: "
+                f"--before {rows[-1]['request_id']}. --since/--stage narrow it"
             )
         if as_json:
             sys.stdout.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

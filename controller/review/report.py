@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
-from sqlalchemy import select
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.orm import Session
 
 from controller.config import Config
@@ -25,6 +25,9 @@ from workers.jobs import OutputStatus
 
 GALLERY_PER_CHECK = 6
 FAILURES_SHOWN = 10
+FAILURE_SEARCH = 20_000  # requests, newest first
+CHART_POINTS = 400  # verdicts per check chart
+LATENCY_SAMPLE = 20_000  # newest requests in the latency chart
 CHART_W, CHART_H = 520, 140
 
 
@@ -38,9 +41,7 @@ def build_report(session: Session, rollout: Rollout, config: Config, policy: Pol
         .where(RolloutEvent.rollout_id == rollout.id)
         .order_by(RolloutEvent.version)
     ).all()
-    verdicts = session.scalars(
-        select(Verdict).where(Verdict.rollout_id == rollout.id).order_by(Verdict.evaluated_at)
-    ).all()
+    verdicts = _verdicts_evenly(session, rollout)
     pairs = shadow_log(session, rollout, policy, Filters(limit=2000), config.artifact_path)
     return env.get_template("report.html.j2").render(
         status=rollout_status(session, rollout, config),
@@ -83,12 +84,44 @@ def _check_chart(name: str, verdicts: list[Verdict]) -> dict[str, Any]:
     }
 
 
+def _verdicts_evenly(session: Session, rollout: Rollout) -> list[Verdict]:
+    """At most CHART_POINTS verdicts, evenly spread over the rollout (a tick stores one every
+    interval: 26,000 in 72 hours at 10 s, more than a chart can show or a report should load)."""
+    total = session.scalar(
+        select(func.count()).select_from(Verdict).where(Verdict.rollout_id == rollout.id)
+    )
+    stride = max(1, -(-(total or 0) // CHART_POINTS))
+    numbered = select(
+        Verdict.id,
+        func.row_number().over(order_by=(Verdict.evaluated_at, Verdict.id)).label("n"),
+    ).where(Verdict.rollout_id == rollout.id)
+    picked = numbered.subquery()
+    keep = select(picked.c.id).where(
+        (picked.c.n - 1) % stride == 0 if stride > 1 else picked.c.n > 0
+    )
+    last = select(func.max(Verdict.id)).where(Verdict.rollout_id == rollout.id)
+    return list(
+        session.scalars(
+            select(Verdict)
+            .where(Verdict.id.in_(keep.union(last)))
+            .order_by(Verdict.evaluated_at, Verdict.id)
+        )
+    )
+
+
 def _latency_chart(session: Session, rollout: Rollout) -> dict[str, Any]:
+    """The latencies of the newest LATENCY_SAMPLE requests' ok outputs (the chart says so)."""
+    recent = (
+        select(Request.id)
+        .where(Request.rollout_id == rollout.id)
+        .order_by(Request.created_at.desc(), Request.id.desc())
+        .limit(LATENCY_SAMPLE)
+        .subquery()
+    )
     rows = session.execute(
-        select(Output.role, Output.latency_ms)
-        .join(Request, Output.request_id == Request.id)
-        .where(
-            Request.rollout_id == rollout.id,
+        select(Output.role, Output.latency_ms).where(
+            Output.request_id.in_(select(recent.c.id)),
+            Output.role.in_([arm.value for arm in ARMS]),
             Output.status == OutputStatus.OK,
             Output.latency_ms.is_not(None),
         )
@@ -122,6 +155,7 @@ def _latency_chart(session: Session, rollout: Rollout) -> dict[str, Any]:
         "bars": bars,
         "top": top,
         "quantiles": quantiles,
+        "sample": LATENCY_SAMPLE,
     }
 
 
@@ -179,13 +213,35 @@ def _gallery(check: Any, pairs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _failures(session: Session, rollout: Rollout) -> list[dict[str, Any]]:
-    rows = session.execute(
-        select(Output, Request.prompt, Request.stage)
-        .join(Request, Output.request_id == Request.id)
-        .where(Request.rollout_id == rollout.id, Output.status != OutputStatus.OK)
-        .order_by(Output.created_at.desc())
-        .limit(FAILURES_SHOWN)
-    ).all()
+    """The newest failures, looked for a page of requests at a time (newest first) and no
+    further back than FAILURE_SEARCH requests: a healthy rollout's report stays cheap."""
+    rows: list[Any] = []
+    after = None
+    for _ in range(FAILURE_SEARCH // 1000):
+        page = (
+            select(Request.id, Request.created_at)
+            .where(Request.rollout_id == rollout.id)
+            .order_by(Request.created_at.desc(), Request.id.desc())
+            .limit(1000)
+        )
+        if after is not None:
+            page = page.where(tuple_(Request.created_at, Request.id) < after)
+        requests = session.execute(page).all()
+        if not requests:
+            break
+        after = (requests[-1].created_at, requests[-1].id)
+        rows += session.execute(
+            select(Output, Request.prompt, Request.stage)
+            .join(Request, Output.request_id == Request.id)
+            .where(
+                Output.request_id.in_([r.id for r in requests]),
+                Output.status != OutputStatus.OK,
+            )
+            .order_by(Request.created_at.desc(), Output.created_at.desc())
+        ).all()
+        if len(rows) >= FAILURES_SHOWN:
+            break
+    rows = rows[:FAILURES_SHOWN]
     return [
         {
             "role": o.role,

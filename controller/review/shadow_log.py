@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, exists, func, select
+from sqlalchemy import Select, exists, select, tuple_
 from sqlalchemy.orm import Session, aliased
 
 from controller.storage.artifacts import artifact_path
@@ -33,6 +33,7 @@ class Filters:
     failing: str | None = None
     prompt_contains: str | None = None
     limit: int = 50
+    before: str | None = None  # a request id: only older requests (the next page)
 
 
 def shadow_log(
@@ -47,15 +48,19 @@ def shadow_log(
     prices the gpu_seconds metric; without it GPU time counts as zero."""
     gpus_of = gpus_of or {}
     check = _check(policy, filters.failing)
-    query = _requests(rollout, filters).order_by(Request.created_at.desc(), Request.id)
+    query = _requests(rollout, filters).order_by(Request.created_at.desc(), Request.id.desc())
+    after = _page_start(session, rollout, filters.before)
     rows: list[dict[str, Any]] = []
     batch = 500
-    offset = 0
+    # Keyset pages on the (rollout, time) index: each page costs the same however deep it is.
     while len(rows) < filters.limit:
-        requests = session.scalars(query.offset(offset).limit(batch)).all()
+        page = (
+            query if after is None else query.where(tuple_(Request.created_at, Request.id) < after)
+        )
+        requests = session.scalars(page.limit(batch)).all()
         if not requests:
             break
-        offset += batch
+        after = (requests[-1].created_at, requests[-1].id)
         for row in _pairs(session, requests, artifact_dir, gpus_of):
             if filters.status is not None and filters.status not in (
                 row[Arm.INCUMBENT]["status"],
@@ -87,10 +92,22 @@ def _requests(rollout: Rollout, filters: Filters) -> Select[tuple[Request]]:
     return query
 
 
-def matching_requests(session: Session, rollout: Rollout, filters: Filters) -> int:
-    """How many requests the filters SQL can apply select (all but --failing)."""
-    subquery = _requests(rollout, filters).subquery()
-    return session.scalar(select(func.count()).select_from(subquery)) or 0
+def _page_start(
+    session: Session, rollout: Rollout, before: str | None
+) -> tuple[datetime, str] | None:
+    if before is None:
+        return None
+    found = session.execute(
+        select(Request.created_at, Request.id).where(
+            Request.id == before, Request.rollout_id == rollout.id
+        )
+    ).one_or_none()
+    if found is None:
+        raise ValueError(
+            f"--before {before!r}: no request with that id in rollout {rollout.name!r}; "
+            "give the last request id a page showed"
+        )
+    return found.created_at, found.id
 
 
 def _check(policy: Policy, name: str | None) -> Check | None:

@@ -203,11 +203,10 @@ class RolloutController:
         """Give requests whose router died an outcome (`lost`), so counts add up. How far
         that has been done is stored with the judge, so a restart does not rescan history."""
         before = now - lost_after(self.config)
-        stages = [name for name, _ in row.stages]
         with self.store.session() as session:
             stored = judge_row(session, row.id)
             since = stored.reconciled_until
-            lost = reconcile_lost(session, row.id, stages, before=before, since=since, now=now)
+            lost = reconcile_lost(session, row.id, before=before, since=since, now=now)
             stored.reconciled_until = before if since is None else max(since, before)
             # Requests older than `before` can no longer arrive: the stage's count takes them in.
             settle_stage_count(session, row, before)

@@ -45,7 +45,6 @@ def expected_outputs(request: Any) -> list[tuple[str, int]]:
 def reconcile_lost(
     session: Session,
     rollout_id: int,
-    stages: list[str],
     *,
     before: datetime,
     since: datetime | None = None,
@@ -53,11 +52,9 @@ def reconcile_lost(
 ) -> int:
     """Insert a `lost` output for each missing image of requests created in [since, before).
     Returns how many were inserted. Ids are derived from the slot, so two loops that race
-    here insert each placeholder at most once (the second hits the unique constraint).
-    `stages` are the rollout's: naming them lets the (rollout, stage, time) index find the
-    window directly instead of scanning the rollout's history."""
+    here insert each placeholder at most once (the second hits the unique constraint)."""
     query = select(Request.id, Request.primary_role, Request.mirrored, Request.params).where(
-        Request.rollout_id == rollout_id, Request.stage.in_(stages), Request.created_at < before
+        Request.rollout_id == rollout_id, Request.created_at < before
     )
     if since is not None:
         query = query.where(Request.created_at >= since)

@@ -112,7 +112,9 @@ class Request(Base):
 
     __tablename__ = "requests"
     __table_args__ = (
-        Index("ix_requests_rollout_stage_time", "rollout_id", "stage", "created_at"),
+        # A rollout's requests by time: pages of the shadow log, a stage's recent requests,
+        # the window lost outputs are looked for in.
+        Index("ix_requests_rollout_time", "rollout_id", "created_at", "id"),
         Index("ix_requests_route_time", "route", "created_at"),
         Index("ix_requests_judge_pending", "rollout_id", "judge_progress", "created_at"),
     )

@@ -1,5 +1,9 @@
 """The incremental judge and the scorer pool: judge state, fold progress, claims, sampling
 
+The (rollout, stage, time) index on requests becomes (rollout, time, id): every
+bounded read (shadow-log pages, a stage's recent requests, the lost-output window)
+walks a rollout's requests by time.
+
 Every mirrored request of a rollout starts `pending` (the judge folds it once, on
 its first tick after the upgrade, which is the one full pass over history); every
 other request is `done`. Existing scores were all sampled. No row is rewritten
@@ -27,6 +31,8 @@ def upgrade() -> None:
         batch.create_index(
             "ix_requests_judge_pending", ["rollout_id", "judge_progress", "created_at"]
         )
+        batch.drop_index("ix_requests_rollout_stage_time")
+        batch.create_index("ix_requests_rollout_time", ["rollout_id", "created_at", "id"])
     op.execute("UPDATE requests SET judge_progress = 2 WHERE NOT mirrored OR rollout_id IS NULL")
     with op.batch_alter_table("outputs") as batch:
         batch.add_column(sa.Column("claimed_by", sa.String(128), nullable=True))
@@ -61,4 +67,6 @@ def downgrade() -> None:
         batch.drop_column("claimed_by")
     with op.batch_alter_table("requests") as batch:
         batch.drop_index("ix_requests_judge_pending")
+        batch.drop_index("ix_requests_rollout_time")
+        batch.create_index("ix_requests_rollout_stage_time", ["rollout_id", "stage", "created_at"])
         batch.drop_column("judge_progress")
