@@ -221,6 +221,7 @@ def run_backend(url: str, sizes: list[int], new: int, old_max: int) -> list[dict
     state = JudgeState(controller.policy)
     controller.tick()  # first connections and imports: not what a tick costs
     import scipy.special  # noqa: F401  (the quantile bounds' first use would import it)
+
     clock = since + timedelta(seconds=1)
     have, results = 0, []
     for size in sizes:
