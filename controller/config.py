@@ -162,6 +162,9 @@ class RolloutConfig(Strict):
     max_duration: Annotated[dict[str, Duration], BeforeValidator(_per_stage)] = {"*": 86400.0}
     auto_advance: bool = False
     evaluation_interval: Duration = 30.0
+    # The age of the oldest unscored output past which the rollout is held: a verdict must
+    # not advance a stage while the probes' evidence is that far behind.
+    max_scorer_lag: Duration = Field(300.0, gt=0)
     lease_ttl: Duration = Field(
         30.0, gt=0, description="a controller loop silent this long loses its lease"
     )
@@ -206,6 +209,26 @@ class ServerConfig(Strict):
     refresh_interval: Duration = 1.0
     num_cpus: float = Field(0.25, gt=0)
     replicas: int = Field(1, ge=1)
+
+
+class ScorerConfig(Strict):
+    """Where the probes run: a pool of Ray actors with CPUs of their own, off the serving
+    replicas and off the controller loop. `actors: 0` runs them inside the loop instead
+    (no Ray needed: `cutover control`, tests)."""
+
+    actors: int = Field(1, ge=0)
+    num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves for each scorer actor")
+    placement: Literal["spread", "pack"] = Field(
+        "spread", description="spread the actors over nodes, or pack them where Ray likes"
+    )
+    resources: dict[str, float] = Field(
+        {}, description="custom Ray resources each actor needs, to pin scorers to nodes"
+    )
+    batch: int = Field(8, ge=1, description="outputs one actor claims at a time")
+    poll_interval: Duration = Field(0.5, gt=0, description="an idle actor's wait for work")
+    claim_ttl: Duration = Field(
+        120.0, gt=0, description="a claim not written back by then is taken by another actor"
+    )
 
 
 class DatabaseConfig(Strict):
@@ -265,6 +288,7 @@ class Config(Strict):
         None, description="the two-model shorthand: one rollout on `generate`, named `name`"
     )
     server: ServerConfig = ServerConfig()
+    scorer: ScorerConfig = ScorerConfig()
     policy: str | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

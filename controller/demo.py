@@ -231,6 +231,7 @@ def run_scenario(
 
     from controller.review.report import build_report
     from controller.rollout.loop import ControllerLoop
+    from controller.rollout.scorer_pool import ScorerPool
     from controller.serving import app as serving
     from policies.policy import load_policy
 
@@ -242,9 +243,12 @@ def run_scenario(
     started = time.monotonic()
     serving.start(config, http_port=port)
     _wait_healthy(f"http://127.0.0.1:{port}")
+    pool = ScorerPool(config)
+    pool.start()
     stop = threading.Event()
-    loop = threading.Thread(target=ControllerLoop(config, store).run, args=(stop,), daemon=True)
-    loop.start()
+    loop = ControllerLoop(config, store, score_inline=not pool.actors)
+    loop_thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    loop_thread.start()
     share = EDIT_SHARE if scenario == "edit" else 0.0
     traffic = Traffic(f"http://127.0.0.1:{port}", seed=len(scenario), edit_share=share)
     traffic.start()
@@ -265,7 +269,8 @@ def run_scenario(
     finally:
         traffic.stop()
         stop.set()
-        loop.join(timeout=30)
+        loop_thread.join(timeout=30)
+        pool.stop()
         serve.delete(config.name)
     overview = _overview(store, config)
     reports = []

@@ -16,6 +16,7 @@ builds, which is what a restarted loop relies on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -349,9 +350,20 @@ def evaluate(state: JudgeState) -> list[CheckResult]:
         )
         if held is not None:
             results.append(held)
-        elif check.kind == "tail_rate":
+            continue
+        if check.kind == "tail_rate":
             what = f"{check.metric} past {check.threshold:g}"
-            results.append(evaluate_rate(check, state.rates[check.name], alpha, what))
+            result = evaluate_rate(check, state.rates[check.name], alpha, what)
         else:
-            results.append(evaluate_paired(check, state.paired[check.name], alpha))
+            result = evaluate_paired(check, state.paired[check.name], alpha)
+        results.append(_sampled_note(result, policy.rate_for(check.metric)))
     return results
+
+
+def _sampled_note(result: CheckResult, rate: float) -> CheckResult:
+    """Say when a probe scores a sample: the pairs counted are the sampled requests' (the
+    draw is independent of the outcome, so the tests hold on them as on all)."""
+    if rate >= 1.0:
+        return result
+    note = f"; the probe scores {rate:.0%} of requests (the policy's sample rate)"
+    return dataclasses.replace(result, reason=result.reason + note)

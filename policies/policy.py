@@ -7,7 +7,7 @@ check names its file and line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -138,7 +138,12 @@ class Policy(_Strict):
 
     alpha: float = Field(0.05, gt=0, lt=0.5)
     advisory_alpha: float | None = Field(None, gt=0, lt=0.5)
-    sample_rate: float = Field(1.0, gt=0, le=1, description="share of outputs the scorer scores")
+    sample_rate: float = Field(
+        1.0, gt=0, le=1, description="share of requests each probe scores (both arms together)"
+    )
+    # Per probe, overriding `sample_rate`: OCR costs a third of a second an image, a colour
+    # shift a few milliseconds, so each may be sampled at what the scorer can keep up with.
+    sample_rates: dict[str, Annotated[float, Field(gt=0, le=1)]] = {}
     ocr_engine: Literal["rapidocr", "tesseract"] = "rapidocr"
     clip_model: str | None = None
     # A probe erroring on more than this share of the outputs it scored turns its checks
@@ -153,6 +158,20 @@ class Policy(_Strict):
         if repeated:
             raise ValueError(f"check names must be unique; repeated: {', '.join(repeated)}")
         return self
+
+    @model_validator(mode="after")
+    def _known_probes(self) -> Policy:
+        unknown = sorted(set(self.sample_rates) - set(SCORE_METRICS))
+        if unknown:
+            raise ValueError(
+                f"sample_rates names no probe: {', '.join(unknown)}; probes are "
+                f"{', '.join(SCORE_METRICS)}"
+            )
+        return self
+
+    def rate_for(self, probe: str) -> float:
+        """The share of requests `probe` scores."""
+        return self.sample_rates.get(probe, self.sample_rate)
 
     def alpha_for(self, check: Check) -> float:
         """The check's share of its budget (weighted Bonferroni): the shares add up to the budget."""

@@ -94,7 +94,8 @@ def test_scorer_writes_scores_and_probe_errors(tmp_path, db_url):
     assert scores[(pairs[1]["candidate"].id, "typography_cer")][0] >= 0.5
     assert scores[(pairs[0]["candidate"].id, "colour_shift_de")][0] < 0.5
     assert scores[(pairs[1]["candidate"].id, "colour_shift_de")][0] > 5
-    assert scores[(broken.id, "image")][1].startswith("artifact")  # a probe error, recorded as such
+    # A probe error, recorded as such, for each probe that would have scored the image ...
+    assert scores[(broken.id, "typography_cer")][1].startswith("artifact")
     assert statuses[broken.id] == "ok"  # ... and never as a model error
     with store.reader() as session:
         window = load_window(session, get_rollout(session, config.name), {})

@@ -53,9 +53,12 @@ def serve(
         follower.start()
         serving.start(config, address, http_port=port)
         from controller.rollout.loop import ControllerLoop
+        from controller.rollout.scorer_pool import ScorerPool
 
+        pool = ScorerPool(config)
+        pool.start()  # `scorer.actors: 0`: none, and the loop scores itself
         loop = threading.Thread(
-            target=ControllerLoop(config).run,
+            target=ControllerLoop(config, score_inline=not pool.actors).run,
             args=(stopped,),
             name="cutover-controller",
             daemon=True,
@@ -73,6 +76,7 @@ def serve(
             stopped.wait()
         finally:
             loop.join(timeout=30)
+            pool.stop()
             serving.stop()
             follower.join(timeout=5)
 

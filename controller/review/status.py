@@ -118,6 +118,12 @@ def rollout_status(
                 "need": PASS,
                 "met": evidence.verdict == PASS,
             },
+            "scorer_lag_s": {
+                "have": None if evidence.scorer_lag_s is None else round(evidence.scorer_lag_s, 1),
+                "need": evidence.max_scorer_lag_s,
+                "met": evidence.scorer_lag_s is None
+                or evidence.scorer_lag_s <= evidence.max_scorer_lag_s,
+            },
         },
         "ready_to_advance": ready,
         "next": _next_step(view, evidence.unmet(), ready),
@@ -263,6 +269,15 @@ def render_status(status: dict[str, Any]) -> Group:
     )
     head.add_row(
         "verdict", _gate(gates["verdict"]["met"], str(gates["verdict"]["have"] or "none yet"))
+    )
+    lag = gates["scorer_lag_s"]
+    head.add_row(
+        "scorer lag",
+        _gate(
+            lag["met"],
+            f"{'caught up' if lag['have'] is None else _seconds(lag['have'])} "
+            f"(max {_seconds(lag['need'])})",
+        ),
     )
     head.add_row("next", status["next"])
     parts: list[Any] = [head]

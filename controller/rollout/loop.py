@@ -121,8 +121,11 @@ class RolloutController:
         holder: str | None = None,
         lease_ttl: float | None = None,
         rollout: str | None = None,
+        score_inline: bool = True,
     ) -> None:
         self.config = config
+        # False when a scorer pool (`scorer_pool.py`) scores; True runs the probes in the tick.
+        self.score_inline = score_inline
         self.plan = config.plan(rollout)
         self.name = self.plan.name
         self.store = store or Store.for_config(config)
@@ -152,7 +155,8 @@ class RolloutController:
             return TickResult(leader=False)
         self._note_role(standby=False, rollout_id=row.id)
         result = TickResult(leader=True, lost=self._reconcile(row, now))
-        result.scored = self.scorer.score_pending(self.store, row.id, now=now)
+        if self.score_inline:
+            result.scored = self.scorer.score_pending(self.store, row.id, now=now)
         view = view_of(row)
         if view.state not in MOVING:
             return result
@@ -254,8 +258,10 @@ class ControllerLoop:
         store: Store | None = None,
         holder: str | None = None,
         rollouts: list[str] | None = None,
+        score_inline: bool = True,
     ) -> None:
         self.config = config
+        self.score_inline = score_inline
         self.store = store or Store.for_config(config)
         self.holder = holder or default_holder()
         self.names = rollouts if rollouts is not None else list(config.plans())
@@ -268,7 +274,11 @@ class ControllerLoop:
         """Built on first use, so one rollout's broken policy file stops only that rollout."""
         if name not in self._controllers:
             self._controllers[name] = RolloutController(
-                self.config, self.store, holder=self.holder, rollout=name
+                self.config,
+                self.store,
+                holder=self.holder,
+                rollout=name,
+                score_inline=self.score_inline,
             )
         return self._controllers[name]
 

@@ -1,17 +1,29 @@
 """The scorer: runs the probes on recorded outputs and writes score rows.
 
-A worker of the controller loop, off the response path. It takes outputs not
-scored yet, oldest first, and for a sampled share of them computes the
-typography CER (prompts that quote text), the colour shift of the pair
-(candidate against incumbent, same prompt and seed), frame-to-frame drift of
-multi-image requests and, when configured, the CLIP score. A probe that fails
-writes a score row with its error: a probe error, never a model error.
+Off the response path and off the loop: `scorer_pool.py` runs it in Ray actors with
+their own CPUs (the loop runs it itself only when the config asks for no actors). It
+claims outputs not scored yet, oldest first, and for each probe's sampled share of
+requests computes the typography CER (prompts that quote text), the colour shift of
+the pair (candidate against incumbent, same prompt and seed), frame-to-frame drift of
+multi-image requests and, when configured, the CLIP score. A probe that fails writes a
+score row with its error: a probe error, never a model error. A probe the sampling
+left out writes a row that says so (`sampled` false), so what was not scored on
+purpose is told apart from what was not scored yet.
+
+Three steps, so the probes (OCR takes a third of a second an image) never run inside
+a transaction: claim a batch (one UPDATE; `FOR UPDATE SKIP LOCKED` on PostgreSQL, the
+write lock on SQLite, and a lease either way, so scorers never overlap and a dead
+one's claims expire), probe with no session open, then write the scores in one short
+transaction that only the claim's holder can commit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import socket
+import uuid
 from datetime import datetime, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -19,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from controller.storage.artifacts import artifact_path
@@ -36,17 +48,78 @@ log = structlog.get_logger("cutover.scorer")
 
 # How long an output waits for its partner (a mirror still running) before it is scored alone.
 PARTNER_WAIT = timedelta(minutes=2)
+CLAIM_TTL = timedelta(minutes=2)
+
+ProbeRow = tuple[str, float | None, str | None, bool]  # (probe, value, error, sampled)
 
 
-def sampled(output_id: str, rate: float) -> bool:
-    digest = hashlib.sha256(f"score:{output_id}".encode()).digest()
+def sampled(request_id: str, probe: str, rate: float) -> bool:
+    """Whether the probe scores this request: a draw from the request id (a random uuid4),
+    the same for both arms so a pair is scored together or not at all, and independent of
+    anything either model did, so the sequential tests stay valid on the sampled subset."""
+    if rate >= 1.0:
+        return True
+    digest = hashlib.sha256(f"sample:{probe}:{request_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < rate
 
 
+def default_holder(kind: str = "scorer") -> str:
+    return f"{kind}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def claim(
+    store: Store,
+    holder: str,
+    rollout_ids: list[int],
+    limit: int,
+    now: datetime,
+    ttl: timedelta = CLAIM_TTL,
+) -> dict[int, list[str]]:
+    """Take up to `limit` unscored outputs of these rollouts, oldest first: {rollout: ids}.
+
+    One UPDATE whose subquery skips rows another scorer holds (PostgreSQL's SKIP LOCKED)
+    and whose lease (`claim_expires`) keeps them taken after the transaction: a claim that
+    is not written back in time (its scorer died) is taken by the next scorer to ask.
+    """
+    free = (
+        select(Output.id)
+        .join(Request, Output.request_id == Request.id)
+        .where(
+            Request.rollout_id.in_(rollout_ids),
+            Output.scored_at.is_(None),
+            or_(Output.claim_expires.is_(None), Output.claim_expires < now),
+        )
+        .order_by(Output.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=Output)
+    )
+    with store.session() as session:
+        taken = session.scalars(
+            update(Output)
+            .where(Output.id.in_(free.scalar_subquery()))
+            .values(claimed_by=holder, claim_expires=now + ttl)
+            .returning(Output.id)
+        ).all()
+        if not taken:
+            return {}
+        rows = session.execute(
+            select(Output.id, Request.rollout_id)
+            .join(Request, Output.request_id == Request.id)
+            .where(Output.id.in_(taken))
+        ).all()
+    claimed: dict[int, list[str]] = {}
+    for output_id, rollout_id in rows:
+        claimed.setdefault(rollout_id, []).append(output_id)
+    return claimed
+
+
 class Scorer:
-    def __init__(self, policy: Policy, artifact_dir: Path) -> None:
+    """The probes of one rollout's policy, run on outputs this scorer has claimed."""
+
+    def __init__(self, policy: Policy, artifact_dir: Path, holder: str | None = None) -> None:
         self.policy = policy
         self.artifact_dir = artifact_dir
+        self.holder = holder or default_holder()
         self._clip_skip_logged = False
 
     @cached_property
@@ -64,14 +137,20 @@ class Scorer:
     def score_pending(
         self, store: Store, rollout_id: int, limit: int = 64, now: datetime | None = None
     ) -> int:
-        """Score up to `limit` outputs of the rollout; returns how many were settled.
+        """Claim and score up to `limit` outputs of the rollout; returns how many were settled."""
+        now = now or utcnow()
+        claimed = claim(store, self.holder, [rollout_id], limit, now)
+        return self.score(store, claimed.get(rollout_id, []), now)
 
-        Three steps, so the probes (OCR takes a third of a second an image) never run inside a
-        transaction: read the outputs, probe them with no session open, then write the scores
-        in one short transaction. On SQLite that write is the only moment the scorer holds the
-        write lock, so the recorder's inserts are never starved by scoring.
+    def score(self, store: Store, output_ids: list[str], now: datetime | None = None) -> int:
+        """Probe outputs this scorer claimed and write their scores; returns how many settled.
+
+        A candidate whose incumbent is not recorded yet is handed back (claim released) until
+        PARTNER_WAIT has passed, then scored alone.
         """
         now = now or utcnow()
+        if not output_ids:
+            return 0
         if self.clip is None and not self._clip_skip_logged:
             log.info("probe_skipped", probe="clip_score", reason="no clip_model in the policy")
             self._clip_skip_logged = True
@@ -79,14 +158,13 @@ class Scorer:
             rows = session.execute(
                 select(Output, Request)
                 .join(Request, Output.request_id == Request.id)
-                .where(Request.rollout_id == rollout_id, Output.scored_at.is_(None))
+                .where(Output.id.in_(output_ids))
                 .order_by(Output.created_at)
-                .limit(limit)
             ).all()
             siblings = _ok_outputs_by_request(session, {request.id for _, request in rows})
-        settled: dict[str, list[tuple[str, Any, Any]]] = {}
+        settled: dict[str, list[ProbeRow]] = {}
         for output, request in rows:
-            if output.status != OutputStatus.OK or not sampled(output.id, self.policy.sample_rate):
+            if output.status != OutputStatus.OK:
                 settled[output.id] = []
                 continue
             partners = partners_of(output, siblings.get(output.request_id, []))
@@ -94,56 +172,88 @@ class Scorer:
             if waiting and now - output.created_at < PARTNER_WAIT:
                 continue  # the incumbent's side of this pair is not recorded yet
             settled[output.id] = self._probe(output, request, partners)
-        return self._write(store, settled, now)
+        return self._write(store, output_ids, settled, now)
 
-    @staticmethod
-    def _write(store: Store, settled: dict[str, list[tuple[str, Any, Any]]], now: datetime) -> int:
-        """Scores and `scored_at` in one transaction. An output another scorer settled
-        meanwhile keeps that scorer's rows: it is never scored twice."""
+    def _write(
+        self,
+        store: Store,
+        claimed: list[str],
+        settled: dict[str, list[ProbeRow]],
+        now: datetime,
+    ) -> int:
+        """Scores and `scored_at` in one transaction, for outputs this scorer still holds;
+        the rest of the claim is handed back. An output whose claim expired and was taken
+        by another scorer keeps that scorer's rows: it is never scored twice."""
         written = 0
         with store.session() as session:
+            # A row already there (written before `scored_at` existed) is kept, not doubled.
+            have = set(
+                session.execute(
+                    select(Score.output_id, Score.probe).where(Score.output_id.in_(list(settled)))
+                ).all()
+            )
             for output_id, results in settled.items():
-                claimed = session.execute(
+                mine = session.execute(
                     update(Output)
-                    .where(Output.id == output_id, Output.scored_at.is_(None))
-                    .values(scored_at=now)
+                    .where(
+                        Output.id == output_id,
+                        Output.scored_at.is_(None),
+                        Output.claimed_by == self.holder,
+                    )
+                    .values(scored_at=now, claimed_by=None, claim_expires=None)
                 ).rowcount
-                if not claimed:
+                if not mine:
                     continue
                 session.add_all(
                     Score(
-                        output_id=output_id, probe=probe, value=value, error=error, created_at=now
+                        output_id=output_id,
+                        probe=probe,
+                        value=value,
+                        error=error,
+                        sampled=is_sampled,
+                        created_at=now,
                     )
-                    for probe, value, error in results
+                    for probe, value, error, is_sampled in results
+                    if (output_id, probe) not in have
                 )
                 written += 1
+            waiting = [i for i in claimed if i not in settled]
+            if waiting:
+                session.execute(
+                    update(Output)
+                    .where(Output.id.in_(waiting), Output.claimed_by == self.holder)
+                    .values(claimed_by=None, claim_expires=None)
+                )
         return written
 
     def _probe(
         self, output: Output, request: Request, partners: dict[str, Output]
-    ) -> list[tuple[str, Any, Any]]:
-        results: list[tuple[str, float | None, str | None]] = []
+    ) -> list[ProbeRow]:
+        probes: dict[str, Any] = {
+            "typography_cer": lambda image: typography_cer(request.prompt, image, self.ocr)
+        }
+        if output.role == Arm.CANDIDATE and Arm.INCUMBENT in partners:
+            probes["colour_shift_de"] = lambda image: self._against(image, partners[Arm.INCUMBENT])
+        if "previous" in partners:
+            probes["frame_drift_de"] = lambda image: self._against(image, partners["previous"])
+        if self.clip is not None:
+            probes["clip_score"] = lambda image: self.clip.score(request.prompt, image)
+        results: list[ProbeRow] = []
+        chosen = {}
+        for name, probe in probes.items():
+            if sampled(request.id, name, self.policy.rate_for(name)):
+                chosen[name] = probe
+            else:
+                results.append((name, None, None, False))
+        if not chosen:
+            return results
         image = self._image(output)
         if image is None:
-            return [
-                (
-                    "image",
-                    None,
-                    f"artifact {output.artifact_sha256} not found in {self.artifact_dir}",
-                )
-            ]
-        probes = [("typography_cer", lambda: typography_cer(request.prompt, image, self.ocr))]
-        if output.role == Arm.CANDIDATE and Arm.INCUMBENT in partners:
-            probes.append(
-                ("colour_shift_de", lambda: self._against(image, partners[Arm.INCUMBENT]))
-            )
-        if "previous" in partners:
-            probes.append(("frame_drift_de", lambda: self._against(image, partners["previous"])))
-        if self.clip is not None:
-            probes.append(("clip_score", lambda: self.clip.score(request.prompt, image)))
-        for name, probe in probes:
+            missing = f"artifact {output.artifact_sha256} not found in {self.artifact_dir}"
+            return results + [(name, None, missing, True) for name in chosen]
+        for name, probe in chosen.items():
             try:
-                value = probe()
+                value = probe(image)
                 if value is not None and not math.isfinite(float(value)):
                     # A probe's bug must never reach a statistic: an error, not a score.
                     raise ValueError(f"the probe returned {value}, not a finite number")
@@ -157,11 +267,10 @@ class Scorer:
                     role=output.role,
                     error=str(exc),
                 )
-                results.append((name, None, f"{type(exc).__name__}: {exc}"[:1000]))
+                results.append((name, None, f"{type(exc).__name__}: {exc}"[:1000], True))
                 continue
-            if value is None:
-                continue
-            results.append((name, float(value), None))
+            if value is not None:
+                results.append((name, float(value), None, True))
         return results
 
     def _against(self, image: np.ndarray, other: Output) -> float:

@@ -8,6 +8,7 @@ legal and illegal move is a table-driven test (`tests/test_rollout.py`);
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -78,10 +79,18 @@ class Evidence:
     verdict: str | None = None
     verdict_detail: str = ""
     verdict_snapshot: dict[str, Any] | None = None
+    scorer_lag_s: float | None = None  # the oldest unscored output's age (None: caught up)
+    max_scorer_lag_s: float = math.inf
 
     def unmet(self) -> list[str]:
         """Each gate still holding the stage, in words."""
         holds = []
+        if self.scorer_lag_s is not None and self.scorer_lag_s > self.max_scorer_lag_s:
+            holds.append(
+                f"scorer lag {human_duration(self.scorer_lag_s)} over max_scorer_lag "
+                f"{human_duration(self.max_scorer_lag_s)}: the probes' evidence is behind "
+                "(add scorer actors or lower the policy's sample rates)"
+            )
         if self.samples < self.min_samples:
             holds.append(f"samples {self.samples}/{self.min_samples}")
         if self.elapsed_s < self.min_duration_s:

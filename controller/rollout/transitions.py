@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from controller.config import Config, Stage
+from controller.rollout.lag import scorer_lag
 from controller.rollout.stage_count import stage_samples
 from controller.rollout.state_machine import (
     Command,
@@ -181,6 +182,8 @@ def evidence_for(
         verdict=verdict.decision if verdict else None,
         verdict_detail=f"held by {', '.join(holding)}" if holding else "",
         verdict_snapshot=verdict_snapshot(verdict),
+        scorer_lag_s=scorer_lag(session, row.id, now),
+        max_scorer_lag_s=plan.settings.max_scorer_lag,
     )
 
 

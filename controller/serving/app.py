@@ -77,6 +77,7 @@ def cpus_needed(config: Config) -> float:
     return (
         sum(m.num_cpus * m.replicas for m in models)
         + config.server.num_cpus * config.server.replicas
+        + config.scorer.num_cpus * config.scorer.actors
     )
 
 
