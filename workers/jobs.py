@@ -43,6 +43,9 @@ class ImageJob:
     image: bytes | None = None
     mask: bytes | None = None
     strength: float | None = None  # how far an edit may move from its image (0..1)
+    # How many images the request has: the others arrive alongside this one, so a batch may
+    # wait for them (`workers/batch_wait.py`).
+    images: int = 1
 
     @property
     def group_key(self) -> tuple[object, ...]:

@@ -2,7 +2,9 @@
 
 Requests arrive one image at a time and are grouped by `@serve.batch`, whose
 `batch_size_fn` asks the batch planner how full a batch is: by count for a
-fixed batch size, by estimated memory against free device memory for `auto`.
+fixed batch size, by estimated memory against free device memory for `auto`;
+how long a batch waits to fill is set per request (`workers/batch_wait.py`), so a
+lone request never waits for company that is not coming.
 The pipeline runs in a worker thread behind a lock, so the replica keeps
 accepting requests while a batch samples. Every outcome, failures included,
 comes back as an ImageResult: nothing escapes to the router unrecorded.
@@ -20,6 +22,7 @@ import numpy as np
 import structlog
 from ray import serve
 
+from workers.batch_wait import BatchWait
 from workers.batching import UNITS, BatchExecutor, BatchPlanner, CostModel, Rendered
 from workers.config import FaultConfig, ModelConfig
 from workers.deadlines import Admission, SpeedModel, StepCallback, measure_speed
@@ -87,7 +90,7 @@ class ModelServer:
             step_delay=lambda: self.faults.step_delay,
         )
         self._batched.set_max_batch_size(UNITS)
-        self._batched.set_batch_wait_timeout_s(self.model.batch_wait)
+        self.batch_wait = BatchWait(self.model.batch_wait)
         log.info(
             "model_server_ready",
             model=name,
@@ -149,6 +152,8 @@ class ModelServer:
                 return ImageResult("overload", error=refusal, latency_ms=_ms_since(arrived))
             queued = time.perf_counter()
             cost = self.admission.started(job)
+            # Read by the batcher when this job starts a batch: no wait unless more is coming.
+            self._batched.set_batch_wait_timeout_s(self.batch_wait.arrived(job, queued))
             try:
                 outcome, png, started, batch_size = await self._batched(_Queued(job, self.planner))
             finally:

@@ -55,6 +55,7 @@ class Ask:
                 image=self.image,
                 mask=self.mask,
                 strength=self.strength,
+                images=self.body.n,
             )
             for i in range(self.body.n)
         ]
