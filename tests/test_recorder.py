@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
 from controller.storage.artifacts import artifact_path
-from controller.storage.recorder import Recorder
+from controller.storage.recorder import Recorder, _Item
 from controller.storage.records import OutputRecord, RequestRecord
 from controller.storage.store import Store
 from controller.storage.tables import Output, Request, utcnow
@@ -113,6 +113,55 @@ def counts(store):
         )
 
 
+def test_images_are_stored_off_the_writer_thread_and_rows_share_transactions(
+    tmp_path, prepared, monkeypatch
+):
+    """The writer thread only talks SQL: artifact files are written by the artifact pool,
+    before the row naming them is queued. Rows that queue up while a transaction commits go
+    in the next one together."""
+    from controller.storage import recorder as module
+
+    config, store = prepared
+    writers: set[str] = set()
+    original_store = module.store_artifact
+
+    def spying_store(root, data):
+        writers.add(threading.current_thread().name)
+        return original_store(root, data)
+
+    monkeypatch.setattr(module, "store_artifact", spying_store)
+    first_commit, released = threading.Event(), threading.Event()
+    original_insert = Recorder._insert
+
+    first_rows = []
+
+    def slow_first_insert(self, rows):
+        if not first_commit.is_set():
+            first_rows.append(len(rows))
+            first_commit.set()
+            released.wait(30)  # the database is busy: the rest queue up meanwhile
+        original_insert(self, rows)
+
+    monkeypatch.setattr(Recorder, "_insert", slow_first_insert)
+    recorder = make_recorder(config, tmp_path)
+    send(recorder, config, 0, 1)
+    assert first_commit.wait(30)
+    send(recorder, config, 1, 99)
+    assert wait_until(
+        lambda: recorder._queue.qsize() + first_rows[0] == 300 and not recorder._artifacts_pending
+    )
+    released.set()
+    assert recorder.flush(30)
+    recorder.close()
+    assert counts(store) == (100, 200, 200)
+    assert writers and all(name.startswith("cutover-artifacts") for name in writers), writers
+    assert recorder.counters.batches == 2  # the first rows, then all that queued behind them
+    with store.reader() as session:
+        shas = set(session.scalars(select(Output.artifact_sha256)))
+    assert None not in shas  # identical images stored by two writers at once: both named
+    assert all(artifact_path(tmp_path / "artifacts", s).exists() for s in shas)
+
+
 def test_batches_land_in_sql_with_content_addressed_artifacts(tmp_path, prepared):
     config, store = prepared
     recorder = make_recorder(config, tmp_path)
@@ -193,9 +242,7 @@ def test_replay_after_a_crash_mid_replay_inserts_nothing_twice(tmp_path, prepare
     config, store = prepared
     recorder = make_recorder(config, tmp_path)
     request, outputs, _ = pair(config, 1)
-    rows = recorder._prepare(
-        [type("I", (), {"record": r, "png": None})() for r in [request, *outputs]]
-    )
+    rows = recorder._prepare([_Item(r) for r in [request, *outputs]])
     recorder._write(rows)
     recorder.spill.append(rows.as_spill())  # as if the same rows had also been spilled
     assert recorder.flush(30, include_spill=True)
@@ -220,9 +267,7 @@ def test_spill_of_a_dead_recorder_is_adopted_and_replayed(tmp_path, prepared):
     config, store = prepared
     probe = make_recorder(config, tmp_path)
     request, outputs, _ = pair(config, 5)
-    rows = probe._prepare(
-        [type("I", (), {"record": r, "png": None})() for r in [request, *outputs]]
-    )
+    rows = probe._prepare([_Item(r) for r in [request, *outputs]])
     probe.close()
     import json
 

@@ -1,10 +1,13 @@
 """The recorder: every request and output reaches SQL, off the response path, once.
 
-Callers hand records to a bounded in-memory queue and return at once. One
-writer thread stores images as content-addressed files and inserts rows in
-batches, one transaction per batch. When the database cannot take a batch the
-rows go to a spill file (fsync'd) and are replayed, in order and exactly once,
-before anything newer is written.
+Callers hand records to a bounded in-memory queue and return at once. Images
+are stored as content-addressed files by a small pool of artifact writers, so a
+record with an image joins the queue once its file is written and the writer
+thread only ever talks SQL. The writer inserts rows in batches, one transaction per
+batch: it lingers a few milliseconds after the first row for others, so under load a
+transaction carries many rows (the commit, not the row, is what costs). When the
+database cannot take a batch the rows go to a spill file (fsync'd) and are replayed,
+in order and exactly once, before anything newer is written.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -56,7 +60,8 @@ class Counters:
 @dataclass
 class _Item:
     record: RequestRecord | OutputRecord
-    png: bytes | None = None
+    png: bytes | None = None  # an image still to store
+    artifact: str | OSError | None = None  # the stored image's sha256, or why it is not stored
 
 
 @dataclass
@@ -95,6 +100,8 @@ class Recorder:
         *,
         batch_size: int = 500,
         flush_interval: float = 0.2,
+        linger: float = 0.01,
+        artifact_writers: int = 2,
         max_queue: int = 50_000,
         retry_interval: float = 1.0,
         reminder_interval: float = 60.0,
@@ -114,6 +121,10 @@ class Recorder:
         self.counters = Counters()
         self._batch_size = batch_size
         self._flush_interval = flush_interval
+        self._linger = linger
+        self._artifacts = ThreadPoolExecutor(artifact_writers, "cutover-artifacts")
+        self._artifacts_pending = 0
+        self._artifacts_lock = threading.Lock()
         self._retry_interval = retry_interval
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=max_queue)
         self._rollout_ids: dict[str, int] = {}
@@ -126,12 +137,33 @@ class Recorder:
     # -- called on the request path: never blocks, never raises --------------------------
 
     def record(self, record: RequestRecord | OutputRecord, png: bytes | None = None) -> None:
+        if png is not None and isinstance(record, OutputRecord):
+            with self._artifacts_lock:
+                self._artifacts_pending += 1
+            try:
+                self._artifacts.submit(self._store_then_queue, record, png)
+                return
+            except RuntimeError:  # closing: write it on this thread instead
+                with self._artifacts_lock:
+                    self._artifacts_pending -= 1
+        self._enqueue(_Item(record, png))
+
+    def _store_then_queue(self, record: OutputRecord, png: bytes) -> None:
+        """An artifact writer: the image's file first, then the row that names it."""
         try:
-            self._queue.put_nowait(_Item(record, png))
+            self._enqueue(_Item(record, png=None, artifact=self._store(record, png)))
+        finally:
+            with self._artifacts_lock:
+                self._artifacts_pending -= 1
+
+    def _enqueue(self, item: _Item) -> None:
+        record = item.record
+        try:
+            self._queue.put_nowait(item)
         except queue.Full:
             # Overload: write this one straight to the spill file rather than lose it.
             self.counters.queue_full += 1
-            self._spill_rows(self._prepare([_Item(record, png)]))
+            self._spill_rows(self._prepare([item]))
         except Exception:  # pragma: no cover - recording must never fail a request
             log.exception(
                 "record_failed",
@@ -144,7 +176,7 @@ class Recorder:
         """Wait until queued records are written (and, if asked, the spill replayed)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            idle = self._queue.empty() and not self._busy.is_set()
+            idle = self._queue.empty() and not self._busy.is_set() and not self._artifacts_pending
             if idle and not (include_spill and self.spill.pending()):
                 return True
             time.sleep(0.02)
@@ -152,6 +184,7 @@ class Recorder:
 
     def close(self, timeout: float = 30.0) -> None:
         self.flush(timeout)
+        self._artifacts.shutdown(wait=True)
         self._stop.set()
         self._thread.join(timeout)
         self.spill.close()
@@ -181,9 +214,19 @@ class Recorder:
         except queue.Empty:
             return []
         self._busy.set()
+        # Linger briefly for more: one commit for many rows is what keeps up under load.
+        until = time.monotonic() + self._linger
         while len(items) < self._batch_size:
             try:
                 items.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                items.append(self._queue.get(timeout=left))
             except queue.Empty:
                 break
         return items
@@ -195,19 +238,28 @@ class Recorder:
             if isinstance(item.record, RequestRecord):
                 rows.requests.append(row)
                 continue
-            if item.png is not None:
-                try:
-                    row["artifact_sha256"] = store_artifact(self.artifact_dir, item.png)
-                except OSError as exc:
-                    row["error"] = f"{row['error'] or ''} (image not stored: {exc})".strip()
-                    log.error(
-                        "artifact_write_failed",
-                        request_id=row["request_id"],
-                        role=row["role"],
-                        error=str(exc),
-                    )
+            artifact = item.artifact
+            if item.png is not None:  # a record that could not wait for an artifact writer
+                artifact = self._store(item.record, item.png)
+            if isinstance(artifact, str):
+                row["artifact_sha256"] = artifact
+            elif artifact is not None:
+                row["error"] = f"{row['error'] or ''} (image not stored: {artifact})".strip()
             rows.outputs.append(row)
         return rows
+
+    def _store(self, record: OutputRecord, png: bytes) -> str | OSError:
+        """The image's sha256 once its file is written, or why it could not be."""
+        try:
+            return store_artifact(self.artifact_dir, png)
+        except OSError as exc:
+            log.error(
+                "artifact_write_failed",
+                request_id=record.request_id,
+                role=record.role,
+                error=str(exc),
+            )
+            return exc
 
     def _write(self, rows: _Rows) -> bool:
         """Insert a batch in one transaction; False if the database could not take it."""
