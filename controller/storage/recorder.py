@@ -18,7 +18,6 @@ import math
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -101,7 +100,7 @@ class Recorder:
         batch_size: int = 500,
         flush_interval: float = 0.2,
         linger: float = 0.01,
-        artifact_writers: int = 2,
+        artifact_writers: int = 4,
         max_queue: int = 50_000,
         retry_interval: float = 1.0,
         reminder_interval: float = 60.0,
@@ -122,39 +121,45 @@ class Recorder:
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._linger = linger
-        self._artifacts = ThreadPoolExecutor(artifact_writers, "cutover-artifacts")
+        # Images waiting for an artifact writer; None tells a writer to stop.
+        self._images: queue.SimpleQueue[tuple[OutputRecord, bytes] | None] = queue.SimpleQueue()
         self._artifacts_pending = 0
         self._artifacts_lock = threading.Lock()
+        self._writers = [
+            threading.Thread(target=self._store_images, name=f"cutover-artifacts-{k}", daemon=True)
+            for k in range(artifact_writers)
+        ]
+        for writer in self._writers:
+            writer.start()
         self._retry_interval = retry_interval
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=max_queue)
         self._rollout_ids: dict[str, int] = {}
         self._next_db_attempt = 0.0
         self._busy = threading.Event()
         self._stop = threading.Event()
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cutover-recorder", daemon=True)
         self._thread.start()
 
     # -- called on the request path: never blocks, never raises --------------------------
 
     def record(self, record: RequestRecord | OutputRecord, png: bytes | None = None) -> None:
-        if png is not None and isinstance(record, OutputRecord):
+        if png is not None and isinstance(record, OutputRecord) and not self._closing.is_set():
             with self._artifacts_lock:
                 self._artifacts_pending += 1
-            try:
-                self._artifacts.submit(self._store_then_queue, record, png)
-                return
-            except RuntimeError:  # closing: write it on this thread instead
-                with self._artifacts_lock:
-                    self._artifacts_pending -= 1
+            self._images.put((record, png))
+            return
         self._enqueue(_Item(record, png))
 
-    def _store_then_queue(self, record: OutputRecord, png: bytes) -> None:
-        """An artifact writer: the image's file first, then the row that names it."""
-        try:
-            self._enqueue(_Item(record, png=None, artifact=self._store(record, png)))
-        finally:
-            with self._artifacts_lock:
-                self._artifacts_pending -= 1
+    def _store_images(self) -> None:
+        """An artifact writer: each image's file first, then the row that names it."""
+        while (work := self._images.get()) is not None:
+            record, png = work
+            try:
+                self._enqueue(_Item(record, png=None, artifact=self._store(record, png)))
+            finally:
+                with self._artifacts_lock:
+                    self._artifacts_pending -= 1
 
     def _enqueue(self, item: _Item) -> None:
         record = item.record
@@ -183,8 +188,12 @@ class Recorder:
         return False
 
     def close(self, timeout: float = 30.0) -> None:
+        self._closing.set()  # from now on an image is stored by the writer thread itself
         self.flush(timeout)
-        self._artifacts.shutdown(wait=True)
+        for _ in self._writers:
+            self._images.put(None)
+        for writer in self._writers:
+            writer.join(timeout)
         self._stop.set()
         self._thread.join(timeout)
         self.spill.close()
@@ -234,7 +243,7 @@ class Recorder:
     def _prepare(self, items: list[_Item]) -> _Rows:
         rows = _Rows()
         for item in items:
-            row = asdict(item.record)
+            row = dict(vars(item.record))  # a shallow copy: records are not changed after
             if isinstance(item.record, RequestRecord):
                 rows.requests.append(row)
                 continue
