@@ -11,6 +11,10 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from controller.config import Config
+from controller.rollout.transitions import create_rollout
+from controller.storage.store import Store
+
 DEFAULT_POSTGRES = os.environ.get(
     "CUTOVER_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -36,3 +40,19 @@ def backends(work: Path, postgres: str = DEFAULT_POSTGRES) -> Iterator[dict[str,
     """{"sqlite": url, "postgresql": url}, both fresh."""
     with fresh_postgres(postgres) as pg:
         yield {"sqlite": f"sqlite:///{work / 'bench.db'}", "postgresql": pg}
+
+
+def bench_rollout(url: str, **rollout: object) -> tuple[Store, Config]:
+    """A migrated database at `url` holding one rollout, `bench`, of two stand-in models."""
+    store = Store(url)
+    store.upgrade()
+    config = Config.model_validate(
+        {
+            "name": "bench",
+            "database_url": url,
+            "models": {"incumbent": {"pipeline": "a/b"}, "candidate": {"pipeline": "c/d"}},
+            "rollout": rollout,
+        }
+    )
+    create_rollout(store, config, "bench")
+    return store, config

@@ -30,11 +30,10 @@ from typing import Any
 import structlog
 from sqlalchemy import insert
 
-from bench.databases import DEFAULT_POSTGRES, backends
-from controller.config import Config
+from bench.databases import DEFAULT_POSTGRES, backends, bench_rollout
 from controller.rollout.analysis import attempt_started, fingerprint, recompute
 from controller.rollout.loop import RolloutController
-from controller.rollout.transitions import create_rollout, get_rollout
+from controller.rollout.transitions import get_rollout
 from controller.storage.lost import lost_after
 from controller.storage.store import Store
 from controller.storage.tables import (
@@ -197,22 +196,9 @@ def add_pairs(
 
 
 def run_backend(url: str, sizes: list[int], new: int, old_max: int) -> list[dict[str, Any]]:
-    store = Store(url)
-    store.upgrade()
-    config = Config.model_validate(
-        {
-            "name": "bench",
-            "database_url": url,
-            "models": {"incumbent": {"pipeline": "a/b"}, "candidate": {"pipeline": "c/d"}},
-            "rollout": {
-                "auto_advance": False,
-                "min_samples": 0,
-                "min_duration": 0,
-                "max_duration": "1000h",
-            },
-        }
+    store, config = bench_rollout(
+        url, auto_advance=False, min_samples=0, min_duration=0, max_duration="1000h"
     )
-    create_rollout(store, config, "bench")
     controller = RolloutController(config, store)
     with store.reader() as session:
         rollout = get_rollout(session, "bench")

@@ -33,9 +33,7 @@ import structlog
 from PIL import Image
 from sqlalchemy import insert
 
-from bench.databases import DEFAULT_POSTGRES, backends
-from controller.config import Config
-from controller.rollout.transitions import create_rollout
+from bench.databases import DEFAULT_POSTGRES, backends, bench_rollout
 from controller.storage.artifacts import store_artifact
 from controller.storage.recorder import Recorder
 from controller.storage.records import OutputRecord, RequestRecord
@@ -92,22 +90,12 @@ def pair(i: int) -> tuple[RequestRecord, list[OutputRecord]]:
     return request, outputs
 
 
-def prepared(url: str, work: Path) -> Store:
-    store = Store(url)
-    store.upgrade()
-    config = Config.model_validate(
-        {
-            "name": "bench",
-            "database_url": url,
-            "models": {"incumbent": {"pipeline": "a/b"}, "candidate": {"pipeline": "c/d"}},
-        }
-    )
-    create_rollout(store, config, "bench")
-    return store
+def prepared(url: str) -> Store:
+    return bench_rollout(url)[0]
 
 
 def cutover_bulk(url: str, work: Path, images: list[bytes]) -> dict[str, float]:
-    store = prepared(url, work)
+    store = prepared(url)
     recorder = Recorder(url, work / "artifacts-a", work / "spill-a")
     pairs = len(images) // 2
     started = time.perf_counter()
@@ -127,7 +115,7 @@ def cutover_bulk(url: str, work: Path, images: list[bytes]) -> dict[str, float]:
 
 def plain_bulk(url: str, work: Path, images: list[bytes]) -> dict[str, float]:
     """What a user writes without cutover: the file, then one INSERT and COMMIT a record."""
-    store = prepared(url, work)
+    store = prepared(url)
     rollout_id = 1
     pairs = len(images) // 2
     started = time.perf_counter()
@@ -148,7 +136,7 @@ def plain_bulk(url: str, work: Path, images: list[bytes]) -> dict[str, float]:
 def cutover_paced(
     url: str, work: Path, images: list[bytes], rate: float, seconds: float
 ) -> dict[str, float]:
-    store = prepared(url, work)
+    store = prepared(url)
     recorder = Recorder(url, work / "artifacts-c", work / "spill-c")
     records = int(rate * seconds) // 3 * 3
     started = time.perf_counter()

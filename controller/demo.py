@@ -18,6 +18,7 @@ import random
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,8 +226,15 @@ def _photo() -> bytes:
 
 
 def run_scenario(
-    scenario: str, workdir: Path, port: int, console: Console, timeout: float
+    scenario: str,
+    workdir: Path,
+    port: int,
+    console: Console,
+    timeout: float,
+    watch: Callable[[Store, Config], None] | None = None,
 ) -> Outcome:
+    """One scenario end to end. `watch` is called about every second while traffic runs
+    (`bench/scorer_throughput.py` samples the scorer's lag with it)."""
     from ray import serve
 
     from controller.review.report import build_report
@@ -263,6 +271,8 @@ def run_scenario(
                         render_overview(overview),
                     )
                 )
+                if watch is not None:
+                    watch(store, config)
                 if all(r["state"] in ENDED for r in overview["rollouts"]):
                     break
                 time.sleep(1)

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from controller.rollout import analysis
-from controller.rollout.analysis import fold_new, recompute
+from controller.rollout.analysis import fold_new, output_facts, recompute
 from controller.rollout.transitions import get_rollout
 from controller.storage.store import Store
 from controller.storage.tables import (
@@ -23,7 +23,7 @@ from controller.storage.tables import (
     StoredJudgeState,
     utcnow,
 )
-from policies.judge import JudgeState, OutputFacts, build_window, evaluate, state_of
+from policies.judge import JudgeState, build_window, evaluate, state_of
 from policies.policy import load_policy
 from tests.conftest import base_config, prepare_rollout, write_config
 
@@ -193,20 +193,7 @@ def raw_rows(session, rollout_id: int):
         )
         .order_by(Request.created_at, Request.id, Output.image_index)
     ).all()
-    facts = [
-        OutputFacts(
-            o.id,
-            o.request_id,
-            o.role,
-            o.image_index,
-            o.status,
-            o.latency_ms,
-            o.queue_ms,
-            o.batch_size,
-            o.timeout_s,
-        )
-        for o, _ in rows
-    ]
+    facts = [output_facts(o) for o, _ in rows]
     mirrored = {o.request_id for o, m in rows if m}
     scores = session.execute(
         select(Score.output_id, Score.probe, Score.value, Score.error).where(Score.sampled)

@@ -318,7 +318,7 @@ def _ready(
         for o in outputs:
             # `lost` is an accounting outcome (the router died), not evidence.
             if o.status != OutputStatus.LOST:
-                facts.setdefault(o.role, []).append(_facts(o))
+                facts.setdefault(o.role, []).append(output_facts(o))
         settled = all(o.scored_at is not None for o in outputs if o.status == OutputStatus.OK)
         complete[request.id] = (facts, settled)
     ok_ids = [
@@ -339,7 +339,8 @@ def _ready(
     }
 
 
-def _facts(o: Any) -> OutputFacts:
+def output_facts(o: Any) -> OutputFacts:
+    """The judge's view of an `outputs` row (or a row of its columns)."""
     return OutputFacts(
         o.id,
         o.request_id,
