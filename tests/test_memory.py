@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 
 import numpy as np
@@ -235,17 +236,25 @@ def test_ray_serve_batches_by_memory_and_survives_oom(tiny_models, ray_serve):
     tiny = deploy("tiny", simulated_memory={"budget": 10, "bytes_per_pixel": B})
     try:
         for handle, expect_ooms in ((fits, False), (wrong, True)):
+            # The eight images of one request: the replica knows the rest are on their way
+            # (`workers/batch_wait.py`), so it waits for them and batches by memory.
+            request = [
+                dataclasses.replace(j, request_id="r-many", image_index=i, images=8)
+                for i, j in enumerate(jobs(8))
+            ]
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 results = list(
                     pool.map(
-                        lambda j, h=handle: h.generate.remote(j).result(timeout_s=120), jobs(8)
+                        lambda j, h=handle: h.generate.remote(j).result(timeout_s=120), request
                     )
                 )
             assert [r.status for r in results] == ["ok"] * 8
             if expect_ooms:
                 assert any(r.oom_count for r in results)
             else:
-                assert all(r.oom_count == 0 and r.batch_size <= 3 for r in results)
+                assert all(r.oom_count == 0 and r.batch_size <= 3 for r in results), [
+                    (r.oom_count, r.batch_size, r.batch_ooms) for r in results
+                ]
                 assert max(r.batch_size for r in results) >= 2, "requests were batched"
         for i in range(3):
             result = tiny.generate.remote(jobs(1, start=i)[0]).result(timeout_s=60)
