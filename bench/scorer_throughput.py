@@ -236,10 +236,11 @@ def main() -> None:
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     with tempfile.TemporaryDirectory(dir=".", prefix=".bench-scorer-") as tmp:
-        throughput(Path(tmp), args.pairs, [int(a) for a in args.actors.split(",")])
+        # Absolute: the actors run in Ray's working directory, not this one.
+        throughput(Path(tmp).resolve(), args.pairs, [int(a) for a in args.actors.split(",")])
     if not args.skip_demo:
         with tempfile.TemporaryDirectory(dir=".", prefix=".bench-scorer-demo-") as tmp:
-            demo_lag(Path(tmp))
+            demo_lag(Path(tmp).resolve())
 
 
 if __name__ == "__main__":

@@ -396,8 +396,9 @@ class Config(Strict):
         return (self._base_dir / Path(self.spill_dir).expanduser()).resolve()
 
     def to_wire(self) -> tuple[dict[str, Any], str]:
-        """What another process (a Ray replica) needs to rebuild this config: data and base dir."""
-        return self.model_dump(mode="json"), str(self._base_dir)
+        """What another process (a Ray replica or actor) needs to rebuild this config: data and
+        base dir, made absolute, since that process may run in another working directory."""
+        return self.model_dump(mode="json"), str(self._base_dir.resolve())
 
     @classmethod
     def from_wire(cls, data: dict[str, Any], base_dir: str) -> Config:

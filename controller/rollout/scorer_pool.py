@@ -10,6 +10,7 @@ output, and one that dies leaves claims that expire and are taken over.
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from policies.policy import load_policy
 from workers.logs import configure_logging, log_to_file, one_line
 
 log = structlog.get_logger("cutover.scorer")
+
+REPEAT_AFTER = 60.0  # s between two log lines of the same failure
 
 
 class ScorerWorker:
@@ -74,13 +77,19 @@ class ScorerWorker:
 
     def run(self) -> int:
         """Score until `stop`; an idle worker waits `poll_interval` between claims. A failing
-        step (the database is down) logs one line and is tried again after the same wait."""
+        step (the database is down) is tried again after the same wait, and logged once a
+        minute while it keeps failing the same way."""
         log.info("scorer_started", holder=self.holder)
+        said: tuple[str, float] | None = None  # the last error logged, and when
         while not self._stop.is_set():
             try:
                 busy = self.step() > 0
             except Exception as exc:
-                log.error("scorer_step_failed", holder=self.holder, error=one_line(exc))
+                error, now = one_line(exc), time.monotonic()
+                if said is None or said[0] != error or now - said[1] > REPEAT_AFTER:
+                    # Once a minute for the same error: an outage must not flood the log.
+                    log.error("scorer_step_failed", holder=self.holder, error=error)
+                    said = (error, now)
                 busy = False
             if not busy:
                 self._stop.wait(self.settings.poll_interval)
