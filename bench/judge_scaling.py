@@ -33,6 +33,7 @@ from sqlalchemy import insert
 from bench.databases import DEFAULT_POSTGRES, backends, bench_rollout
 from controller.rollout.analysis import attempt_started, fingerprint, recompute
 from controller.rollout.loop import RolloutController
+from controller.rollout.stage_count import settle_stage_count
 from controller.rollout.transitions import get_rollout
 from controller.storage.lost import lost_after
 from controller.storage.store import Store
@@ -225,6 +226,10 @@ def run_backend(url: str, sizes: list[int], new: int, old_max: int) -> list[dict
             stored.state, stored.updated_at = state.to_json(), now
             stored.reconciled_until = now - lost_after(config)
             session.merge(stored)
+        with store.session() as session:
+            # The earlier ticks of a 72-hour shadow counted its old requests into the stage's
+            # mark, a slice at a time; the bulk load stands in for them here, untimed.
+            settle_stage_count(session, get_rollout(session, "bench"), now - lost_after(config))
         row: dict[str, Any] = {"pairs": size}
         add_pairs(store, rng, rollout.id, new, clock, JUDGE_PENDING)
         # A database that grew over 72 hours has planner statistics; a bulk load has none.

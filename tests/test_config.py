@@ -298,4 +298,3 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, case):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert f"{path}:" in result.stderr.replace("\n", "")
-

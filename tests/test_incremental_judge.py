@@ -9,7 +9,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from controller.rollout import analysis
 from controller.rollout.analysis import fold_new, output_facts, recompute
@@ -227,8 +227,23 @@ def test_a_tick_reads_only_what_is_new(tmp_path, sqlite_url, monkeypatch):
             .select_from(Request)
             .where(Request.rollout_id == rollout.id, Request.judge_progress < JUDGE_DONE)
         )
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE")  # the planner, told how few are pending, still must
+    statements: list[tuple[str, object]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if "judge_progress <" in statement and statement.lstrip().startswith("SELECT"):
+            statements.append((statement, parameters))
+
+    event.listen(store.engine, "before_cursor_execute", capture)
     fold_new(store, rollout, policy, GPUS)
+    event.remove(store.engine, "before_cursor_execute", capture)
     assert sum(read) == pending < 60  # the unsettled few, not the 600 folded
+    # ... found through the pending index, not by walking the rollout's requests by time.
+    with store.engine.connect() as conn:
+        for statement, parameters in statements:
+            plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters).all()
+            assert "ix_requests_judge_pending" in str(plan), plan
     for rows in random_history(rng, start + timedelta(hours=1), 30, 1):
         insert(store, rollout.id, rows)
     read.clear()

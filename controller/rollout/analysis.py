@@ -108,7 +108,7 @@ def fold_new(
     One transaction per chunk, each storing the state with the requests it moved, so a
     long catch-up never holds the database (SQLite's single writer above all) for long.
     """
-    after: tuple[datetime, str] | None = None
+    after: tuple[int, datetime, str] | None = None
     for _ in range(max_chunks):
         with store.session() as session:
             state, since = _load(session, rollout, policy, gpus)
@@ -124,17 +124,19 @@ def fold_new(
                 Request.judge_progress < JUDGE_DONE,
                 Request.created_at >= since,
             )
+            # In the pending index's own order, so no planner walks the rollout's history by
+            # time instead (SQLite did, once the (rollout, time) index existed).
+            order = (Request.judge_progress, Request.created_at, Request.id)
             if after is not None:
-                query = query.where(tuple_(Request.created_at, Request.id) > after)
-            pending = session.execute(
-                query.order_by(Request.created_at, Request.id).limit(chunk)
-            ).all()
+                query = query.where(tuple_(*order) > after)
+            pending = session.execute(query.order_by(*order).limit(chunk)).all()
             if pending:
                 _fold(session, state, pending, gpus)
             _save(session, rollout.id, state, now or utcnow())
         if len(pending) < chunk:
             break
-        after = (pending[-1].created_at, pending[-1].id)
+        last = pending[-1]
+        after = (last.judge_progress, last.created_at, last.id)
     return state
 
 

@@ -1,7 +1,8 @@
-"""The controller loop: score, judge, and act on the verdict, every interval.
+"""The controller loop: judge, and act on the verdict, every interval.
 
-Each tick: hold the lease (or do nothing), score pending outputs, store a
-verdict over the attempt's data, then let `plan_action` (a pure function)
+Each tick: hold the lease (or do nothing), score pending outputs (only when no
+scorer pool does: `scorer_pool.py`), fold what is new into the rollout's judge and
+store a verdict over the attempt, then let `plan_action` (a pure function)
 choose at most one verb, applied with a compare-and-swap guarded by the stage
 the tick saw. A loop killed at any moment and restarted repeats nothing: a
 transition either committed (and the next tick sees the new stage) or it did
