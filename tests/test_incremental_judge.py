@@ -252,7 +252,7 @@ def test_a_tick_reads_only_what_is_new(tmp_path, sqlite_url, monkeypatch):
     store.close()
 
 
-def test_a_changed_policy_or_a_retry_starts_a_fresh_state(tmp_path, sqlite_url):
+def test_a_changed_policy_starts_a_fresh_state_equal_to_a_recomputation(tmp_path, sqlite_url):
     config, store = prepare_rollout(write_config(tmp_path, base_config(sqlite_url)))
     policy = load_policy()
     rng = random.Random(4)
