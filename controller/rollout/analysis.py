@@ -109,9 +109,12 @@ def fold_new(
     long catch-up never holds the database (SQLite's single writer above all) for long.
     """
     after: tuple[int, datetime, str] | None = None
+    loaded: tuple[JudgeState, datetime] | None = None
     for _ in range(max_chunks):
         with store.session() as session:
-            state, since = _load(session, rollout, policy, gpus)
+            # Read (or reset) once; later chunks carry the state on, each storing it anew.
+            loaded = loaded or _load(session, rollout, policy, gpus)
+            state, since = loaded
             query = select(
                 Request.id,
                 Request.created_at,
