@@ -4,8 +4,11 @@
 
 What a user would run instead of cutover is one Ray Serve deployment serving the model
 behind FastAPI: `bare`. Beside it, cutover's whole path (router, model server, recorder
-to SQLite, routing table refresh) with mirroring `off`, and `on` (every request mirrored
-to a candidate, default `mirror_max_in_flight`). Each runs twice over:
+to SQLite, routing table refresh), the incumbent served in the router (`in_router`, the
+shape of the bare app), with mirroring `off`, and `on` (every request mirrored to a
+candidate in its own deployment, default `mirror_max_in_flight`); and `hop`, mirroring
+off with the incumbent in its own deployment (what one extra Ray Serve hop costs).
+Each runs twice over:
   fixed  the model's work is a fixed delay per image and costs no CPU (`--delay`)
   tiny   the real tiny diffusers pipeline (random weights, from_pretrained), 64x64
 Printed per app: p50/p99 latency at 1 client (requests interleaved across apps, so
@@ -75,7 +78,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def cutover_config(name: str, work: Path, mirror: float, model: dict[str, Any]) -> Any:
+def cutover_config(
+    name: str, work: Path, mirror: float, model: dict[str, Any], in_router: bool
+) -> Any:
     from controller.config import Config
 
     config = Config.model_validate(
@@ -84,7 +89,7 @@ def cutover_config(name: str, work: Path, mirror: float, model: dict[str, Any]) 
             "database_url": f"sqlite:///{work / 'bench.db'}",
             "artifact_dir": str(work / "artifacts"),
             "spill_dir": str(work / "spill"),
-            "models": {"incumbent": model, "candidate": model},
+            "models": {"incumbent": model | {"in_router": in_router}, "candidate": model},
             "rollout": {"mirror_percent": mirror},
             "server": {"num_cpus": 0.1},
         }
@@ -93,7 +98,7 @@ def cutover_config(name: str, work: Path, mirror: float, model: dict[str, Any]) 
     return config
 
 
-def deploy(work: Path, delay: float) -> list[str]:
+def deploy(work: Path, delay: float, kinds: list[str]) -> list[str]:
     """Every app under its own route prefix; returns their names."""
     from controller.rollout.transitions import create_rollout
     from controller.serving.app import build_app
@@ -113,15 +118,16 @@ def deploy(work: Path, delay: float) -> list[str]:
     store = Store(f"sqlite:///{work / 'bench.db'}")
     store.upgrade()
     names = []
-    for kind, model in models.items():
+    for kind in kinds:
+        model = models[kind]
         bare = f"bare-{kind}"
         pipeline = None if kind == "fixed" else str(tiny)
         app = Bare.options(name=bare, ray_actor_options={"num_cpus": 0.1}).bind(delay, pipeline)
         serve.run(app, name=bare, route_prefix=f"/{bare}", blocking=False)
         names.append(bare)
-        for mode, mirror in (("off", 0), ("on", 100)):
+        for mode, mirror, in_router in (("off", 0, True), ("on", 100, True), ("hop", 0, False)):
             name = f"{mode}-{kind}"
-            config = cutover_config(name, work, mirror, model)
+            config = cutover_config(name, work, mirror, model, in_router)
             create_rollout(store, config, "bench")
             serve.run(build_app(config), name=name, route_prefix=f"/{name}", blocking=False)
             names.append(name)
@@ -171,7 +177,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=150, help="per app, at 1 client")
     parser.add_argument("--seconds", type=float, default=12.0, help="per app and round, 4 clients")
     parser.add_argument("--delay", type=float, default=0.05, help="the fixed model's work")
+    parser.add_argument(
+        "--kinds", default="fixed,tiny", help="which models to run: fixed, tiny or both"
+    )
     args = parser.parse_args()
+    kinds = args.kinds.split(",")
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
 
     import ray
@@ -184,7 +194,7 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base_url = f"http://127.0.0.1:{port}"
     try:
-        names = deploy(work, args.delay)
+        names = deploy(work, args.delay, kinds)
         client = httpx.Client(base_url=base_url, timeout=120)
         deadline = time.monotonic() + 300
         for name in names:  # every app up and warm
@@ -227,6 +237,8 @@ def main() -> None:
             f"{rate / statistics.fmean(rates[bare]):>7.2f}x "
             f"{mirrors.get('started', '-'):>8} {mirrors.get('skipped', '-'):>8}"
         )
+    if "fixed" not in kinds:
+        return
     off = statistics.fmean(rates["off-fixed"]) / statistics.fmean(rates["bare-fixed"])
     on = statistics.fmean(rates["on-fixed"]) / statistics.fmean(rates["bare-fixed"])
     delta = percentile(latencies["off-fixed"], 50) - percentile(latencies["bare-fixed"], 50)

@@ -373,6 +373,10 @@ class Config(Strict):
         names += [plan.candidate for plan in self.plans().values()]
         return [n for n in dict.fromkeys(names) if n in self.models]
 
+    def models_in_router(self) -> list[str]:
+        """Models in use that each router replica serves itself (`in_router`)."""
+        return [n for n in self.models_in_use() if self.models[n].in_router]
+
     @property
     def resolved_database_url(self) -> str:
         """The URL with a relative SQLite path anchored at the config file's directory."""

@@ -196,6 +196,12 @@ BAD = [
         "there is no stage '31'",
     ),
     (
+        "replicas-of-a-model-in-the-router",
+        _with(("models", "up"), {"pipeline": "org/up", "replicas": 3, "in_router": True}),
+        "models.up.in_router",
+        "set `server.replicas` instead",
+    ),
+    (
         "bad-model-name",
         _with(("models", "Big Model"), {"pipeline": "org/x"}),
         "models.Big Model",
@@ -213,3 +219,22 @@ def test_every_playbook_error_names_file_line_and_key(tmp_path, data, key, words
     assert any(p.key == key and words in p.message for p in problems), [str(p) for p in problems]
     located = [p for p in problems if p.key == key]
     assert all(p.file == str(path) and p.line > 0 for p in located), [str(p) for p in located]
+
+
+def test_a_model_in_the_router_gets_no_deployment_and_adds_its_resources_to_the_router(
+    tmp_path,
+):
+    from controller.serving.app import build_app, cpus_needed
+
+    data = playbook(server={"replicas": 2, "num_cpus": 0.25})
+    data["models"]["up"] |= {"in_router": True, "num_cpus": 0.5, "num_gpus": 0.25}
+    config = load_config(write_config(tmp_path, data))
+    assert config.models_in_router() == ["up"]
+    router = build_app(config)._bound_deployment
+    assert "up" not in router.init_args[2]  # the handles the router is given
+    assert set(router.init_args[2]) == set(config.models_in_use()) - {"up"}
+    assert router.ray_actor_options["num_cpus"] == 0.75
+    assert router.ray_actor_options["num_gpus"] == 0.25
+    others = sum(config.models[n].num_cpus for n in config.models_in_use() if n != "up")
+    scorer = config.scorer.num_cpus * config.scorer.actors
+    assert cpus_needed(config) == pytest.approx(others + 2 * 0.75 + scorer)

@@ -43,6 +43,9 @@ def playbook(tmp_path_factory, ray_serve):
     pool["edit-v1"]["kind"] = pool["edit-v2"]["kind"] = "img2img"
     pool["paint"]["kind"] = "inpaint"
     pool["up"]["kind"] = "upscale"
+    # Served inside the router replica: the upscale route's model, and the edit route's
+    # incumbent, whose rollout mirrors to a candidate in its own deployment.
+    pool["up"]["in_router"] = pool["edit-v1"]["in_router"] = True
     path = write_config(
         root,
         {
@@ -233,6 +236,34 @@ def test_an_upscale_comes_back_four_times_larger(playbook):
     )
     image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
     assert image.size == (64, 64)
+
+
+def test_models_in_the_router_have_no_deployment_and_fail_like_any_model(playbook):
+    from ray import serve
+
+    client, router = playbook["client"], playbook["router"]
+    deployments = set(serve.status().applications["editor"].deployments)
+    assert {"up", "edit-v1"}.isdisjoint(deployments)
+    assert {"router", "sd", "sd-fast", "sd-next", "edit-v2", "paint"} <= deployments
+    assert client.get("/v1/stats").json()["in_router"] == ["edit-v1", "up"]
+
+    body = form(("image", ("s.png", encoded((16, 16)))), ("prompt", "sharp"), ("seed", "4"))
+    router.set_faults.remote("up", {"error_percent": 100}).result(timeout_s=30)
+    try:
+        failed = client.post("/v1/images/upscales", files=body)
+    finally:
+        router.set_faults.remote("up", {}).result(timeout_s=30)
+    assert failed.status_code == 502, failed.text
+    assert failed.json()["error"]["type"] == "model_error"
+    assert "injected fault" in failed.json()["error"]["message"]
+    assert client.post("/v1/images/upscales", files=body).status_code == 200
+    with pytest.raises(KeyError, match="not served in the router"):
+        router.set_faults.remote("sd", {}).result(timeout_s=30)
+
+    flush(playbook)
+    request, outputs = outputs_of(playbook, failed.headers["x-cutover-request-id"])
+    assert request.route == "upscale"
+    assert [(o.model, o.status, o.is_primary) for o in outputs] == [("up", "error", True)]
 
 
 def test_a_route_no_config_serves_is_a_404(tmp_path):

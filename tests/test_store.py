@@ -206,3 +206,44 @@ def test_unprepared_database_gets_a_clear_message(tmp_path, verb):
     )
     assert result.returncode == 2
     assert "cutover init" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_transaction_past_its_timeout_is_interrupted_by_the_shared_watchdog(sqlite_url):
+    """A statement that would run forever ends with TransactionTimeout at its deadline."""
+    from sqlalchemy import text
+
+    from controller.storage.store import TransactionTimeout
+
+    store = Store(sqlite_url)
+    forever = text(
+        "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT count(*) FROM n"
+    )
+    with pytest.raises(TransactionTimeout, match="within 0.2s"):
+        with store.session(timeout=0.2) as session:
+            session.execute(forever)
+    with store.session(timeout=5) as session:  # the pool gave back a working connection
+        assert session.execute(text("SELECT 1")).scalar() == 1
+    store.close()
+
+
+def test_disarmed_watches_never_fire_and_are_dropped_when_reached():
+    from controller.storage.watchdog import Watchdog
+
+    fired = []
+
+    class Connection:  # what interrupt() is given; a real one is tested above
+        pass
+
+    now = [0.0]  # deadlines are far in real seconds too: the thread sleeps through
+    dog = Watchdog(clock=lambda: now[0])
+    watches = [dog.watch(Connection(), timeout) for timeout in (100.0, 200.0, 300.0)]
+    for watch in watches:
+        watch.fire = lambda w=watch: fired.append(w)  # type: ignore[method-assign]
+    assert watches[0].stop() is False  # disarmed before its deadline
+    now[0] = 250.0
+    due = dog.due()
+    assert due == [watches[1]]  # the armed one past its deadline; the disarmed one dropped
+    assert dog.pending() == 1  # the third, not due yet
+    now[0] = 400.0
+    watches[2].stop()
+    assert dog.due() == [] and dog.pending() == 0

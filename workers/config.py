@@ -174,6 +174,11 @@ class ModelConfig(Strict):
     )
     num_cpus: float = Field(1.0, gt=0)
     replicas: int = Field(1, ge=1, le=1024)
+    in_router: bool = Field(
+        False,
+        description="serve this model inside each router replica instead of its own "
+        "deployment: no hop on its requests, and it scales with the router",
+    )
     faults: FaultConfig = FaultConfig()
 
     @field_validator("precision")
@@ -182,6 +187,16 @@ class ModelConfig(Strict):
         if info.data.get("num_gpus", 0) == 0 and value in ("float16", "mixed_float16"):
             raise ValueError(
                 f"precision {value} needs a GPU: on CPU use float32 or bfloat16, or give the model num_gpus > 0"
+            )
+        return value
+
+    @field_validator("in_router")
+    @classmethod
+    def _one_replica_setting(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("replicas", 1) != 1:
+            raise ValueError(
+                "a model served in the router has as many replicas as the router: "
+                "drop `replicas` and set `server.replicas` instead"
             )
         return value
 

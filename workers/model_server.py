@@ -1,4 +1,7 @@
-"""ModelServer: one Ray Serve deployment class, deployed once per model of the pool in use.
+"""ModelService serves one model of the pool; ModelServer is it as a Ray Serve deployment.
+
+The class is plain so a router replica can also host a model in-process (`in_router`),
+with the same batching, admission, deadlines and fault injection as a deployment.
 
 Requests arrive one image at a time and are grouped by `@serve.batch`, whose
 `batch_size_fn` asks the batch planner how full a batch is: by count for a
@@ -59,8 +62,7 @@ class _StandIn:
         return [(np.full((j.height, j.width, 3), 128, dtype=np.uint8), False) for j in jobs]
 
 
-@serve.deployment
-class ModelServer:
+class ModelService:
     def __init__(
         self,
         name: str,
@@ -206,6 +208,9 @@ class ModelServer:
             (outcome, None if outcome.image is None else to_png(apply_tint(outcome.image, tint)))
             for outcome in self.executor.render(jobs)
         ]
+
+
+ModelServer = serve.deployment(ModelService)
 
 
 def _ms_since(start: float) -> float:

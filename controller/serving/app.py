@@ -19,29 +19,46 @@ from workers.logs import configured_level
 log = structlog.get_logger("cutover.app")
 
 ROUTER = "router"
+REPLICA_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
 
 
 def build_app(config: Config) -> Any:
     """The application graph: Router({model name: ModelServer}), one deployment per model that a
-    route, a fallback or a rollout uses, named after the model in the pool."""
+    route, a fallback or a rollout uses, named after the model in the pool. A model marked
+    `in_router` gets no deployment: each router replica serves it in-process, and holds its
+    CPUs and GPUs."""
     from controller.serving.router import Router
     from workers.model_server import ModelServer
 
     data, base_dir = config.to_wire()
     level = configured_level()  # replicas log at the level of the command that deployed them
     servers = {}
+    in_router = [config.models[name] for name in config.models_in_router()]
     for name in config.models_in_use():
         model = config.models[name]
+        if model.in_router:
+            continue
         servers[name] = ModelServer.options(
             name=name,
             num_replicas=model.replicas,
-            ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+            ray_actor_options={
+                "num_cpus": model.num_cpus,
+                "num_gpus": model.num_gpus,
+                "runtime_env": {"env_vars": REPLICA_ENV},
+            },
             max_ongoing_requests=max(64, model.max_batch_size * 4),
         ).bind(name, model.model_dump(mode="json"), base_dir, str(config.log_path), level)
     return Router.options(
         name=ROUTER,
         num_replicas=config.server.replicas,
-        ray_actor_options={"num_cpus": config.server.num_cpus},
+        ray_actor_options={
+            "num_cpus": config.server.num_cpus + sum(m.num_cpus for m in in_router),
+            "num_gpus": sum(m.num_gpus for m in in_router),
+            "runtime_env": {"env_vars": REPLICA_ENV},
+        },
         max_ongoing_requests=1000,
     ).bind(data, base_dir, servers, level)
 
@@ -74,9 +91,10 @@ def start_local_ray(
 
 def cpus_needed(config: Config) -> float:
     models = [config.models[name] for name in config.models_in_use()]
+    router = config.server.num_cpus + sum(m.num_cpus for m in models if m.in_router)
     return (
-        sum(m.num_cpus * m.replicas for m in models)
-        + config.server.num_cpus * config.server.replicas
+        sum(m.num_cpus * m.replicas for m in models if not m.in_router)
+        + router * config.server.replicas
         + config.scorer.num_cpus * config.scorer.actors
     )
 

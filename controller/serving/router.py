@@ -81,6 +81,7 @@ class Router:
         self.limits = self.config.server
         self.routes = self.config.route_map
         self.handles = models
+        self.in_router = self._start_in_router_models(base_dir, log_level)
         self.tables = TableSource(self.config)
         self.recorder = Recorder(
             self.config.resolved_database_url,
@@ -117,6 +118,35 @@ class Router:
 
         return await self._handle(read)
 
+    def _start_in_router_models(self, base_dir: str, log_level: str | None) -> dict[str, Any]:
+        """The models this replica serves itself (`in_router`): their calls skip a hop."""
+        names = self.config.models_in_router()
+        if not names:
+            return {}
+        from workers.model_server import ModelService
+
+        return {
+            name: ModelService(
+                name,
+                self.config.models[name].model_dump(mode="json"),
+                base_dir,
+                str(self.config.log_path),
+                log_level,
+            )
+            for name in names
+        }
+
+    def check_health(self) -> None:
+        """Ray Serve restarts this replica when a model it serves in-process is unhealthy."""
+        for service in self.in_router.values():
+            service.check_health()
+
+    def set_faults(self, model: str, faults: dict[str, Any]) -> dict[str, Any]:
+        """Fault injection for a model served in this router replica (tests, drills)."""
+        if model not in self.in_router:
+            raise KeyError(f"{model!r} is not served in the router; call its deployment")
+        return self.in_router[model].set_faults(faults)
+
     @http.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok"}
@@ -140,6 +170,7 @@ class Router:
                 "in_flight": self.mirrors_in_flight,
             },
             "fallbacks": self.fallbacks,
+            "in_router": sorted(self.in_router),
         }
 
     async def flush(self, timeout: float = 30.0, include_spill: bool = False) -> bool:
@@ -365,11 +396,14 @@ class Router:
         # The deadline travels with the job: the model server refuses work that cannot finish
         # by then, drops it unstarted once it has passed, and stops sampling between steps.
         job = dataclasses.replace(job, deadline=time.time() + timeout)
-        response = self.handles[model].generate.remote(job)
+        service = self.in_router.get(model)
+        # In-process, wait_for cancels the coroutine on timeout; a handle's call is cancelled.
+        response = service.generate(job) if service else self.handles[model].generate.remote(job)
         try:
             return await asyncio.wait_for(response, timeout)
         except TimeoutError:
-            response.cancel()
+            if service is None:
+                response.cancel()
             return ImageResult(
                 OutputStatus.TIMEOUT,
                 error=f"no answer within {timeout:g}s",

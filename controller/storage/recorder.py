@@ -4,7 +4,7 @@ Callers hand records to a bounded in-memory queue and return at once. Images
 are stored as content-addressed files by a small pool of artifact writers, so a
 record with an image joins the queue once its file is written and the writer
 thread only ever talks SQL. The writer inserts rows in batches, one transaction per
-batch: it lingers a few milliseconds after the first row for others, so under load a
+batch: it lingers up to 50 ms after the first row for others, so under load a
 transaction carries many rows (the commit, not the row, is what costs). When the
 database cannot take a batch the rows go to a spill file (fsync'd) and are replayed,
 in order and exactly once, before anything newer is written.
@@ -35,6 +35,11 @@ from controller.storage.spill import SpillFile
 from controller.storage.store import Store, TransactionTimeout
 from controller.storage.tables import Output, Request, Rollout, utcnow
 from workers.logs import one_line
+
+# Core tables, not ORM entities: an executemany skips the ORM's bulk-persistence layer,
+# which was half the writer's CPU in a router replica's profile (bench/router_overhead.py).
+REQUESTS = Request.__table__
+OUTPUTS = Output.__table__
 
 log = structlog.get_logger("cutover.recorder")
 
@@ -99,7 +104,7 @@ class Recorder:
         *,
         batch_size: int = 500,
         flush_interval: float = 0.2,
-        linger: float = 0.01,
+        linger: float = 0.05,
         artifact_writers: int = 4,
         max_queue: int = 50_000,
         retry_interval: float = 1.0,
@@ -288,10 +293,10 @@ class Recorder:
         with self.store.session(self._write_timeout) as session:
             if rows.requests:
                 session.execute(
-                    insert(Request), [self._with_rollout_id(session, r) for r in rows.requests]
+                    insert(REQUESTS), [self._with_rollout_id(session, r) for r in rows.requests]
                 )
             if rows.outputs:
-                session.execute(insert(Output), rows.outputs)
+                session.execute(insert(OUTPUTS), rows.outputs)
 
     def _with_rollout_id(self, session: Any, row: dict[str, Any]) -> dict[str, Any]:
         name = row["rollout"]

@@ -10,10 +10,6 @@ handled rather than waited out.
 from __future__ import annotations
 
 import math
-import os
-import socket
-import sqlite3
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
 from controller.config import Config, DatabaseConfig
+from controller.storage.watchdog import WATCHDOG
 
 MIGRATIONS_DIR = Path(migrations.__file__).parent
 
@@ -77,48 +74,8 @@ def _sqlite_pragmas(dbapi_connection: Any, busy_ms: int) -> None:
     cursor.close()
 
 
-def interrupt(dbapi_connection: Any) -> None:
-    """Make a call blocked on this connection fail now, from another thread.
-
-    SQLite aborts the running statement. For PostgreSQL the socket is shut down: a server
-    that stopped answering cannot be asked to cancel, so the blocked read must end here.
-    """
-    if isinstance(dbapi_connection, sqlite3.Connection):
-        dbapi_connection.interrupt()
-        return
-    fd = dbapi_connection.pgconn.socket
-    with socket.socket(fileno=os.dup(fd)) as sock:
-        sock.shutdown(socket.SHUT_RDWR)
-
-
 class TransactionTimeout(Exception):
     """A transaction outlived `Store.session(timeout=…)` and was interrupted."""
-
-
-class _Watchdog:
-    """Interrupts one connection if the transaction on it outlives its timeout."""
-
-    def __init__(self, dbapi_connection: Any, timeout: float) -> None:
-        self._connection = dbapi_connection
-        self._lock = threading.Lock()
-        self._stopped = False
-        self._fired = False
-        self._timer = threading.Timer(timeout, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _fire(self) -> None:
-        with self._lock:
-            if not self._stopped:
-                self._fired = True
-                interrupt(self._connection)
-
-    def stop(self) -> bool:
-        """Disarm; True if it had already fired (the connection is unusable)."""
-        with self._lock:
-            self._stopped = True
-        self._timer.cancel()
-        return self._fired
 
 
 class Store:
@@ -149,7 +106,7 @@ class Store:
                     yield session
                 return
             session.begin()
-            watchdog = _Watchdog(session.connection().connection.dbapi_connection, timeout)
+            watchdog = WATCHDOG.watch(session.connection().connection.dbapi_connection, timeout)
             try:
                 yield session
                 session.commit()
