@@ -29,15 +29,16 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from controller.config import DatabaseConfig
 from controller.storage.artifacts import store_artifact
+from controller.storage.bulk_insert import insert_rows
 from controller.storage.lost import supersede_lost
 from controller.storage.records import OutputRecord, RequestRecord
 from controller.storage.spill import SpillFile
 from controller.storage.store import Store, TransactionTimeout
-from controller.storage.tables import Output, Request, Rollout, utcnow
+from controller.storage.tables import Output, Request, Rollout, judge_progress_of, utcnow
 from workers.logs import one_line
 
-# Core tables, not ORM entities: an executemany skips the ORM's bulk-persistence layer,
-# which was half the writer's CPU in a router replica's profile (bench/router_overhead.py).
+# Core tables, not ORM entities: a batch skips the ORM's bulk-persistence layer, which was
+# half the writer's CPU in a router replica's profile (bench/router_overhead.py).
 REQUESTS = Request.__table__
 OUTPUTS = Output.__table__
 
@@ -291,12 +292,11 @@ class Recorder:
 
     def _insert(self, rows: _Rows) -> None:
         with self.store.session(self._write_timeout) as session:
-            if rows.requests:
-                session.execute(
-                    insert(REQUESTS), [self._with_rollout_id(session, r) for r in rows.requests]
-                )
-            if rows.outputs:
-                session.execute(insert(OUTPUTS), rows.outputs)
+            requests = [self._with_rollout_id(session, r) for r in rows.requests]
+            insert_rows(
+                session, REQUESTS, [r | {"judge_progress": judge_progress_of(r)} for r in requests]
+            )
+            insert_rows(session, OUTPUTS, rows.outputs)
 
     def _with_rollout_id(self, session: Any, row: dict[str, Any]) -> dict[str, Any]:
         name = row["rollout"]

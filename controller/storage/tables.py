@@ -99,12 +99,15 @@ JUDGE_ARMS = 1  # its arms' outcomes are folded; its scores are not yet
 JUDGE_DONE = 2  # fully folded, or nothing to fold (not mirrored, no rollout)
 
 
-def _judge_progress(context: Any) -> int:
+def judge_progress_of(row: dict[str, Any]) -> int:
     """Only a mirrored request of a rollout is ever judged; every other starts done, so the
     judge's index on pending requests holds the in-flight few, not the whole history."""
-    row = context.get_current_parameters()
     judged = row.get("mirrored") and row.get("rollout_id") is not None
     return JUDGE_PENDING if judged else JUDGE_DONE
+
+
+def _judge_progress(context: Any) -> int:
+    return judge_progress_of(context.get_current_parameters())
 
 
 class Request(Base):
