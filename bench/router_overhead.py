@@ -6,8 +6,9 @@ What a user would run instead of cutover is one Ray Serve deployment serving the
 behind FastAPI: `bare`. Beside it, cutover's whole path (router, model server, recorder
 to SQLite, routing table refresh), the incumbent served in the router (`in_router`, the
 shape of the bare app), with mirroring `off`, and `on` (every request mirrored to a
-candidate in its own deployment, default `mirror_max_in_flight`); and `hop`, mirroring
-off with the incumbent in its own deployment (what one extra Ray Serve hop costs).
+candidate in its own deployment, default `mirror_max_in_flight`); `both`, mirroring on
+with the candidate served in the router too (a shadow that costs no hop at all); and
+`hop`, mirroring off with the incumbent in its own deployment (what one Ray Serve hop costs).
 Each runs twice over:
   fixed  the model's work is a fixed delay per image and costs no CPU (`--delay`)
   tiny   the real tiny diffusers pipeline (random weights, from_pretrained), 64x64
@@ -79,7 +80,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def cutover_config(
-    name: str, work: Path, mirror: float, model: dict[str, Any], in_router: bool
+    name: str, work: Path, mirror: float, model: dict[str, Any], in_router: set[str]
 ) -> Any:
     from controller.config import Config
 
@@ -89,7 +90,10 @@ def cutover_config(
             "database_url": f"sqlite:///{work / 'bench.db'}",
             "artifact_dir": str(work / "artifacts"),
             "spill_dir": str(work / "spill"),
-            "models": {"incumbent": model | {"in_router": in_router}, "candidate": model},
+            "models": {
+                role: model | {"in_router": role in in_router}
+                for role in ("incumbent", "candidate")
+            },
             "rollout": {"mirror_percent": mirror},
             "server": {"num_cpus": 0.1},
         }
@@ -125,7 +129,12 @@ def deploy(work: Path, delay: float, kinds: list[str]) -> list[str]:
         app = Bare.options(name=bare, ray_actor_options={"num_cpus": 0.1}).bind(delay, pipeline)
         serve.run(app, name=bare, route_prefix=f"/{bare}", blocking=False)
         names.append(bare)
-        for mode, mirror, in_router in (("off", 0, True), ("on", 100, True), ("hop", 0, False)):
+        for mode, mirror, in_router in (
+            ("off", 0, {"incumbent"}),
+            ("on", 100, {"incumbent"}),
+            ("both", 100, {"incumbent", "candidate"}),
+            ("hop", 0, set()),
+        ):
             name = f"{mode}-{kind}"
             config = cutover_config(name, work, mirror, model, in_router)
             create_rollout(store, config, "bench")

@@ -39,12 +39,16 @@ def _fraction(request_id: str, salt: str) -> float:
 def plan_for(faults: FaultConfig, request_id: str) -> FaultPlan:
     if not faults.active:
         return FaultPlan()
-    delayed = faults.delay > 0 and _fraction(request_id, "delay") * 100 < faults.delay_percent
+
+    def drawn(salt: str, percent: float) -> bool:
+        return percent > 0 and _fraction(request_id, salt) * 100 < percent
+
+    delayed = faults.delay > 0 and drawn("delay", faults.delay_percent)
     return FaultPlan(
         delay_s=faults.delay if delayed else 0.0,
-        error=_fraction(request_id, "error") * 100 < faults.error_percent,
-        hang=_fraction(request_id, "timeout") * 100 < faults.timeout_percent,
-        oom=_fraction(request_id, "oom") * 100 < faults.oom_percent,
+        error=drawn("error", faults.error_percent),
+        hang=drawn("timeout", faults.timeout_percent),
+        oom=drawn("oom", faults.oom_percent),
     )
 
 
