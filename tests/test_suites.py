@@ -1,0 +1,114 @@
+"""Prompt suites: the shipped ones hold what the lab phase needs; a broken one is located."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from controller.config import Route
+from controller.lab.suites import find_suite, load_suite, shipped_suites
+from policies.probes.typography import requested_text
+from policies.yaml_source import SourceError
+
+
+def test_every_shipped_suite_loads_with_unique_ids():
+    suites = {name: load_suite(path) for name, path in shipped_suites().items()}
+    assert {"typography", "people-and-skin", "composition", "colour"} <= set(suites)
+    for name, suite in suites.items():
+        assert suite.suite == name  # the file is named after the suite it holds
+        assert len({item.id for item in suite.items}) == len(suite.items)
+
+
+def test_typography_quotes_1_to_40_characters_in_several_scripts_and_cases():
+    suite = load_suite(shipped_suites()["typography"])
+    lengths = []
+    for item in suite.items:
+        texts = requested_text(item.prompt)  # what the typography probe asks OCR to find
+        assert texts, item.id
+        lengths += [len(text) for text in texts]
+    assert min(lengths) == 1 and max(lengths) <= 40 and max(lengths) >= 35
+    tags = {tag for item in suite.items for tag in item.tags}
+    scripts = tags & {"latin", "latin-diacritics", "cyrillic", "greek", "japanese", "chinese"}
+    assert len(scripts | tags & {"korean", "arabic", "devanagari"}) >= 8
+    assert {"upper", "lower", "mixed"} <= tags
+    assert {"sign", "poster", "book-cover"} <= tags
+
+
+def test_people_cover_the_range_of_skin_tones_and_groups():
+    suite = load_suite(shipped_suites()["people-and-skin"])
+    tags = {tag for item in suite.items for tag in item.tags}
+    tones = {t for t in tags if t.startswith("skin-") and t not in ("skin-mixed", "skin-varied")}
+    assert len(tones) >= 7
+    assert "group" in tags and len([t for t in tags if t.endswith("light")]) >= 5
+
+
+def test_brand_colours_are_written_as_hex():
+    suite = load_suite(shipped_suites()["colour"])
+    hexes = [i for i in suite.items if "hex" in i.tags]
+    assert len(hexes) >= 4
+    assert all(re.search(r"#[0-9A-F]{6}\b", i.prompt) for i in hexes)
+
+
+def test_a_suite_is_found_by_name_or_path(tmp_path):
+    assert find_suite("colour") == shipped_suites()["colour"]
+    own = tmp_path / "mine.yaml"
+    own.write_text("suite: mine\nversion: 1\nitems: [{id: a, prompt: 'a fox'}]\n")
+    assert find_suite(str(own)) == own
+    with pytest.raises(SourceError, match="not a shipped suite .*typography"):
+        find_suite("typograhpy")
+
+
+GOOD_ITEM = "  - {id: a, prompt: 'a fox'}\n"  # line 4 of the file; the item under test is line 5
+BAD = {
+    "unknown-key": ("  - {id: b, prompt: x, colour: red}", "items.1.colour", "unknown key"),
+    "bad-size": ("  - {id: b, prompt: x, size: 500x500}", "items.1.size", "multiples of 8"),
+    "duplicate-id": ("  - {id: a, prompt: x}", "items.1.id", "duplicate id 'a'"),
+    "edit-without-image": ("  - {id: b, prompt: x, route: edit}", "items.1", "needs an input"),
+    "inpaint-without-mask": (
+        "  - {id: b, prompt: x, route: inpaint, image: in.png}",
+        "items.1",
+        "needs a `mask`",
+    ),
+    "missing-image-file": (
+        "  - {id: b, prompt: x, route: upscale, image: gone.png}",
+        "items.1.image",
+        "'gone.png' is not a file",
+    ),
+    "unknown-route": ("  - {id: b, prompt: x, route: video}", "items.1.route", "video"),
+    "empty-prompt": ("  - {id: b, prompt: ''}", "items.1.prompt", "at least 1 character"),
+    "broken-yaml": ("  - {id: b, prompt: [unclosed", None, "invalid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_a_malformed_suite_names_file_line_and_key(tmp_path, case):
+    item, key, words = BAD[case]
+    (tmp_path / "in.png").write_bytes(b"not read here")
+    path = tmp_path / "broken.yaml"
+    path.write_text("suite: broken\nversion: 1\nitems:\n" + GOOD_ITEM + item + "\n")
+    with pytest.raises(SourceError) as caught:
+        load_suite(path)
+    problems = caught.value.problems
+    found = [p for p in problems if words in p.message and (key is None or p.key == key)]
+    assert found, [str(p) for p in problems]
+    assert found[0].file == str(path)
+    assert found[0].line >= 5 if key is None else found[0].line == 5, str(found[0])
+
+
+def test_routes_with_inputs_are_the_routes_that_carry_an_image(tmp_path):
+    (tmp_path / "in.png").write_bytes(b"x")
+    (tmp_path / "mask.png").write_bytes(b"x")
+    path = tmp_path / "inputs.yaml"
+    path.write_text(
+        "suite: inputs\nversion: 2\nitems:\n"
+        "  - {id: e, route: edit, prompt: 'make it night', image: in.png}\n"
+        "  - {id: p, route: inpaint, prompt: 'a hat', image: in.png, mask: mask.png}\n"
+        "  - {id: u, route: upscale, prompt: sharp, image: in.png, seed: 3, size: 64x64}\n"
+    )
+    suite = load_suite(path)
+    assert [(i.route, i.image, i.mask) for i in suite.items] == [
+        (Route.EDIT, "in.png", None),
+        (Route.INPAINT, "in.png", "mask.png"),
+        (Route.UPSCALE, "in.png", None),
+    ]
