@@ -14,7 +14,9 @@ from policies.yaml_source import SourceError
 
 def test_every_shipped_suite_loads_with_unique_ids():
     suites = {name: load_suite(path) for name, path in shipped_suites().items()}
-    assert {"typography", "people-and-skin", "composition", "colour"} <= set(suites)
+    assert {"typography", "people-and-skin", "composition", "colour", "edits", "upscale"} <= set(
+        suites
+    )
     for name, suite in suites.items():
         assert suite.suite == name  # the file is named after the suite it holds
         assert len({item.id for item in suite.items}) == len(suite.items)
@@ -112,3 +114,39 @@ def test_routes_with_inputs_are_the_routes_that_carry_an_image(tmp_path):
         (Route.INPAINT, "in.png", "mask.png"),
         (Route.UPSCALE, "in.png", None),
     ]
+
+
+def test_the_shipped_inputs_are_what_the_code_draws():
+    """Compared by pixels: another PIL may compress the same image to other bytes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from controller.lab.suite_inputs import INPUTS, expected_files
+
+    expected = expected_files()
+    assert {p.name for p in INPUTS.glob("*.png")} == set(expected)
+    for name, data in expected.items():
+        shipped = np.asarray(Image.open(INPUTS / name))
+        assert np.array_equal(shipped, np.asarray(Image.open(io.BytesIO(data)))), name
+
+
+def test_edits_mask_part_of_the_ground_and_upscales_start_small():
+    import numpy as np
+    from PIL import Image
+
+    edits = load_suite(shipped_suites()["edits"])
+    assert {i.route for i in edits.items} == {Route.EDIT, Route.INPAINT}
+    folder = shipped_suites()["edits"].parent
+    for item in edits.items:
+        if item.mask is None:
+            continue
+        mask = np.asarray(Image.open(folder / item.mask)) > 0
+        image = Image.open(folder / item.image)
+        assert mask.shape == (image.height, image.width)
+        assert 0.03 < mask.mean() < 0.3, (item.id, mask.mean())
+        assert not mask[: mask.shape[0] // 2].any(), item.id  # the sky is kept whole
+    upscale = load_suite(shipped_suites()["upscale"])
+    sides = [Image.open(folder / i.image).width for i in upscale.items]
+    assert {i.route for i in upscale.items} == {Route.UPSCALE} and max(sides) <= 128
