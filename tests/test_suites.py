@@ -150,3 +150,85 @@ def test_edits_mask_part_of_the_ground_and_upscales_start_small():
     upscale = load_suite(shipped_suites()["upscale"])
     sides = [Image.open(folder / i.image).width for i in upscale.items]
     assert {i.route for i in upscale.items} == {Route.UPSCALE} and max(sides) <= 128
+
+
+def test_from_shadow_log_spreads_over_tags_and_time_and_drops_users(tmp_path):
+    """300 recorded generations of three kinds (one rare), some repeated; a 20-item suite."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import insert
+    from typer.testing import CliRunner
+
+    from controller.cli import app
+    from controller.storage.tables import Request
+    from tests.conftest import base_config, prepare_rollout, write_config
+
+    path = write_config(tmp_path, base_config(f"sqlite:///{tmp_path / 'c.db'}"))
+    config, store = prepare_rollout(path)
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    rows = []
+    for i in range(300):
+        if i % 100 == 7:  # rare: three in all
+            prompt = f'a poster that says "RARE {i}"'
+        elif i % 2:
+            prompt = f"a quiet lake at dawn number {i % 60}"  # repeats after 60
+        else:
+            prompt = " ".join(["a long and detailed scene with many things"] * 4) + f" {i}"
+        rows.append(
+            {
+                "id": f"req-{i}",
+                "route": "generate" if i % 10 else "edit",
+                "stage": "shadow",
+                "primary_role": "incumbent",
+                "sticky_key": f"user-secret-{i}",
+                "prompt": prompt,
+                "params": {"size": "64x64", "n": 1},
+                "seed": 1000 + i,
+                "mirrored": False,
+                "created_at": start + timedelta(hours=i),
+                "judge_progress": 2,
+            }
+        )
+    with store.session() as session:
+        session.execute(insert(Request), rows)
+    store.close()
+
+    runner = CliRunner()
+    target = tmp_path / "suites" / "Representative.yaml"
+    args = ["-c", str(path), "suite", "from-shadow-log", "--route", "generate", "--n", "20"]
+    result = runner.invoke(app, [*args, "--out", str(target)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    text = target.read_text()
+    assert "user-secret" not in text and "req-" not in text
+    suite = load_suite(target)
+    assert (suite.suite, suite.version, len(suite.items)) == ("representative", 1, 20)
+    prompts = [item.prompt for item in suite.items]
+    assert len(set(prompts)) == 20 and any("RARE" in p for p in prompts)
+    recorded: dict = {}
+    for row in rows:  # a repeated prompt is sampled at its first recording
+        if row["route"] == "generate":
+            recorded.setdefault(row["prompt"], row)
+    assert all(p in recorded for p in prompts)  # only the route's own prompts
+    hours = sorted((recorded[p]["created_at"] - start).total_seconds() / 3600 for p in prompts)
+    assert hours[0] < 75 and hours[-1] > 225  # from the first quarter to the last
+    assert all(i.seed == recorded[i.prompt]["seed"] and i.size == "64x64" for i in suite.items)
+
+    again = runner.invoke(app, [*args, "--out", str(target)], catch_exceptions=False)
+    assert again.exit_code == 2 and "exists" in again.output
+    edits = runner.invoke(
+        app,
+        [*args[:4], "--route", "edit", "--out", str(tmp_path / "e.yaml")],
+        catch_exceptions=False,
+    )
+    assert edits.exit_code == 2 and "input images the router does not keep" in edits.output
+
+
+def test_spread_gives_every_group_one_then_shares_by_size():
+    from controller.lab.representative import spread
+
+    groups = {("a",): list(range(90)), ("b",): list(range(100, 109)), ("c",): [200]}
+    picked = spread(groups, 10)
+    assert len(picked) == 10 and 200 in picked
+    assert sum(p < 100 for p in picked) == 8  # 90% of the rows, after c and b's one each
+    assert spread(groups, 2) == [45, 104]  # two biggest groups, each at its middle
+    assert len(spread(groups, 500)) == 100  # never more than there are
