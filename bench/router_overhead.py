@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0, help="per app and round, 4 clients")
     parser.add_argument("--delay", type=float, default=0.05, help="the fixed model's work")
     parser.add_argument(
-        "--kinds", default="fixed,tiny", help="which models to run: fixed, tiny or both"
+        "--kinds", default="fixed,tiny", help="which models to run: fixed, tiny, or fixed,tiny"
     )
     args = parser.parse_args()
     kinds = args.kinds.split(",")

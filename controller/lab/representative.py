@@ -41,8 +41,9 @@ def prompt_tags(prompt: str, size: str | None) -> list[str]:
 
 
 def spread(groups: dict[tuple[str, ...], list[Any]], n: int) -> list[Any]:
-    """`n` items: each group (oldest first) at least one, the rest by group size, each
-    group's share taken at even steps through it."""
+    """`n` items from `groups` (each list oldest first): every group at least one, biggest
+    first while `n` lasts, the rest by group size; a group's share is taken at even steps
+    through it."""
     if n <= 0 or not groups:
         return []
     keys = sorted(groups, key=lambda k: (-len(groups[k]), k))
@@ -68,9 +69,7 @@ def spread(groups: dict[tuple[str, ...], list[Any]], n: int) -> list[Any]:
     return chosen
 
 
-def sample_from_log(
-    session: Session, route: Route, n: int, name: str, rollout_id: int | None = None
-) -> Suite:
+def sample_from_log(session: Session, route: Route, n: int, name: str) -> Suite:
     """A suite of `n` recorded prompts of `route` (fewer if fewer distinct ones exist)."""
     if route not in TEXT_ROUTES:
         raise ValueError(
@@ -81,8 +80,6 @@ def sample_from_log(
     query = select(Request.prompt, Request.params, Request.seed, Request.created_at).where(
         Request.route == route.value
     )
-    if rollout_id is not None:
-        query = query.where(Request.rollout_id == rollout_id)
     rows = session.execute(query.order_by(Request.created_at.desc()).limit(MAX_SCANNED)).all()
     seen: set[str] = set()
     groups: dict[tuple[str, ...], list[Any]] = defaultdict(list)
@@ -92,13 +89,12 @@ def sample_from_log(
         seen.add(row.prompt)
         size = (row.params or {}).get("size")
         groups[tuple(prompt_tags(row.prompt, size))].append((row, size))
-    picked = spread(groups, n)
+    picked = sorted(spread(groups, n), key=lambda p: p[0].created_at)
     if not picked:
         raise ValueError(f"no recorded {route.value} requests to sample")
-    first, last = picked[0][0].created_at, picked[0][0].created_at
+    first, last = picked[0][0].created_at, picked[-1][0].created_at
     items = []
-    for index, (row, size) in enumerate(sorted(picked, key=lambda p: p[0].created_at)):
-        first, last = min(first, row.created_at), max(last, row.created_at)
+    for index, (row, size) in enumerate(picked):
         items.append(
             SuiteItem(
                 id=f"{route.value}-{index + 1:04d}",
@@ -125,7 +121,7 @@ def suite_yaml(suite: Suite) -> str:
     """The suite as a file `load_suite` reads back."""
     import yaml
 
-    data = suite.model_dump(mode="json", exclude_defaults=False)
+    data = suite.model_dump(mode="json")
     data["items"] = [
         {k: v for k, v in item.items() if v not in (None, [])} for item in data["items"]
     ]

@@ -1,7 +1,7 @@
 """The input images and masks of the shipped `edits` and `upscale` suites, drawn from a seed.
 
 Edit, inpaint and upscale items need an image to start from. Ours are drawn by code
-(simple scenes: a sky gradient, ground, a sun, a house, a tree), so the files in
+(simple scenes: a sky gradient, ground, a sun, a house), so the files in
 `controller/lab/suites/inputs/` can be checked against what this module draws, and
 anyone can see what an input holds without opening it. Regenerate them with
 `python -m controller.lab.suite_inputs`.

@@ -19,16 +19,16 @@ from workers.logs import configured_level
 log = structlog.get_logger("cutover.app")
 
 ROUTER = "router"
-# cutover's replicas run their code on Ray Serve's own event loop, and route handle calls
-# on it too, instead of a loop in a second thread each (Ray Serve's defaults). The request
-# path then crosses no thread: on 2 cores that took 4 to 5 ms off each request that
-# crosses a hop (bench/router_overhead.py). Nothing in cutover blocks a replica's loop:
-# SQL and pipelines run in worker threads.
 # Ray Serve's access log line per call is off in cutover's deployments: the router's `served`
 # event (JSON, with request_id, route, stage, role and statuses) is the access log, and the
 # outputs table has every model call's latency. The line cost a model server replica about
 # a tenth of its CPU.
 NO_ACCESS_LOG = {"enable_access_log": False}
+# cutover's replicas run their code on Ray Serve's own event loop, and route handle calls
+# on it too, instead of a loop in a second thread each (Ray Serve's defaults). The request
+# path then crosses no thread: on 2 cores that took 4 to 5 ms off each request that
+# crosses a hop (bench/router_overhead.py). Nothing in cutover blocks a replica's loop:
+# SQL and pipelines run in worker threads.
 REPLICA_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
@@ -46,7 +46,6 @@ def build_app(config: Config) -> Any:
     data, base_dir = config.to_wire()
     level = configured_level()  # replicas log at the level of the command that deployed them
     servers = {}
-    in_router = [config.models[name] for name in config.models_in_router()]
     for name in config.models_in_use():
         model = config.models[name]
         if model.in_router:
@@ -62,12 +61,13 @@ def build_app(config: Config) -> Any:
             max_ongoing_requests=max(64, model.max_batch_size * 4),
             logging_config=NO_ACCESS_LOG,
         ).bind(name, model.model_dump(mode="json"), base_dir, str(config.log_path), level)
+    cpus, gpus = router_resources(config)
     return Router.options(
         name=ROUTER,
         num_replicas=config.server.replicas,
         ray_actor_options={
-            "num_cpus": config.server.num_cpus + sum(m.num_cpus for m in in_router),
-            "num_gpus": sum(m.num_gpus for m in in_router),
+            "num_cpus": cpus,
+            "num_gpus": gpus,
             "runtime_env": {"env_vars": REPLICA_ENV},
         },
         max_ongoing_requests=1000,
@@ -101,12 +101,20 @@ def start_local_ray(
     )
 
 
+def router_resources(config: Config) -> tuple[float, float]:
+    """CPUs and GPUs of one router replica: its own, plus those of the models it serves."""
+    hosted = [config.models[name] for name in config.models_in_router()]
+    return (
+        config.server.num_cpus + sum(m.num_cpus for m in hosted),
+        sum(m.num_gpus for m in hosted),
+    )
+
+
 def cpus_needed(config: Config) -> float:
     models = [config.models[name] for name in config.models_in_use()]
-    router = config.server.num_cpus + sum(m.num_cpus for m in models if m.in_router)
     return (
         sum(m.num_cpus * m.replicas for m in models if not m.in_router)
-        + router * config.server.replicas
+        + router_resources(config)[0] * config.server.replicas
         + config.scorer.num_cpus * config.scorer.actors
     )
 

@@ -398,7 +398,9 @@ class Router:
         job = dataclasses.replace(job, deadline=time.time() + timeout)
         service = self.in_router.get(model)
         # In-process, wait_for cancels the coroutine on timeout; a handle's call is cancelled.
-        response = service.generate(job) if service else self.handles[model].generate.remote(job)
+        response = (
+            self.handles[model].generate.remote(job) if service is None else service.generate(job)
+        )
         try:
             return await asyncio.wait_for(response, timeout)
         except TimeoutError:

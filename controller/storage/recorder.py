@@ -292,22 +292,21 @@ class Recorder:
 
     def _insert(self, rows: _Rows) -> None:
         with self.store.session(self._write_timeout) as session:
-            requests = [self._with_rollout_id(session, r) for r in rows.requests]
-            insert_rows(
-                session, REQUESTS, [r | {"judge_progress": judge_progress_of(r)} for r in requests]
-            )
+            insert_rows(session, REQUESTS, [self._request_row(session, r) for r in rows.requests])
             insert_rows(session, OUTPUTS, rows.outputs)
 
-    def _with_rollout_id(self, session: Any, row: dict[str, Any]) -> dict[str, Any]:
-        name = row["rollout"]
+    def _request_row(self, session: Any, record: dict[str, Any]) -> dict[str, Any]:
+        """The `requests` row of a record: the rollout's id for its name, and where the judge
+        starts with it (written here, since COPY applies no column defaults)."""
+        name = record["rollout"]
         if name is not None and name not in self._rollout_ids:
             found = session.scalar(select(Rollout.id).where(Rollout.name == name))
-            if found is None:  # not `init`ed yet: asked again next time, never cached as absent
-                return {k: v for k, v in row.items() if k != "rollout"} | {"rollout_id": None}
-            self._rollout_ids[name] = found
-        return {k: v for k, v in row.items() if k != "rollout"} | {
-            "rollout_id": None if name is None else self._rollout_ids[name]
-        }
+            if found is not None:  # not `init`ed yet: asked again next time, never cached
+                self._rollout_ids[name] = found
+        row = {k: v for k, v in record.items() if k != "rollout"}
+        row["rollout_id"] = self._rollout_ids.get(name) if name is not None else None
+        row["judge_progress"] = judge_progress_of(row)
+        return row
 
     def _spill_rows(self, rows: _Rows) -> None:
         if not len(rows):
@@ -353,7 +352,7 @@ class Recorder:
         try:
             with self.store.session(self._write_timeout) as session:
                 requests, skipped_r = _new_only(
-                    session, Request, [self._with_rollout_id(session, r) for r in rows.requests]
+                    session, Request, [self._request_row(session, r) for r in rows.requests]
                 )
                 if requests:
                     session.execute(insert(Request), requests)
