@@ -382,3 +382,27 @@ def test_empty_spill_files_of_dead_recorders_are_removed(tmp_path, prepared):
     # A live recorder's empty file is locked: another recorder leaves it alone.
     other = make_recorder(config, tmp_path)
     assert live.spill.path.exists() and other.spill.path.exists()
+
+
+def test_only_a_mirrored_request_of_a_rollout_waits_for_the_judge(tmp_path, prepared):
+    """The recorder writes each request's judge progress itself (COPY applies no defaults)."""
+    import dataclasses
+
+    from controller.storage.tables import JUDGE_DONE, JUDGE_PENDING
+
+    config, store = prepared
+    recorder = make_recorder(config, tmp_path)
+    mirrored, _, _ = pair(config, 0)
+    unmirrored = dataclasses.replace(pair(config, 1)[0], mirrored=False)
+    no_rollout = dataclasses.replace(pair(config, 2)[0], rollout=None, stage="none")
+    for request in (mirrored, unmirrored, no_rollout):
+        recorder.record(request)
+    assert recorder.flush(30)
+    recorder.close()
+    with store.reader() as session:
+        progress = dict(session.execute(select(Request.id, Request.judge_progress)).all())
+    assert progress == {
+        mirrored.id: JUDGE_PENDING,
+        unmirrored.id: JUDGE_DONE,
+        no_rollout.id: JUDGE_DONE,
+    }
