@@ -140,6 +140,11 @@ class RouteConfig(Strict):
         default_factory=lambda: [c.value for c in FALLBACK_CAUSES]
     )
     match: MatchRule | None = None
+    suites: list[str] | None = Field(
+        None,
+        description="suites `cutover validate` runs for this route (shipped names or files "
+        "relative to the config); default: every shipped suite with items on the route",
+    )
 
 
 PER_STAGE_FIELDS = ("mirror_percent", "min_samples", "min_duration", "max_duration")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ from policies.checks import (
     tail_unit,
 )
 from policies.metrics import SCORE_METRICS, counts, gpu_seconds
-from policies.policy import Policy
+from policies.policy import Check, Policy
 from policies.summaries import BetGrid, LogHistogram, PairCounts
 from policies.vocabulary import Arm
 from workers.jobs import OutputStatus
@@ -330,14 +330,19 @@ def _share(statuses: list[str], metric: str) -> float:
     return sum(counts(metric, s) for s in statuses) / len(statuses)
 
 
-def evaluate(state: JudgeState) -> list[CheckResult]:
-    """Every check of the state's policy, on what the state has folded."""
+def evaluate(
+    state: JudgeState, alpha_for: Callable[[Check], float] | None = None
+) -> list[CheckResult]:
+    """Every check of the state's policy, on what the state has folded, each at its share of
+    the policy's budget, or at `alpha_for(check)` (a bake-off splits one budget over every
+    check of every model it compares: `controller/lab/compare.py`)."""
     policy = state.policy
+    alpha_for = alpha_for or policy.alpha_for
     state.settle()
     results = []
     health = state.probes.health()
     for check in policy.checks:
-        alpha = policy.alpha_for(check)
+        alpha = alpha_for(check)
         if check.is_rate:
             results.append(evaluate_rate(check, state.rates[check.name], alpha))
             continue

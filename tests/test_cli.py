@@ -81,7 +81,7 @@ def add_evidence(path, samples, decision, checks=None):
 @pytest.fixture
 def config_path(tmp_path, db_url):
     path = write_config(tmp_path, base_config(db_url, min_samples=5))
-    assert cutover(path, "init").exit_code == 0
+    assert cutover(path, "init", "--skip-validation", "--reason", "test").exit_code == 0
     return path
 
 
@@ -170,7 +170,7 @@ def test_pause_resume_rollback_retry_abort(config_path):
         0,
     )
     assert cutover(config_path, "advance").exit_code == 2
-    assert cutover(config_path, "retry").exit_code == 0
+    assert cutover(config_path, "retry", "--skip-validation", "--reason", "test").exit_code == 0
     assert status_json(config_path)["stage"] == "shadow"
     assert cutover(config_path, "abort", "--reason", "candidate withdrawn").exit_code == 0
     refused = cutover(config_path, "retry")
@@ -189,7 +189,7 @@ def test_pause_resume_rollback_retry_abort(config_path):
 
 
 def test_init_is_idempotent(config_path):
-    again = cutover(config_path, "init")
+    again = cutover(config_path, "init", "--skip-validation", "--reason", "test")
     assert again.exit_code == 0 and "already exists" in again.stdout
     events = [json.loads(x) for x in cutover(config_path, "history", "--json").stdout.splitlines()]
     assert len(events) == 1
@@ -207,7 +207,7 @@ def test_human_status_and_history_render(config_path):
 def test_actor_defaults_to_os_user_and_real_process_exit_codes(tmp_path, sqlite_url):
     path = write_config(tmp_path, base_config(sqlite_url))
     run = [sys.executable, "-m", "controller", "-c", str(path)]
-    assert subprocess.run([*run, "init"], capture_output=True, timeout=60).returncode == 0
+    assert subprocess.run([*run, "init", "--skip-validation", "--reason", "test"], capture_output=True, timeout=60).returncode == 0
     refused = subprocess.run([*run, "finalize"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "finalize needs the rollout promoted" in refused.stderr
     history = subprocess.run(

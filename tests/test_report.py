@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
 from datetime import timedelta
 
 import pytest
@@ -16,6 +13,7 @@ from controller.rollout.state_machine import Command, Verb
 from controller.rollout.transitions import apply_command, get_rollout
 from controller.storage.artifacts import store_artifact
 from controller.storage.tables import Output, Request, Score, Verdict, utcnow
+from tests.browser import CHROMIUM, probe_report
 from tests.conftest import base_config, prepare_rollout, write_config
 from tests.test_scorer import poster_png
 
@@ -121,9 +119,6 @@ def test_report_is_self_contained_and_escapes_prompts(report_path):
         assert words in html
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.skipif(
     CHROMIUM is None and not os.environ.get("CI"),
     reason="Debian's chromium is not installed (make test installs it when run as root)",
@@ -131,50 +126,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def test_report_in_headless_chromium_loads_images_and_runs_no_injected_script(
     report_path, tmp_path
 ):
-    assert CHROMIUM, "chromium must be installed under CI (.ci/run installs it)"
-    wrapper = tmp_path / "wrapper.html"
-    wrapper.write_text(f"""<!doctype html><html><head><title>wrapper</title></head><body>
-<iframe id="r" src="{report_path.name}" width="1200" height="800"></iframe>
-<script>
-document.getElementById('r').addEventListener('load', () => {{
-  const doc = document.getElementById('r').contentDocument;
-  const images = Array.from(doc.images);
-  const result = {{
-    images: images.length,
-    loaded: images.filter(i => i.complete && i.naturalWidth > 0).length,
-    reportTitle: doc.title,
-    wrapperTitle: document.title,
-    promptShownAsText: Array.from(doc.querySelectorAll('.prompt')).some(e => e.textContent.includes('<script>')),
-  }};
-  document.body.setAttribute('data-result', JSON.stringify(result));
-}});
-</script></body></html>""")
-    profile = tmp_path / "profile"
-    dom = subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            "--allow-file-access-from-files",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-            wrapper.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    marker = 'data-result="'
-    assert marker in dom, dom[-2000:]
-    raw = dom.split(marker, 1)[1].split('"', 1)[0].replace("&quot;", '"').replace("&amp;", "&")
-    result = json.loads(raw.replace("&lt;", "<").replace("&gt;", ">"))
+    result = probe_report(
+        report_path,
+        "{promptShownAsText: Array.from(doc.querySelectorAll('.prompt'))"
+        ".some(e => e.textContent.includes('<script>'))}",
+    )
     assert result["images"] >= 4 and result["loaded"] == result["images"], result
     assert (
         result["reportTitle"].startswith("cutover report") and result["wrapperTitle"] == "wrapper"

@@ -29,7 +29,7 @@ def test_remote_cluster_with_sqlite_and_local_artifacts_is_refused(tmp_path, tin
     data = base_config(f"sqlite:///{tmp_path / 'c.db'}")
     data["models"] = {role: {"pipeline": str(path)} for role, path in tiny_models.items()}
     path = write_config(tmp_path, data)
-    assert run("-c", str(path), "init").returncode == 0
+    assert run("-c", str(path), "init", "--skip-validation", "--reason", "test").returncode == 0
     result = run("-c", str(path), "serve", "--address", "ray://10.255.255.1:10001")
     assert result.returncode == 2, result.stderr
     assert "database_url" in result.stderr and "SQLite" in result.stderr
@@ -40,7 +40,7 @@ def test_missing_pipeline_directory_is_refused_before_ray_starts(tmp_path):
     data = base_config(f"sqlite:///{tmp_path / 'c.db'}")
     data["models"]["candidate"]["pipeline"] = "./models/never-built"
     path = write_config(tmp_path, data)
-    assert run("-c", str(path), "init").returncode == 0
+    assert run("-c", str(path), "init", "--skip-validation", "--reason", "test").returncode == 0
     result = run("-c", str(path), "serve")
     assert result.returncode == 2
     assert f"{path}:" in result.stderr and "models.candidate.pipeline" in result.stderr
@@ -119,7 +119,7 @@ def test_serve_shows_every_replica_event_on_its_stderr(tmp_path, tiny_models):
     }
     data["server"] = {"port": port, "num_cpus": 0.25}
     path = write_config(tmp_path, data)
-    assert run("-c", str(path), "init").returncode == 0
+    assert run("-c", str(path), "init", "--skip-validation", "--reason", "test").returncode == 0
     proc = subprocess.Popen(
         [sys.executable, "-m", "controller", "-c", str(path), "serve"],
         stdout=subprocess.PIPE,

@@ -1,13 +1,26 @@
-"""The lab phase's files: prompt suites (list, check, and drawing one from recorded traffic)."""
+"""The lab phase: prompt suites (list, check, drawn from recorded traffic), the bake-off of
+several models, and the validation that lets a rollout start."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from controller.cli.core import Refused, app, cli_config, err, guarded, open_store, out
+from controller.cli.core import (
+    EXIT_REFUSED,
+    Refused,
+    RolloutOpt,
+    app,
+    cli_config,
+    err,
+    guarded,
+    open_store,
+    out,
+)
+from controller.config import Config
+from controller.storage.store import Store
 
 suite_app = typer.Typer(help="Prompt suites for the lab phase.", no_args_is_help=True)
 app.add_typer(suite_app, name="suite", rich_help_panel="Lab")
@@ -87,3 +100,171 @@ def _suite_name(path: Path) -> str:
 
     name = re.sub(r"[^a-z0-9-]+", "-", path.stem.lower()).strip("-")
     return name or "representative"
+
+
+@app.command(rich_help_panel="Lab")
+def bakeoff(
+    ctx: typer.Context,
+    suite: Annotated[
+        list[str], typer.Option("--suite", help="Suite names or files (repeat, or A,B).")
+    ],
+    models: Annotated[str, typer.Option("--models", help="Models of the pool to compare: A,B,C.")],
+    baseline: Annotated[
+        str | None,
+        typer.Option(help="The model the others are compared with (default: generate's model)."),
+    ] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per suite item.")] = 2,
+    round_size: Annotated[int, typer.Option(min=1, help="Units judged between looks.")] = 32,
+    early_stop: Annotated[
+        bool, typer.Option(help="Stop rendering a model a critical check shows worse.")
+    ] = True,
+    report: Annotated[Path | None, typer.Option(help="Write the HTML report here.")] = None,
+    price: Annotated[
+        float | None,
+        typer.Option("--price-per-device-hour", help="Show cost per 1,000 images at this price."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The result as JSON, for scripts.")
+    ] = False,
+) -> None:
+    """Render suites on several models at once and rank them against a baseline, with
+    intervals adjusted for the number of models. Resumable: a rerun renders only what is missing."""
+    import json
+
+    from controller.lab.runs import bakeoff_judging, plan_run, run_on_ray
+    from policies.policy import load_policy
+
+    def run() -> None:
+        config = cli_config(ctx, check_paths=True)
+        names = [m.strip() for m in models.split(",") if m.strip()]
+        base = baseline or _default_baseline(config)
+        suites = [s.strip() for entry in suite for s in entry.split(",") if s.strip()]
+        try:
+            plan = plan_run(config, suites, names, base, seeds)
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
+        policy = load_policy(config.base_dir / config.policy if config.policy else None)
+        with open_store(config) as store:
+            store.upgrade()
+            result = run_on_ray(
+                config,
+                store,
+                plan,
+                bakeoff_judging(policy, len(names)),
+                round_size=round_size,
+                early_stop=early_stop,
+            )
+            if report is not None:
+                _write_report(store, config, result, report)
+        if as_json:
+            out.print_json(json.dumps(result))
+        else:
+            print_ranking(result, price)
+            if report is not None:
+                out.print(f"report: {report.resolve()}")
+
+    guarded(run)
+
+
+def _default_baseline(config: Config) -> str:
+    from controller.config import Route
+
+    route = config.route_map.get(Route.GENERATE)
+    if route is None:
+        raise Refused("no generate route to take a baseline from: pass --baseline MODEL")
+    return route.model
+
+
+def _write_report(store: Store, config: Config, result: dict[str, Any], path: Path) -> None:
+    from controller.review.bakeoff_report import build_bakeoff_report
+
+    with store.reader() as session:
+        html = build_bakeoff_report(session, config, result["run"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(html, encoding="utf-8")
+
+
+def print_ranking(result: dict[str, Any], price: float | None = None) -> None:
+    """The ranking as a table, then each model's lines."""
+    from rich.table import Table
+
+    alpha = result["alpha"]
+    table = Table(
+        title=f"{result['kind']} against {result['baseline']}: {result['units']} units, "
+        f"intervals {(1 - alpha) * 100:.4g}% over the whole comparison",
+        title_justify="left",
+    )
+    for column in ("rank", "model", "vs baseline", "pairs", "latency p50 ms", "device-s/image"):
+        table.add_column(column)
+    base = result["baseline_latency_ms_p50"]
+    table.add_row("-", result["baseline"], "baseline", "-", _figure(base), "-")
+    for rank_, s in enumerate(result["ranking"], 1):
+        cost = s["device_seconds_per_image_p50"]
+        cost_text = _figure(cost, "{:.3g}")
+        if price is not None and cost["estimate"] is not None:
+            cost_text += f" (${cost['estimate'] * price / 3.6:.3g}/1k)"
+        table.add_row(
+            str(rank_),
+            s["model"],
+            s["verdict"],
+            str(s["units"]),
+            _figure(s["latency_ms_p50"]),
+            cost_text,
+            style={"worse": "red", "better": "green"}.get(s["verdict"]),
+        )
+    out.print(table)
+    for s in result["ranking"]:
+        for line in s["lines"]:
+            out.print(f"  {s['model']}: {line}", soft_wrap=True)
+    if result.get("images_per_second"):
+        out.print(
+            f"rendered {result['rendered_now']} images now, "
+            f"{result['images_per_second']:.2f} images/s across the models"
+        )
+
+
+def _figure(figure: dict[str, float | None], fmt: str = "{:.0f}") -> str:
+    if figure["estimate"] is None:
+        return "n/a"
+    lower = "-inf" if figure["lower"] is None else fmt.format(figure["lower"])
+    upper = "inf" if figure["upper"] is None else fmt.format(figure["upper"])
+    return f"{fmt.format(figure['estimate'])} [{lower}, {upper}]"
+
+
+@app.command(rich_help_panel="Lab")
+def validate(
+    ctx: typer.Context,
+    rollout: RolloutOpt = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per suite item.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="The outcome as JSON.")] = False,
+) -> None:
+    """Run the rollout's candidate against its route's model on the route's suites, with the
+    rollout's policy. A PASS is what `init` and `retry` ask for."""
+    import json
+
+    from controller.lab.validation import validate as run_validation
+
+    def run() -> None:
+        config = cli_config(ctx, check_paths=True)
+        plan = config.plan(rollout)
+        with open_store(config) as store:
+            store.upgrade()
+            try:
+                row, result = run_validation(config, store, plan, ctx.obj.actor, seeds)
+            except ValueError as exc:
+                raise Refused(str(exc)) from None
+        if as_json:
+            out.print_json(json.dumps({"decision": row.decision, "reason": row.reason, **result}))
+        else:
+            print_ranking(result)
+            colour = {"PASS": "green", "FAIL": "red"}.get(row.decision, "yellow")
+            suites = ", ".join(f"{k} v{v}" for k, v in row.suites.items())
+            out.print(
+                f"validation of {plan.name} on {suites}: [{colour}]{row.decision}[/{colour}] "
+                f"({row.reason})",
+                soft_wrap=True,
+            )
+        if row.decision != "PASS":
+            raise typer.Exit(EXIT_REFUSED)
+
+    guarded(run)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from sqlalchemy import select
 
 from controller.cli.core import (
     Refused,
@@ -20,13 +21,29 @@ from controller.cli.core import (
     open_store,
     out,
 )
+from controller.config import Config
 from controller.rollout.state_machine import Command, Refusal, Verb
 from controller.rollout.transitions import apply_command, create_rollout, get_rollout
+from controller.storage.store import Store
+from controller.storage.tables import Rollout
+
+SkipValidationOpt = Annotated[
+    bool,
+    typer.Option(
+        "--skip-validation",
+        help="Start without a passing `cutover validate` (needs --reason; recorded as forced).",
+    ),
+]
 
 
 @app.command(rich_help_panel="Rollout")
-def init(ctx: typer.Context) -> None:
-    """Create the database tables (migrations) and every rollout the config describes."""
+def init(
+    ctx: typer.Context,
+    skip_validation: SkipValidationOpt = False,
+    reason: Annotated[str, typer.Option("--reason", help="Why, with --skip-validation.")] = "",
+) -> None:
+    """Create the database tables (migrations) and every rollout the config describes; a new
+    rollout needs its candidate's passing validation (`cutover validate`)."""
 
     def run() -> None:
         config = cli_config(ctx)
@@ -34,8 +51,24 @@ def init(ctx: typer.Context) -> None:
             store.upgrade()
             if not config.plans():
                 out.print(f"database ready ({store.safe_url}); the config has no rollout yet")
+            notes = {}
             for plan in config.plans().values():
-                row, created = create_rollout(store, config, ctx.obj.actor, plan.name)
+                with store.reader() as session:
+                    if session.scalars(select(Rollout.id).where(Rollout.name == plan.name)).first():
+                        continue
+                notes[plan.name] = _validation_gate(
+                    ctx, store, config, plan.name, "init", skip_validation, reason
+                )
+            for plan in config.plans().values():
+                note = notes.get(plan.name, "")
+                row, created = create_rollout(
+                    store,
+                    config,
+                    ctx.obj.actor,
+                    plan.name,
+                    note=note,
+                    forced=note.startswith(SKIPPED_NOTE),
+                )
                 stored = [name for name, _ in row.stages]
                 wanted = [s.name for s in plan.stages]
                 if created:
@@ -156,9 +189,71 @@ def rollback(
 
 
 @app.command(rich_help_panel="Rollout")
-def retry(ctx: typer.Context, reason: ReasonOpt = "", rollout: RolloutOpt = None) -> None:
-    """Start a rolled-back rollout again from the first stage."""
-    _act(ctx, Command(Verb.RETRY, reason=reason), rollout)
+def retry(
+    ctx: typer.Context,
+    reason: ReasonOpt = "",
+    rollout: RolloutOpt = None,
+    skip_validation: SkipValidationOpt = False,
+) -> None:
+    """Start a rolled-back rollout again from the first stage; like `init`, it needs the
+    candidate's passing validation on the current suites."""
+
+    def gate() -> str:
+        config = cli_config(ctx)
+        name = config.plan(rollout).name
+        with open_store(config) as store:
+            store.require_schema()
+            with store.reader() as session:
+                if get_rollout(session, name).state != "rolled_back":
+                    return ""  # the state machine refuses the retry and says why
+            return _validation_gate(ctx, store, config, name, "retry", skip_validation, reason)
+
+    note = guarded(gate)
+    skipped = note.startswith(SKIPPED_NOTE)
+    text = "; ".join(part for part in (reason, note) if part)
+    _act(ctx, Command(Verb.RETRY, reason=text, force=skipped), rollout)
+
+
+SKIPPED_NOTE = "validation skipped"
+
+
+def _validation_gate(
+    ctx: typer.Context,
+    store: Store,
+    config: Config,
+    name: str,
+    verb: str,
+    skip: bool,
+    reason: str,
+) -> str:
+    """What the start's event says of the validation it rests on; refuses when there is none
+    and no recorded skip."""
+    from controller.lab.validation import (
+        SKIPPED,
+        passing,
+        record,
+        refusal,
+        route_suites,
+        suite_versions,
+    )
+
+    plan = config.plan(name)
+    with store.reader() as session:
+        found = passing(session, config, plan)
+        refused = None if found is not None else refusal(session, config, plan, verb)
+    if found is not None:
+        suites = ", ".join(f"{k} v{v}" for k, v in found.suites.items())
+        return f"validation {found.id} PASS on {suites}"
+    if not skip:
+        raise Refused(refused)
+    if not reason.strip():
+        raise Refused(f"--skip-validation needs --reason so the audit trail says why ({name})")
+    suites = suite_versions(route_suites(config, plan))
+    row = record(store, config, plan, suites, SKIPPED, reason, ctx.obj.actor)
+    err.print(
+        f"[yellow]warning:[/yellow] {name}: validation skipped (recorded as forced, {row.id})"
+    )
+    return f"{SKIPPED_NOTE} by {ctx.obj.actor}: {reason}"
 
 
 @app.command(rich_help_panel="Rollout")

@@ -203,8 +203,8 @@ def _gallery(check: Any, pairs: list[dict[str, Any]]) -> dict[str, Any]:
                 "prompt": row["prompt"],
                 "request_id": row["request_id"],
                 "stage": row["stage"],
-                "incumbent": _data_uri(row[Arm.INCUMBENT]["artifact"]),
-                "candidate": _data_uri(row[Arm.CANDIDATE]["artifact"]),
+                "incumbent": data_uri(row[Arm.INCUMBENT]["artifact"]),
+                "candidate": data_uri(row[Arm.CANDIDATE]["artifact"]),
                 "scores": row[Arm.CANDIDATE]["scores"],
             }
             for v, row in ranked
@@ -256,7 +256,8 @@ def _failures(session: Session, rollout: Rollout) -> list[dict[str, Any]]:
     ]
 
 
-def _data_uri(path: str | None) -> str | None:
+def data_uri(path: str | None) -> str | None:
+    """An image file inlined (reports are single files that open offline)."""
     if not path or not Path(path).exists():
         return None
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()

@@ -226,6 +226,7 @@ def _retry(view: RolloutView, command: Command, evidence: Evidence) -> Decision:
         state_for_stage(view.stages, 0),
         0,
         command.reason or "retry from the first stage",
+        forced=command.force,
         new_stage=True,
     )
 

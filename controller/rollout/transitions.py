@@ -75,9 +75,16 @@ def get_rollout(session: Session, name: str) -> Rollout:
 
 
 def create_rollout(
-    store: Store, config: Config, actor: str, rollout: str | None = None
+    store: Store,
+    config: Config,
+    actor: str,
+    rollout: str | None = None,
+    *,
+    note: str = "",
+    forced: bool = False,
 ) -> tuple[Rollout, bool]:
-    """Create the rollout row and its first event; return (row, created)."""
+    """Create the rollout row and its first event; return (row, created). `note` joins the
+    event's reason (the validation it rests on); `forced` marks a start without one."""
     plan = config.plan(rollout)
     with store.session() as session:
         existing = session.scalars(select(Rollout).where(Rollout.name == plan.name)).one_or_none()
@@ -111,7 +118,9 @@ def create_rollout(
                 from_stage=None,
                 to_state=row.state,
                 to_stage=stages[0].name,
-                reason=f"route {plan.route.value}: candidate {row.candidate} against incumbent {row.incumbent}",
+                reason=f"route {plan.route.value}: candidate {row.candidate} against incumbent "
+                f"{row.incumbent}" + (f"; {note}" if note else ""),
+                forced=forced,
             )
         )
     log.info("rollout_created", rollout=plan.name, stage=stages[0].name, actor=actor)

@@ -41,26 +41,14 @@ def build_app(config: Config) -> Any:
     `in_router` gets no deployment: each router replica serves it in-process, and holds its
     CPUs and GPUs."""
     from controller.serving.router import Router
-    from workers.model_server import ModelServer
 
     data, base_dir = config.to_wire()
     level = configured_level()  # replicas log at the level of the command that deployed them
-    servers = {}
-    for name in config.models_in_use():
-        model = config.models[name]
-        if model.in_router:
-            continue
-        servers[name] = ModelServer.options(
-            name=name,
-            num_replicas=model.replicas,
-            ray_actor_options={
-                "num_cpus": model.num_cpus,
-                "num_gpus": model.num_gpus,
-                "runtime_env": {"env_vars": REPLICA_ENV},
-            },
-            max_ongoing_requests=max(64, model.max_batch_size * 4),
-            logging_config=NO_ACCESS_LOG,
-        ).bind(name, model.model_dump(mode="json"), base_dir, str(config.log_path), level)
+    servers = {
+        name: model_deployment(config, name, level)
+        for name in config.models_in_use()
+        if not config.models[name].in_router
+    }
     cpus, gpus = router_resources(config)
     return Router.options(
         name=ROUTER,
@@ -73,6 +61,32 @@ def build_app(config: Config) -> Any:
         max_ongoing_requests=1000,
         logging_config=NO_ACCESS_LOG,
     ).bind(data, base_dir, servers, level)
+
+
+def model_deployment(config: Config, name: str, level: str | None = None) -> Any:
+    """One model of the pool as a ModelServer deployment, named after the model (the router's
+    graph binds these; a bake-off runs each as an application of its own)."""
+    from workers.model_server import ModelServer
+
+    model = config.models[name]
+    _, base_dir = config.to_wire()
+    return ModelServer.options(
+        name=name,
+        num_replicas=model.replicas,
+        ray_actor_options={
+            "num_cpus": model.num_cpus,
+            "num_gpus": model.num_gpus,
+            "runtime_env": {"env_vars": REPLICA_ENV},
+        },
+        max_ongoing_requests=max(64, model.max_batch_size * 4),
+        logging_config=NO_ACCESS_LOG,
+    ).bind(
+        name,
+        model.model_dump(mode="json"),
+        base_dir,
+        str(config.log_path),
+        level or configured_level(),
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:

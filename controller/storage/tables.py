@@ -243,3 +243,70 @@ class ControllerLease(Base):
     holder: Mapped[str] = mapped_column(String(128))
     acquired_at: Mapped[datetime] = mapped_column(UtcDateTime)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class LabRun(Base):
+    """One bake-off or validation: what it renders (suites, models, seeds), found again by `key`.
+
+    A rerun with the same suites, models and seeds finds its run by key and renders only
+    what has no row in `lab_outputs` yet: that is what makes a bake-off resumable.
+    """
+
+    __tablename__ = "lab_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # bakeoff | validate
+    suites: Mapped[dict[str, Any]] = mapped_column(JSON)  # {suite: version}
+    models: Mapped[dict[str, Any]] = mapped_column(JSON)  # {model: its pipeline}
+    baseline: Mapped[str] = mapped_column(String(64))
+    seeds: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # The last comparison: ranking, figures and each model's lines (`controller/lab/compare.py`).
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class LabOutput(Base):
+    """One image a lab run rendered: a suite item at one seed on one model, and its scores."""
+
+    __tablename__ = "lab_outputs"
+    __table_args__ = (
+        UniqueConstraint("run_id", "model", "unit", name="uq_lab_output_run_model_unit"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("lab_runs.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(64))
+    unit: Mapped[str] = mapped_column(String(160))  # suite/item/seed index
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # {probe: value or None}; probe errors under "errors". Null until scored.
+    scores: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class Validation(Base):
+    """A rollout's candidate checked on its route's suites (`cutover validate`), or a recorded
+    skip of that check: what `init` and `retry` look for before they start a rollout."""
+
+    __tablename__ = "validations"
+    __table_args__ = (Index("ix_validations_rollout_time", "rollout", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout: Mapped[str] = mapped_column(String(64))
+    candidate: Mapped[str] = mapped_column(Text)  # as the audit trail names it: name (pipeline)
+    incumbent: Mapped[str] = mapped_column(Text)
+    suites: Mapped[dict[str, Any]] = mapped_column(JSON)  # {suite: version}
+    decision: Mapped[str] = mapped_column(String(16))  # PASS, FAIL, INCONCLUSIVE, SKIPPED
+    forced: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    figures: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("lab_runs.id", ondelete="SET NULL"), nullable=True
+    )

@@ -1,0 +1,456 @@
+"""A lab run, end to end: render every unit on every model, score, compare, rank; resumable.
+
+Rounds of units go to every model at once (`render.py`). While the next round renders,
+this process scores the last one (OCR of quoted text on each image, and each model's
+colour shift against the baseline's image of the same item and seed) and folds every
+settled pair into that model's comparison (`compare.py`). A model a critical check shows
+worse than the baseline stops being rendered.
+
+Every rendered image is a row of `lab_outputs` the moment it arrives, and its scores
+are written onto that row, so a run killed at any point resumes where it stopped: a
+rerun finds its `lab_runs` row by key (the suites' versions, the models' pipelines, the
+baseline and the seeds) and renders only what has no row yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from controller.config import Config
+from controller.lab.compare import (
+    LabImage,
+    ModelTally,
+    Standing,
+    bakeoff_alpha,
+    lab_policy,
+    lines,
+    losing,
+    median_figure,
+    rank,
+)
+from controller.lab.render import LabUnit, routes_served, units_of
+from controller.lab.suites import Suite, find_suite, load_suite
+from controller.storage.artifacts import artifact_path, store_artifact
+from controller.storage.store import Store
+from controller.storage.tables import LabOutput, LabRun, utcnow
+from policies.checks import CheckResult
+from policies.policy import Check, Policy
+from policies.probes.colour import colour_shift
+from policies.probes.typography import ENGINES, typography_cer
+from workers.images import from_png
+from workers.jobs import ImageResult, OutputStatus
+
+log = structlog.get_logger("cutover.lab")
+
+
+@dataclass(frozen=True)
+class Judging:
+    """The checks a run applies and each one's alpha."""
+
+    policy: Policy
+    alpha_for: Callable[[Check], float]
+    figure_alpha: float  # each latency and cost interval's
+
+
+def bakeoff_judging(policy: Policy, compared: int) -> Judging:
+    """Zero tolerance, one alpha over every check of every model (`compare.py` says why)."""
+    lab = lab_policy(policy)
+    return Judging(lab, bakeoff_alpha(lab, compared), lab.alpha / (compared + 1))
+
+
+def validation_judging(policy: Policy) -> Judging:
+    """The rollout's own policy, tolerances and alphas as in shadow."""
+    return Judging(policy, policy.alpha_for, policy.alpha / 2)
+
+
+@dataclass(frozen=True)
+class LabPlan:
+    """What a run renders: units (suite items at seeds) on the baseline and each model."""
+
+    kind: str  # bakeoff | validate
+    suites: dict[str, int]  # suite: version
+    models: list[str]  # compared with the baseline
+    baseline: str
+    seeds: int
+    units: list[LabUnit]
+    suite_files: dict[str, str]  # suite: the file it was read from (the report reads items)
+    pipelines: dict[str, str]  # every model of the run (baseline too): its pipeline
+    devices: dict[str, float]  # GPUs (else CPUs) each model's replica holds: its cost
+
+    @property
+    def everyone(self) -> list[str]:
+        return [self.baseline, *self.models]
+
+    @property
+    def key(self) -> str:
+        """The same suites, models, pipelines, baseline and seeds find the same run."""
+        what = [self.kind, self.suites, self.pipelines, self.baseline, self.models, self.seeds]
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def plan_run(
+    config: Config,
+    suite_names: list[str],
+    models: list[str],
+    baseline: str,
+    seeds: int,
+    kind: str = "bakeoff",
+) -> LabPlan:
+    """Check the names and build the plan; a ValueError says which name is wrong and why."""
+    pool = ", ".join(config.models)
+    for name in [baseline, *models]:
+        if name not in config.models:
+            raise ValueError(f"there is no model {name!r} in the config's models: ({pool})")
+    if baseline in models:
+        raise ValueError(f"--baseline {baseline!r} is also in --models; compare it with others")
+    if len(set(models)) != len(models) or not models:
+        raise ValueError("--models needs one or more distinct model names, for example A,B,C")
+    files: list[tuple[Suite, Path]] = []
+    for name in suite_names:
+        path = find_suite(name)
+        files.append((load_suite(path), path))
+    routes = routes_served(config, [baseline, *models])
+    units = units_of(files, seeds, routes)
+    if not units:
+        kinds = sorted({config.models[m].kind.value for m in [baseline, *models]})
+        raise ValueError(
+            f"the suites have no item that every model can serve (kinds {', '.join(kinds)}); "
+            "choose suites of the models' route, or models of one kind"
+        )
+    everyone = [baseline, *models]
+    return LabPlan(
+        kind,
+        {suite.suite: suite.version for suite, _ in files},
+        list(models),
+        baseline,
+        seeds,
+        units,
+        {suite.suite: str(path.resolve()) for suite, path in files},
+        {m: config.models[m].pipeline for m in everyone},
+        {m: config.models[m].num_gpus or config.models[m].num_cpus for m in everyone},
+    )
+
+
+class LabScorer:
+    """The probes a lab image gets: the typography CER of the prompt's quoted text, and for a
+    compared model the colour shift against the baseline's image of the same unit."""
+
+    def __init__(self, policy: Policy, artifacts: Path) -> None:
+        self.engine_name = policy.ocr_engine
+        self.artifacts = artifacts
+        self._local = threading.local()
+
+    def _ocr(self) -> Any:
+        if not hasattr(self._local, "engine"):
+            self._local.engine = ENGINES[self.engine_name]()
+        return self._local.engine
+
+    def image(self, sha256: str) -> Any:
+        return from_png(artifact_path(self.artifacts, sha256).read_bytes())
+
+    def score(self, prompt: str, sha256: str, baseline_sha256: str | None) -> dict[str, Any]:
+        values: dict[str, float] = {}
+        errors: dict[str, str] = {}
+        probes: dict[str, Callable[[Any], float | None]] = {
+            "typography_cer": lambda img: typography_cer(prompt, img, self._ocr())
+        }
+        if baseline_sha256 is not None:
+            probes["colour_shift_de"] = lambda img: colour_shift(img, self.image(baseline_sha256))
+        try:
+            image = self.image(sha256)
+        except OSError as exc:
+            return {"values": {}, "errors": dict.fromkeys(probes, f"image unreadable: {exc}")}
+        for name, probe in probes.items():
+            try:
+                value = probe(image)
+            except Exception as exc:  # a probe's failure is a probe error, never a model's
+                errors[name] = f"{type(exc).__name__}: {exc}"[:500]
+                log.warning("probe_failed", probe=name, error=errors[name])
+                continue
+            if value is not None:
+                values[name] = float(value)
+        return {"values": values, "errors": errors}
+
+
+@dataclass
+class RunStats:
+    rendered: int = 0
+    render_seconds: float = 0.0
+    by_model: dict[str, int] = field(default_factory=dict)
+
+
+class LabSession:
+    """One invocation of a bake-off or validation: `run()` renders what is missing, then ranks."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        plan: LabPlan,
+        judging: Judging,
+        renderer: Any,
+        *,
+        round_size: int = 32,
+        early_stop: bool = True,
+        on_recorded: Callable[[int], None] | None = None,
+    ) -> None:
+        self.config, self.store, self.plan, self.judging = config, store, plan, judging
+        self.renderer = renderer
+        self.round_size = round_size
+        self.early_stop = early_stop
+        self.on_recorded = on_recorded  # called with the run's row count after each image
+        self.scorer = LabScorer(judging.policy, config.artifact_path)
+        self.stats = RunStats()
+        self.run_id, self.result = self._open()
+        self.rows: dict[tuple[str, str], LabOutput] = self._existing()
+        self.tallies = {m: ModelTally(m, judging.policy, plan.devices[m]) for m in plan.models}
+        for model, claims in (self.result or {}).get("claims", {}).items():
+            self.tallies[model].claims = {k: CheckResult(**v) for k, v in claims.items()}
+        for model, reason in (self.result or {}).get("stopped", {}).items():
+            self.tallies[model].stopped = reason
+        self._folded: set[tuple[str, str]] = set()
+        self._submitted_at = 0.0
+        self._scoring: ThreadPoolExecutor | None = None
+
+    def _open(self) -> tuple[int, dict[str, Any] | None]:
+        plan = self.plan
+        with self.store.session() as session:
+            row = session.scalars(select(LabRun).where(LabRun.key == plan.key)).one_or_none()
+            if row is None:
+                row = LabRun(
+                    key=plan.key,
+                    kind=plan.kind,
+                    suites=plan.suites,
+                    models=plan.pipelines,
+                    baseline=plan.baseline,
+                    seeds=plan.seeds,
+                    created_at=utcnow(),
+                )
+                session.add(row)
+                session.flush()
+                log.info("lab_run_started", run=row.id, kind=plan.kind, units=len(plan.units))
+            else:
+                log.info("lab_run_resumed", run=row.id, kind=plan.kind)
+            return row.id, row.result
+
+    def _existing(self) -> dict[tuple[str, str], LabOutput]:
+        with self.store.reader() as session:
+            rows = session.scalars(select(LabOutput).where(LabOutput.run_id == self.run_id)).all()
+            session.expunge_all()
+        return {(r.model, r.unit): r for r in rows}
+
+    def run(self) -> dict[str, Any]:
+        """Render, score and compare every round; the result (also stored on the run's row)."""
+        rounds = [
+            self.plan.units[i : i + self.round_size]
+            for i in range(0, len(self.plan.units), self.round_size)
+        ]
+        with ThreadPoolExecutor(2, thread_name_prefix="cutover-lab-score") as scoring:
+            self._scoring = scoring
+            for units in rounds:  # what an earlier invocation rendered is folded first
+                self._settle(units)
+            pending = self._submit(rounds[0]) if rounds else []
+            for index, units in enumerate(rounds):
+                self._collect(pending)
+                pending = self._submit(rounds[index + 1]) if index + 1 < len(rounds) else []
+                self._settle(units)
+                self._judge(final=False)
+        return self._judge(final=True)
+
+    def _active(self) -> list[str]:
+        return [self.plan.baseline] + [m for m, t in self.tallies.items() if t.stopped is None]
+
+    def _submit(self, units: list[LabUnit]) -> list[tuple[str, LabUnit, Any]]:
+        size = self.config.server.default_size
+        started = time.perf_counter()
+        pending = []
+        for unit in units:
+            job = None
+            for model in self._active():
+                if (model, unit.key) in self.rows:
+                    continue
+                job = job or unit.job(size)
+                pending.append((model, unit, self.renderer.submit(model, job)))
+        self._submitted_at = started
+        return pending
+
+    def _collect(self, pending: list[tuple[str, LabUnit, Any]]) -> None:
+        for model, unit, response in pending:
+            try:
+                result = self.renderer.result(response)
+            except Exception as exc:  # the replica died: a model error, recorded like one
+                result = ImageResult(OutputStatus.ERROR, error=f"{type(exc).__name__}: {exc}")
+            self._record(model, unit, result)
+        if pending:
+            self.stats.render_seconds += time.perf_counter() - self._submitted_at
+
+    def _record(self, model: str, unit: LabUnit, result: ImageResult) -> None:
+        sha = store_artifact(self.config.artifact_path, result.png) if result.png else None
+        row = LabOutput(
+            run_id=self.run_id,
+            model=model,
+            unit=unit.key,
+            status=result.status,
+            error=result.error,
+            latency_ms=result.latency_ms,
+            batch_size=result.batch_size or None,
+            artifact_sha256=sha,
+            created_at=utcnow(),
+        )
+        try:
+            with self.store.session() as session:
+                session.add(row)
+                session.flush()
+                session.expunge(row)
+        except IntegrityError:  # another invocation of the same run recorded it first
+            return
+        self.rows[(model, unit.key)] = row
+        self.stats.rendered += 1
+        self.stats.by_model[model] = self.stats.by_model.get(model, 0) + 1
+        log.info(
+            "lab_rendered",
+            request_id=f"lab:{unit.key}",
+            rollout=self.plan.kind,
+            role=model,
+            status=result.status,
+            latency_ms=round(result.latency_ms, 1),
+        )
+        if self.on_recorded is not None:
+            self.on_recorded(len(self.rows))
+
+    def _settle(self, units: list[LabUnit]) -> None:
+        """Score what is unscored among these units, then fold every pair that is complete."""
+        work = []
+        for unit in units:
+            base = self.rows.get((self.plan.baseline, unit.key))
+            for model in self.plan.everyone:
+                row = self.rows.get((model, unit.key))
+                if row is None or row.scores is not None:
+                    continue
+                if row.status != OutputStatus.OK or row.artifact_sha256 is None:
+                    row.scores = {"values": {}, "errors": {}}
+                    work.append((row, None))
+                    continue
+                partner = None
+                if model != self.plan.baseline and base is not None:
+                    partner = base.artifact_sha256 if base.status == OutputStatus.OK else None
+                score = self.scorer.score
+                prompt = unit.item.prompt
+                assert self._scoring is not None
+                work.append(
+                    (row, self._scoring.submit(score, prompt, row.artifact_sha256, partner))
+                )
+        if work:
+            with self.store.session() as session:
+                for row, future in work:
+                    if future is not None:
+                        row.scores = future.result()
+                    session.execute(
+                        update(LabOutput).where(LabOutput.id == row.id).values(scores=row.scores)
+                    )
+        for unit in units:
+            base = self.rows.get((self.plan.baseline, unit.key))
+            if base is None or base.scores is None:
+                continue
+            for model, tally in self.tallies.items():
+                row = self.rows.get((model, unit.key))
+                if row is None or row.scores is None or (model, unit.key) in self._folded:
+                    continue
+                self._folded.add((model, unit.key))
+                tally.fold(_image(row), _image(base), self.plan.devices[self.plan.baseline])
+
+    def _judge(self, final: bool) -> dict[str, Any]:
+        judging = self.judging
+        standings: list[Standing] = []
+        for model, tally in self.tallies.items():
+            now = tally.standing(judging.alpha_for, judging.figure_alpha)
+            if self.early_stop and tally.stopped is None and not final:
+                tally.stopped = losing(now)
+                if tally.stopped:
+                    log.warning(
+                        "lab_model_stopped",
+                        rollout=self.plan.kind,
+                        role=model,
+                        pairs=now.units,
+                        reason=tally.stopped,
+                    )
+            standings.append(dataclasses.replace(now, stopped=tally.stopped))
+        ranked = rank(standings)
+        said = lines(ranked)
+        base = [
+            r.latency_ms
+            for (m, _), r in self.rows.items()
+            if m == self.plan.baseline and r.status == OutputStatus.OK and r.latency_ms
+        ]
+        result = {
+            "kind": self.plan.kind,
+            "run": self.run_id,
+            "baseline": self.plan.baseline,
+            "suites": self.plan.suites,
+            "suite_files": self.plan.suite_files,
+            "seeds": self.plan.seeds,
+            "units": len(self.plan.units),
+            "alpha": judging.policy.alpha,
+            "rendered_now": self.stats.rendered,
+            "images_per_second": (
+                self.stats.rendered / self.stats.render_seconds
+                if self.stats.render_seconds
+                else None
+            ),
+            "baseline_latency_ms_p50": median_figure(base, judging.figure_alpha).as_dict(),
+            "ranking": [{**s.as_dict(), "lines": said[s.model]} for s in ranked],
+            "claims": {
+                m: {k: v.as_dict() for k, v in t.claims.items()} for m, t in self.tallies.items()
+            },
+            "stopped": {m: t.stopped for m, t in self.tallies.items() if t.stopped},
+        }
+        with self.store.session() as session:
+            session.execute(
+                update(LabRun)
+                .where(LabRun.id == self.run_id)
+                .values(result=result, finished_at=utcnow() if final else None)
+            )
+        self.result = result
+        return result
+
+
+def _image(row: LabOutput) -> LabImage:
+    scores = row.scores or {}
+    return LabImage(
+        row.unit,
+        row.status,
+        latency_ms=row.latency_ms,
+        batch_size=row.batch_size,
+        scores=scores.get("values", {}),
+        errors=scores.get("errors", {}),
+    )
+
+
+def run_on_ray(
+    config: Config, store: Store, plan: LabPlan, judging: Judging, **options: Any
+) -> dict[str, Any]:
+    """Deploy the plan's models, run the session, take the models down again."""
+    import logging
+
+    from controller.lab.render import LabRenderer
+
+    for name in ("ray", "ray.serve"):  # Serve's INFO lines per deployment would drown the result
+        logging.getLogger(name).setLevel(logging.WARNING)
+    renderer = LabRenderer(config, plan.everyone)
+    try:
+        return LabSession(config, store, plan, judging, renderer, **options).run()
+    finally:
+        renderer.close()
