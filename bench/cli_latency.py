@@ -30,7 +30,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cutover-bench-"))
     shutil.copy(REPO / "examples" / "cutover.yaml", work / "cutover.yaml")
     base = [sys.executable, "-m", "controller", "-c", str(work / "cutover.yaml")]
-    subprocess.run([*base, "init", "--skip-validation", "--reason", "bench"], check=True, capture_output=True)
+    subprocess.run(
+        [*base, "init", "--skip-validation", "--reason", "bench"], check=True, capture_output=True
+    )
     print(f"{'command':<28} {'median s':>9} {'min s':>7} {'max s':>7}  (runs={args.runs})")
     for label, extra in (
         ("cutover status", ["status"]),

@@ -76,7 +76,12 @@ def test_tinted_erroring_and_worse_typography_models_rank_below_the_baseline():
     ranked = rank(result.standings.values())
     assert ranked[0].model == "good" and ranked[0].verdict == "level"
     verdicts = {s.model: s.verdict for s in ranked}
-    assert verdicts == {"good": "level", "tinted": "worse", "erroring": "worse", "blurry-text": "worse"}
+    assert verdicts == {
+        "good": "level",
+        "tinted": "worse",
+        "erroring": "worse",
+        "blurry-text": "worse",
+    }
     said = lines(ranked)
     assert any(line.startswith("worse than baseline on colour_shift") for line in said["tinted"])
     assert any("error_rate" in line for line in said["erroring"])

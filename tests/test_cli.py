@@ -207,7 +207,12 @@ def test_human_status_and_history_render(config_path):
 def test_actor_defaults_to_os_user_and_real_process_exit_codes(tmp_path, sqlite_url):
     path = write_config(tmp_path, base_config(sqlite_url))
     run = [sys.executable, "-m", "controller", "-c", str(path)]
-    assert subprocess.run([*run, "init", "--skip-validation", "--reason", "test"], capture_output=True, timeout=60).returncode == 0
+    assert (
+        subprocess.run(
+            [*run, "init", "--skip-validation", "--reason", "test"], capture_output=True, timeout=60
+        ).returncode
+        == 0
+    )
     refused = subprocess.run([*run, "finalize"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "finalize needs the rollout promoted" in refused.stderr
     history = subprocess.run(

@@ -61,7 +61,18 @@ def run_init(path, *flags, env_level=None):
     if env_level:
         env["CUTOVER_LOG_LEVEL"] = env_level
     return subprocess.run(
-        [sys.executable, "-m", "controller", *flags, "-c", str(path), "init", "--skip-validation", "--reason", "test"],
+        [
+            sys.executable,
+            "-m",
+            "controller",
+            *flags,
+            "-c",
+            str(path),
+            "init",
+            "--skip-validation",
+            "--reason",
+            "test",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
