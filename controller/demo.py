@@ -7,8 +7,11 @@ candidate of the same quality) must reach 100% by auto-advance, `regression`
 (the same candidate with a colour tint and extra errors injected) must be
 rolled back by the judge, and `edit` runs two rollouts side by side: a 1%
 canary of an img2img candidate on the `edit` route while a text-to-image
-candidate goes through its stages on `generate`; both must reach 100%. Every
-process it starts is stopped before it returns.
+candidate goes through its stages on `generate`; both must reach 100%. Each
+rollout is validated on its route's suites first (`cutover validate`), and the summary
+says where a defect was caught: in validation, in shadow, or both. `bakeoff` ranks four
+variants of the incumbent (a colour tint, 20% errors, slow, and a good one) against it.
+Every process it starts is stopped before it returns.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +50,19 @@ EXPECTED = {
     "healthy": {"demo-healthy": "promoted"},
     "regression": {"demo-regression": "rolled_back"},
     "edit": {"demo-edit-generate": "promoted", "demo-edit-edit": "promoted"},
+    # The bake-off's ranking: the good variant first, each defective one worse than the baseline.
+    "bakeoff": {"good": "level", "tint": "worse", "errors": "worse", "slow": "worse"},
 }
+# The four candidates of the bake-off: the incumbent's weights with one defect each (or none).
+VARIANTS = {
+    "tint": {"tint": [70, 10, -50]},
+    "errors": {"error_percent": 20},
+    "slow": {"delay": 0.4, "delay_percent": 100},
+    "good": {},
+}
+# The suites each route validates on in the demo, and seeds per item: enough pairs for the
+# demo policy's min_samples (20), few enough to validate in seconds.
+DEMO_SUITES = {"generate": (["colour", "composition"], 1), "edit": (["edits"], 4)}
 FAULTS = {"healthy": {}, "regression": {"tint": [70, 10, -50], "error_percent": 20}}
 ENDED = ("promoted", "rolled_back", "paused", "aborted")
 EDIT_SHARE = 0.4  # of the edit scenario's requests
@@ -61,11 +76,24 @@ class Outcome:
     requests: int
     reason: str
     reports: list[Path]
+    validations: dict[str, str] = field(default_factory=dict)  # rollout: decision
 
     @property
     def ok(self) -> bool:
         ended = {name: state.split("@")[0] for name, state in self.states.items()}
+        if self.scenario == "bakeoff":
+            return ended == EXPECTED["bakeoff"] and next(iter(self.states)) == "good"
         return ended == EXPECTED[self.scenario]
+
+    @property
+    def caught(self) -> str:
+        """Where a defect was caught: in validation, in shadow (rolled back), both, or nowhere."""
+        places = []
+        if any(d == "FAIL" for d in self.validations.values()):
+            places.append("validation")
+        if any(state.startswith("rolled_back") for state in self.states.values()):
+            places.append("shadow")
+        return " and ".join(places) or "-"
 
 
 def write_config(workdir: Path, scenario: str, port: int) -> Path:
@@ -116,6 +144,21 @@ def write_config(workdir: Path, scenario: str, port: int) -> Path:
     }
     if scenario == "edit":
         _as_playbook(data, models, model, rollout)
+    elif scenario == "bakeoff":
+        data["models"] = {
+            "incumbent": data["models"]["incumbent"],
+            **{
+                name: {**data["models"]["incumbent"], "faults": faults}
+                for name, faults in VARIANTS.items()
+            },
+        }
+        data["routes"] = {"generate": {"model": "incumbent"}}
+        data.pop("rollout")
+    else:
+        data["routes"] = {"generate": {"model": "incumbent"}}
+        data["rollouts"] = {data["name"]: {"candidate": "candidate", **data.pop("rollout")}}
+    for route, settings in data["routes"].items():
+        settings["suites"] = DEMO_SUITES[route][0]
     path = workdir / f"{scenario}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -243,12 +286,11 @@ def run_scenario(
     from controller.serving import app as serving
     from policies.policy import load_policy
 
+    started = time.monotonic()
     config = load_config(write_config(workdir, scenario, port), check_paths=True)
     store = Store.for_config(config)
     store.upgrade()
-    for name in config.plans():
-        create_rollout(store, config, "demo", name)
-    started = time.monotonic()
+    validations = {name: _validate_then_create(store, config, name) for name in config.plans()}
     serving.start(config, http_port=port)
     _wait_healthy(f"http://127.0.0.1:{port}")
     pool = ScorerPool(config)
@@ -307,6 +349,61 @@ def run_scenario(
             for r in overview["rollouts"]
         ),
         reports,
+        validations,
+    )
+
+
+def _validate_then_create(store: Store, config: Config, name: str) -> str:
+    """Validation first, as `cutover init` asks. A candidate that fails it still goes on to
+    shadow here (the skip recorded as forced), to show shadow catching the same defect."""
+    from controller.lab.validation import SKIPPED, record, validate
+
+    plan = config.plan(name)
+    row, _ = validate(config, store, plan, "demo", seeds=DEMO_SUITES[plan.route.value][1])
+    note = f"validation {row.id} {row.decision}"
+    if row.decision != "PASS":
+        record(
+            store,
+            config,
+            plan,
+            row.suites,
+            SKIPPED,
+            f"demo: validation was {row.decision}; shadowing anyway to show shadow catch it too",
+            "demo",
+        )
+    create_rollout(store, config, "demo", name, note=note, forced=row.decision != "PASS")
+    log.info("demo_validated", rollout=name, decision=row.decision, reason=row.reason)
+    return row.decision
+
+
+def run_bakeoff(workdir: Path, port: int, console: Console) -> Outcome:
+    """The four variants against the incumbent on the demo's suites; writes the report."""
+    from controller.cli.lab import print_ranking
+    from controller.lab.runs import bakeoff_judging, plan_run, run_on_ray
+    from controller.review.bakeoff_report import build_bakeoff_report
+    from policies.policy import load_policy
+
+    started = time.monotonic()
+    config = load_config(write_config(workdir, "bakeoff", port), check_paths=True)
+    store = Store.for_config(config)
+    store.upgrade()
+    suites, _ = DEMO_SUITES["generate"]
+    plan = plan_run(config, suites, list(VARIANTS), "incumbent", seeds=2)
+    result = run_on_ray(
+        config, store, plan, bakeoff_judging(load_policy(DEMO_POLICY), len(VARIANTS))
+    )
+    print_ranking(result)
+    report = workdir / "report-bakeoff.html"
+    with store.reader() as session:
+        report.write_text(build_bakeoff_report(session, config, result["run"]), encoding="utf-8")
+    store.close()
+    return Outcome(
+        "bakeoff",
+        {s["model"]: s["verdict"] for s in result["ranking"]},
+        time.monotonic() - started,
+        result["rendered_now"],
+        "; ".join(f"{s['model']}: {' / '.join(s['lines'])}" for s in result["ranking"]),
+        [report],
     )
 
 
@@ -352,7 +449,12 @@ def run_demo(
         from ray import serve
 
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        return [run_scenario(s, workdir, port, console, timeout) for s in scenarios]
+        return [
+            run_bakeoff(workdir, port, console)
+            if s == "bakeoff"
+            else run_scenario(s, workdir, port, console, timeout)
+            for s in scenarios
+        ]
     finally:
         from controller.serving import app as serving
 
@@ -361,13 +463,14 @@ def run_demo(
 
 def render_summary(outcomes: list[Outcome]) -> Group:
     table = Table(title="cutover demo", title_justify="left")
-    for column in ("scenario", "ended", "expected", "requests", "seconds", "why"):
+    for column in ("scenario", "ended", "expected", "caught in", "requests", "seconds", "why"):
         table.add_column(column, overflow="fold")
     for o in outcomes:
         table.add_row(
             o.scenario,
             ", ".join(f"{name} {state}" for name, state in o.states.items()),
             ", ".join(EXPECTED[o.scenario].values()),
+            o.caught,
             str(o.requests),
             f"{o.seconds:.0f}",
             o.reason[:300],

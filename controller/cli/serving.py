@@ -163,7 +163,7 @@ def demo(
 
     if scenario not in (*EXPECTED, "all", "both"):
         err.print(
-            f"[red]refused:[/red] --scenario {scenario!r}: use healthy, regression, edit or all"
+            f"[red]refused:[/red] --scenario {scenario!r}: use healthy, regression, edit, bakeoff or all"
         )
         raise typer.Exit(EXIT_REFUSED)
     scenarios = list(EXPECTED) if scenario in ("all", "both") else [scenario]
