@@ -57,7 +57,7 @@ EXPECTED = {
 VARIANTS = {
     "tint": {"tint": [70, 10, -50]},
     "errors": {"error_percent": 20},
-    "slow": {"delay": 0.4, "delay_percent": 100},
+    "slow": {"step_delay": 0.3},  # every denoising step 0.3 s slower, as on a throttled device
     "good": {},
 }
 # The suites each route validates on in the demo, and seeds per item: enough pairs for the
@@ -388,7 +388,7 @@ def run_bakeoff(workdir: Path, port: int, console: Console) -> Outcome:
     store = Store.for_config(config)
     store.upgrade()
     suites, _ = DEMO_SUITES["generate"]
-    plan = plan_run(config, suites, list(VARIANTS), "incumbent", seeds=2)
+    plan = plan_run(config, suites, list(VARIANTS), "incumbent", seeds=4)
     result = run_on_ray(
         config, store, plan, bakeoff_judging(load_policy(DEMO_POLICY), len(VARIANTS))
     )

@@ -12,7 +12,8 @@ step() { printf '\n\033[1m$ cutover %s\033[0m\n' "$*"; "$cutover" "$@"; }
 refused() { printf '\n\033[1m$ cutover %s\033[0m   (expected to be refused)\n' "$*"; if "$cutover" "$@"; then echo "expected a refusal" >&2; exit 1; fi; }
 
 step --help
-step init
+refused init
+step init --skip-validation --reason "walkthrough: no models built, so no validation"
 step status
 refused advance
 step advance --force --reason "walkthrough: no traffic yet, so no verdict"
@@ -21,7 +22,8 @@ refused advance --force --reason "paused rollouts do not move"
 step resume
 step rollback --reason "walkthrough: rehearse a rollback"
 refused advance
-step retry
+refused retry
+step retry --skip-validation --reason "walkthrough: still no models"
 step status --json
 step history
 printf '\nwork directory: %s\n' "$work"

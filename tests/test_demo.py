@@ -76,8 +76,17 @@ def test_demo_scenario(tmp_path, scenario, state, stage):
             ),
             {"n": f"demo-{scenario}"},
         ).all()
+        validation = conn.execute(
+            text("SELECT decision, suites FROM validations WHERE decision != 'SKIPPED'")
+        ).one()
     engine.dispose()
     assert row.state == state
+    # Validation ran first: the healthy candidate passed it; the regression was caught there
+    # (FAIL) and, shadowed anyway with the skip recorded, caught again in shadow.
+    assert validation.decision == ("FAIL" if scenario == "regression" else "PASS")
+    assert "validation" in events[0].reason
+    caught = "validation and shadow" if scenario == "regression" else "-"
+    assert caught in result.stdout, result.stdout[-3000:]
     if scenario == "regression":
         verb, actor, reason = events[-1]
         assert verb == "rollback" and actor.startswith("controller@")
@@ -100,6 +109,36 @@ def test_demo_scenario(tmp_path, scenario, state, stage):
     assert (workdir / f"report-{scenario}.html").stat().st_size > 10_000
     assert not leftovers(workdir), leftovers(workdir)
     assert not leftovers(ray_temp_dir(workdir)), leftovers(ray_temp_dir(workdir))
+
+
+def test_demo_bakeoff_ranks_the_good_variant_first_and_names_each_defect(tmp_path):
+    workdir = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "controller", "demo", "--scenario", "bakeoff",
+         "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    engine = create_engine(f"sqlite:///{workdir / 'cutover.db'}")
+    with engine.connect() as conn:
+        (raw,) = conn.execute(text("SELECT result FROM lab_runs")).one()
+    engine.dispose()
+    ranking = json.loads(raw)["ranking"] if isinstance(raw, str) else raw["ranking"]
+    assert [s["model"] for s in ranking][0] == "good" and ranking[0]["verdict"] == "level"
+    worse = {s["model"]: s["worse_on"] for s in ranking}
+    assert "colour_shift" in worse["tint"] and "error_rate" in worse["errors"]
+    assert "latency_p50" in worse["slow"]  # the demo policy's latency check
+    for model, check in (
+        ("tint", "colour_shift"),
+        ("errors", "error_rate"),
+        ("slow", "latency_p50"),
+    ):
+        assert f"{model}: worse than baseline on" in result.stdout and check in result.stdout
+    assert (workdir / "report-bakeoff.html").stat().st_size > 10_000
+    assert not leftovers(workdir), leftovers(workdir)
 
 
 def check_edit_scenario(engine, workdir: Path) -> None:

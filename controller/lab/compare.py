@@ -146,6 +146,7 @@ class ModelTally:
             median_figure(self.costs, figure_alpha),
             self.stopped,
             frozenset(c.name for c in policy.checks if not measures_distance(c)),
+            frozenset(c.name for c in policy.checks if c.kind == "quantile"),
         )
 
 
@@ -179,6 +180,7 @@ class Standing:
     cost: Figure  # median device-seconds per image
     stopped: str | None
     zero_tolerance: frozenset[str]  # checks asking "better or worse at all"
+    quantiles: frozenset[str] = frozenset()  # checks whose estimate is a ratio of quantiles
 
     @property
     def worse(self) -> list[CheckResult]:
@@ -265,9 +267,9 @@ def lines(ranked: list[Standing]) -> dict[str, list[str]]:
         if best[s.model]:
             said[s.model].append("best on " + ", ".join(best[s.model]))
         if s.better:
-            said[s.model].append("better than baseline on " + _named(s.better))
+            said[s.model].append("better than baseline on " + _named(s.better, s.quantiles))
         if s.worse:
-            said[s.model].append("worse than baseline on " + _named(s.worse))
+            said[s.model].append("worse than baseline on " + _named(s.worse, s.quantiles))
         if not s.worse and not s.better:
             said[s.model].append("no difference from the baseline shown on any check")
         if s.stopped:
@@ -286,11 +288,16 @@ def _clear_best(figures: Mapping[str, Figure]) -> str | None:
     return top if all((known[top].upper or 0.0) < (f.lower or 0.0) for f in rest) else None
 
 
-def _named(results: list[CheckResult]) -> str:
-    return ", ".join(f"{r.name} ({_figure_text(r)})" for r in results)
+def _named(results: list[CheckResult], quantiles: frozenset[str]) -> str:
+    return ", ".join(f"{r.name} ({_figure_text(r, r.name in quantiles)})" for r in results)
 
 
-def _figure_text(result: CheckResult) -> str:
+def _figure_text(result: CheckResult, quantile: bool) -> str:
+    """A quantile check's estimate is the ratio of the two quantiles, its interval the
+    difference (candidate minus baseline, in the metric's unit); the others are both in one unit."""
     if result.estimate is None or result.lower is None or result.upper is None:
         return "n/a"
-    return f"{result.estimate:+.3g}, interval [{result.lower:+.3g}, {result.upper:+.3g}]"
+    interval = f"[{result.lower:+.3g}, {result.upper:+.3g}]"
+    if quantile:
+        return f"x{result.estimate:.3g} of the baseline's, difference in {interval}"
+    return f"{result.estimate:+.3g}, interval {interval}"

@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,7 +53,7 @@ from policies.policy import Check, Policy
 from policies.probes.colour import colour_shift
 from policies.probes.typography import ENGINES, typography_cer
 from workers.images import from_png
-from workers.jobs import ImageResult, OutputStatus
+from workers.jobs import ImageJob, ImageResult, OutputStatus
 
 log = structlog.get_logger("cutover.lab")
 
@@ -222,7 +224,6 @@ class LabSession:
         for model, reason in (self.result or {}).get("stopped", {}).items():
             self.tallies[model].stopped = reason
         self._folded: set[tuple[str, str]] = set()
-        self._submitted_at = 0.0
         self._scoring: ThreadPoolExecutor | None = None
 
     def _open(self) -> tuple[int, dict[str, Any] | None]:
@@ -253,49 +254,87 @@ class LabSession:
         return {(r.model, r.unit): r for r in rows}
 
     def run(self) -> dict[str, Any]:
-        """Render, score and compare every round; the result (also stored on the run's row)."""
+        """Render, score and compare every round; the result (also stored on the run's row).
+
+        A thread renders the rounds one after another while this one scores and judges each
+        round as it completes: the probes never hold the models up, and a model stopped
+        after round r is not sent round r + 2.
+        """
         rounds = [
             self.plan.units[i : i + self.round_size]
             for i in range(0, len(self.plan.units), self.round_size)
         ]
+        finished: queue.Queue[int | BaseException | None] = queue.Queue()
+
+        def render_all() -> None:
+            started = time.perf_counter()
+            try:
+                for index, units in enumerate(rounds):
+                    self._render(units)
+                    finished.put(index)
+            except BaseException as exc:  # handed to the main thread, which raises it
+                finished.put(exc)
+            finally:
+                self.stats.render_seconds = time.perf_counter() - started
+                finished.put(None)
+
         with ThreadPoolExecutor(2, thread_name_prefix="cutover-lab-score") as scoring:
             self._scoring = scoring
             for units in rounds:  # what an earlier invocation rendered is folded first
                 self._settle(units)
-            pending = self._submit(rounds[0]) if rounds else []
-            for index, units in enumerate(rounds):
-                self._collect(pending)
-                pending = self._submit(rounds[index + 1]) if index + 1 < len(rounds) else []
-                self._settle(units)
-                self._judge(final=False)
+            renderer = threading.Thread(target=render_all, name="cutover-lab-render", daemon=True)
+            renderer.start()
+            while (item := finished.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                self._settle(rounds[item])
+                self._judge(final=False, last_round=item == len(rounds) - 1)
+            renderer.join()
         return self._judge(final=True)
 
     def _active(self) -> list[str]:
         return [self.plan.baseline] + [m for m, t in self.tallies.items() if t.stopped is None]
 
-    def _submit(self, units: list[LabUnit]) -> list[tuple[str, LabUnit, Any]]:
-        size = self.config.server.default_size
-        started = time.perf_counter()
-        pending = []
-        for unit in units:
-            job = None
-            for model in self._active():
-                if (model, unit.key) in self.rows:
-                    continue
-                job = job or unit.job(size)
-                pending.append((model, unit, self.renderer.submit(model, job)))
-        self._submitted_at = started
-        return pending
+    def _window(self, model: str) -> int:
+        """Renders in flight per model: two batches per replica, so a replica always has its
+        next batch waiting and latency is a batch's time, not the length of a queue."""
+        settings = self.config.models[model]
+        batch = (
+            settings.batch_size if isinstance(settings.batch_size, int) else settings.max_batch_size
+        )
+        return 2 * batch * settings.replicas
 
-    def _collect(self, pending: list[tuple[str, LabUnit, Any]]) -> None:
-        for model, unit, response in pending:
-            try:
-                result = self.renderer.result(response)
-            except Exception as exc:  # the replica died: a model error, recorded like one
-                result = ImageResult(OutputStatus.ERROR, error=f"{type(exc).__name__}: {exc}")
-            self._record(model, unit, result)
-        if pending:
-            self.stats.render_seconds += time.perf_counter() - self._submitted_at
+    def _render(self, units: list[LabUnit]) -> None:
+        """Every active model's missing units of a round, all models at once, each kept at
+        its window of renders in flight; each image is recorded the moment it is back."""
+        size = self.config.server.default_size
+        jobs: dict[str, ImageJob] = {}
+        todo = {
+            model: deque(u for u in units if (model, u.key) not in self.rows)
+            for model in self._active()
+        }
+        flying: dict[str, deque[tuple[LabUnit, Any]]] = {model: deque() for model in todo}
+        models = deque(todo)
+        while any(todo.values()) or any(flying.values()):
+            # Who goes first turns with every pass: on shared hardware the model always sent
+            # first would always render first, and its latency would look better than it is.
+            models.rotate(1)
+            for model in models:
+                while todo[model] and len(flying[model]) < self._window(model):
+                    unit = todo[model].popleft()
+                    if unit.key not in jobs:
+                        jobs[unit.key] = unit.job(size)
+                    flying[model].append((unit, self.renderer.submit(model, jobs[unit.key])))
+            for model in models:
+                if flying[model]:
+                    unit, response = flying[model].popleft()
+                    self._record(model, unit, self._result(response))
+
+    def _result(self, response: Any) -> ImageResult:
+        try:
+            return self.renderer.result(response)
+        except Exception as exc:  # the replica died: a model error, recorded like one
+            return ImageResult(OutputStatus.ERROR, error=f"{type(exc).__name__}: {exc}")
 
     def _record(self, model: str, unit: LabUnit, result: ImageResult) -> None:
         sha = store_artifact(self.config.artifact_path, result.png) if result.png else None
@@ -372,12 +411,12 @@ class LabSession:
                 self._folded.add((model, unit.key))
                 tally.fold(_image(row), _image(base), self.plan.devices[self.plan.baseline])
 
-    def _judge(self, final: bool) -> dict[str, Any]:
+    def _judge(self, final: bool, last_round: bool = False) -> dict[str, Any]:
         judging = self.judging
         standings: list[Standing] = []
         for model, tally in self.tallies.items():
             now = tally.standing(judging.alpha_for, judging.figure_alpha)
-            if self.early_stop and tally.stopped is None and not final:
+            if self.early_stop and tally.stopped is None and not final and not last_round:
                 tally.stopped = losing(now)
                 if tally.stopped:
                     log.warning(
@@ -392,7 +431,7 @@ class LabSession:
         said = lines(ranked)
         base = [
             r.latency_ms
-            for (m, _), r in self.rows.items()
+            for (m, _), r in list(self.rows.items())
             if m == self.plan.baseline and r.status == OutputStatus.OK and r.latency_ms
         ]
         result = {
