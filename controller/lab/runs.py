@@ -14,6 +14,7 @@ baseline and the seeds) and renders only what has no row yet.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -51,7 +52,7 @@ from controller.storage.tables import LabOutput, LabRun, utcnow
 from policies.checks import CheckResult
 from policies.policy import Check, Policy
 from policies.probes.colour import colour_shift
-from policies.probes.typography import ENGINES, typography_cer
+from policies.probes.typography import ENGINES, requested_text, typography_cer
 from workers.images import from_png
 from workers.jobs import ImageJob, ImageResult, OutputStatus
 
@@ -166,9 +167,9 @@ class LabScorer:
     def score(self, prompt: str, sha256: str, baseline_sha256: str | None) -> dict[str, Any]:
         values: dict[str, float] = {}
         errors: dict[str, str] = {}
-        probes: dict[str, Callable[[Any], float | None]] = {
-            "typography_cer": lambda img: typography_cer(prompt, img, self._ocr())
-        }
+        probes: dict[str, Callable[[Any], float | None]] = {}
+        if requested_text(prompt):  # the OCR engine is loaded only where there is text to read
+            probes["typography_cer"] = lambda img: typography_cer(prompt, img, self._ocr())
         if baseline_sha256 is not None:
             probes["colour_shift_de"] = lambda img: colour_shift(img, self.image(baseline_sha256))
         try:
@@ -256,9 +257,9 @@ class LabSession:
     def run(self) -> dict[str, Any]:
         """Render, score and compare every round; the result (also stored on the run's row).
 
-        A thread renders the rounds one after another while this one scores and judges each
-        round as it completes: the probes never hold the models up, and a model stopped
-        after round r is not sent round r + 2.
+        A thread renders every unit in one stream while this one scores and judges each
+        round as its last image arrives: the probes never hold the models up, no model
+        waits for the others at a round's end, and a stopped model is sent nothing more.
         """
         rounds = [
             self.plan.units[i : i + self.round_size]
@@ -269,9 +270,7 @@ class LabSession:
         def render_all() -> None:
             started = time.perf_counter()
             try:
-                for index, units in enumerate(rounds):
-                    self._render(units)
-                    finished.put(index)
+                self._render(rounds, finished.put)
             except BaseException as exc:  # handed to the main thread, which raises it
                 finished.put(exc)
             finally:
@@ -292,47 +291,78 @@ class LabSession:
             renderer.join()
         return self._judge(final=True)
 
-    def _active(self) -> list[str]:
-        return [self.plan.baseline] + [m for m, t in self.tallies.items() if t.stopped is None]
-
     def _window(self, model: str) -> int:
-        """Renders in flight per model: two batches per replica, so a replica always has its
-        next batch waiting and latency is a batch's time, not the length of a queue."""
+        """Renders in flight per model: three batches per replica, so a replica always has
+        its next batch waiting, and latency is a few batches' time, not a whole round's queue
+        (every job at once renders about a fifth faster on 2 cores, but then latency measures
+        the queue: bench/bakeoff_throughput.py)."""
         settings = self.config.models[model]
         batch = (
             settings.batch_size if isinstance(settings.batch_size, int) else settings.max_batch_size
         )
-        return 2 * batch * settings.replicas
+        return 3 * batch * settings.replicas
 
-    def _render(self, units: list[LabUnit]) -> None:
-        """Every active model's missing units of a round, all models at once, each kept at
-        its window of renders in flight; each image is recorded the moment it is back."""
+    def _stopped(self, model: str) -> bool:
+        tally = self.tallies.get(model)  # the baseline has none: it is never stopped
+        return tally is not None and tally.stopped is not None
+
+    def _render(self, rounds: list[list[LabUnit]], round_done: Callable[[int], None]) -> None:
+        """Every model's missing units, all models at once, each kept at its window of renders
+        in flight and refilled the moment any render is back; each image is recorded as it
+        arrives, and `round_done(i)` is called once every model has round i (or was stopped)."""
+        asyncio.run(self._render_all(rounds, round_done))
+
+    async def _render_all(
+        self, rounds: list[list[LabUnit]], round_done: Callable[[int], None]
+    ) -> None:
         size = self.config.server.default_size
         jobs: dict[str, ImageJob] = {}
         todo = {
-            model: deque(u for u in units if (model, u.key) not in self.rows)
-            for model in self._active()
+            model: deque(u for units in rounds for u in units if (model, u.key) not in self.rows)
+            for model in self.plan.everyone
         }
-        flying: dict[str, deque[tuple[LabUnit, Any]]] = {model: deque() for model in todo}
+        flying: dict[asyncio.Future[ImageResult], tuple[str, LabUnit]] = {}
+        in_flight = dict.fromkeys(todo, 0)
         models = deque(todo)
-        while any(todo.values()) or any(flying.values()):
-            # Who goes first turns with every pass: on shared hardware the model always sent
-            # first would always render first, and its latency would look better than it is.
+        next_round = 0
+
+        def complete(units: list[LabUnit]) -> bool:
+            return all(
+                (m, u.key) in self.rows or self._stopped(m)
+                for u in units
+                for m in self.plan.everyone
+            )
+
+        while True:
+            # Who is sent work first turns with every pass: on shared hardware the model
+            # always sent first would render first, and its latency would look better.
             models.rotate(1)
             for model in models:
-                while todo[model] and len(flying[model]) < self._window(model):
+                if self._stopped(model):
+                    todo[model].clear()
+                while todo[model] and in_flight[model] < self._window(model):
                     unit = todo[model].popleft()
                     if unit.key not in jobs:
                         jobs[unit.key] = unit.job(size)
-                    flying[model].append((unit, self.renderer.submit(model, jobs[unit.key])))
-            for model in models:
-                if flying[model]:
-                    unit, response = flying[model].popleft()
-                    self._record(model, unit, self._result(response))
+                    response = self.renderer.submit(model, jobs[unit.key])
+                    flying[asyncio.ensure_future(self._outcome(response))] = (model, unit)
+                    in_flight[model] += 1
+            if not flying:
+                break
+            done, _ = await asyncio.wait(flying, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                model, unit = flying.pop(future)
+                in_flight[model] -= 1
+                self._record(model, unit, future.result())
+            while next_round < len(rounds) and complete(rounds[next_round]):
+                round_done(next_round)
+                next_round += 1
+        for index in range(next_round, len(rounds)):
+            round_done(index)  # nothing more will come for these (a record another run made)
 
-    def _result(self, response: Any) -> ImageResult:
+    async def _outcome(self, response: Any) -> ImageResult:
         try:
-            return self.renderer.result(response)
+            return await response
         except Exception as exc:  # the replica died: a model error, recorded like one
             return ImageResult(OutputStatus.ERROR, error=f"{type(exc).__name__}: {exc}")
 
