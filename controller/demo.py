@@ -477,6 +477,7 @@ def render_summary(outcomes: list[Outcome]) -> Group:
             style=None if o.ok else "red",
         )
     reports = "\n".join(
-        f"report ({o.scenario}): {path.resolve()}" for o in outcomes for path in o.reports
+        [f"{o.scenario}: defect caught in {o.caught}" for o in outcomes if o.caught != "-"]
+        + [f"report ({o.scenario}): {path.resolve()}" for o in outcomes for path in o.reports]
     )
     return Group(table, reports)

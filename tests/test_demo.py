@@ -85,8 +85,8 @@ def test_demo_scenario(tmp_path, scenario, state, stage):
     # (FAIL) and, shadowed anyway with the skip recorded, caught again in shadow.
     assert validation.decision == ("FAIL" if scenario == "regression" else "PASS")
     assert "validation" in events[0].reason
-    caught = "validation and shadow" if scenario == "regression" else "-"
-    assert caught in result.stdout, result.stdout[-3000:]
+    caught = f"{scenario}: defect caught in validation and shadow"
+    assert (caught in result.stdout) == (scenario == "regression"), result.stdout[-3000:]
     if scenario == "regression":
         verb, actor, reason = events[-1]
         assert verb == "rollback" and actor.startswith("controller@")

@@ -190,7 +190,8 @@ class LabScorer:
 
 @dataclass
 class RunStats:
-    rendered: int = 0
+    submitted: int = 0  # renders asked of the models by this invocation
+    rendered: int = 0  # images it recorded
     render_seconds: float = 0.0
     by_model: dict[str, int] = field(default_factory=dict)
 
@@ -345,6 +346,7 @@ class LabSession:
                     if unit.key not in jobs:
                         jobs[unit.key] = unit.job(size)
                     response = self.renderer.submit(model, jobs[unit.key])
+                    self.stats.submitted += 1
                     flying[asyncio.ensure_future(self._outcome(response))] = (model, unit)
                     in_flight[model] += 1
             if not flying:
