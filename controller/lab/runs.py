@@ -416,7 +416,9 @@ class LabSession:
                     work.append((row, None))
                     continue
                 partner = None
-                if model != self.plan.baseline and base is not None:
+                if model != self.plan.baseline:
+                    if base is None:
+                        continue  # scored once the baseline's image is there to compare with
                     partner = base.artifact_sha256 if base.status == OutputStatus.OK else None
                 score = self.scorer.score
                 prompt = unit.item.prompt
