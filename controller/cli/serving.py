@@ -148,7 +148,7 @@ def control(
 @app.command(rich_help_panel="Run")
 def demo(
     scenario: Annotated[
-        str, typer.Option(help="healthy, regression, edit (two routes), or all.")
+        str, typer.Option(help="healthy, regression, edit (two routes), bakeoff, or all.")
     ] = "all",
     workdir: Annotated[
         str, typer.Option(help="Where models, database, artifacts and reports go.")
@@ -157,8 +157,9 @@ def demo(
         float, typer.Option(help="Seconds a scenario may take before it counts as failed.")
     ] = 600,
 ) -> None:
-    """The playbook end to end on tiny CPU models: a healthy candidate reaches 100%, a regressed
-    one rolls back, and an img2img candidate's 1% edit canary runs beside a generate rollout."""
+    """The playbook end to end on tiny CPU models: each candidate validated first; a healthy one
+    reaches 100%, a regressed one rolls back, an img2img candidate's 1% edit canary runs beside
+    a generate rollout, and a bake-off ranks four variants against the incumbent."""
     from controller.demo import EXPECTED, render_summary, run_demo
 
     if scenario not in (*EXPECTED, "all", "both"):
