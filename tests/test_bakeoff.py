@@ -191,6 +191,20 @@ def test_kill_9_mid_bakeoff_then_rerun_renders_nothing_twice(tmp_path, tiny_mode
     store.close()
 
 
+def test_one_pipeline_with_other_settings_is_another_run(tmp_path, tiny_models):
+    """The demo's healthy and regression candidates share a pipeline and differ in faults:
+    the second validation must render its own images, not reuse the first one's."""
+    path = lab_config(tmp_path, tiny_models["incumbent"])
+    config = load_config(path)
+    suite = [str(tmp_path / "mini.yaml")]
+    good = plan_run(config, suite, ["good"], "base", 1, "validate")
+    data = yaml.safe_load(path.read_text())
+    data["models"]["good"]["faults"] = {"tint": [70, 10, -50]}
+    path.write_text(yaml.safe_dump(data))
+    tinted = plan_run(load_config(path), suite, ["good"], "base", 1, "validate")
+    assert good.pipelines == tinted.pipelines and good.key != tinted.key
+
+
 def runner(path: Path, *args: str):
     return CliRunner().invoke(app, ["-c", str(path), *args], catch_exceptions=False)
 

@@ -8,7 +8,7 @@ worse than the baseline stops being rendered.
 
 Every rendered image is a row of `lab_outputs` the moment it arrives, and its scores
 are written onto that row, so a run killed at any point resumes where it stopped: a
-rerun finds its `lab_runs` row by key (the suites' versions, the models' pipelines, the
+rerun finds its `lab_runs` row by key (the suites' versions, the models' settings, the
 baseline and the seeds) and renders only what has no row yet.
 """
 
@@ -91,6 +91,7 @@ class LabPlan:
     units: list[LabUnit]
     suite_files: dict[str, str]  # suite: the file it was read from (the report reads items)
     pipelines: dict[str, str]  # every model of the run (baseline too): its pipeline
+    settings: dict[str, str]  # every model's whole config, fingerprinted (`settings_of`)
     devices: dict[str, float]  # GPUs (else CPUs) each model's replica holds: its cost
 
     @property
@@ -99,8 +100,10 @@ class LabPlan:
 
     @property
     def key(self) -> str:
-        """The same suites, models, pipelines, baseline and seeds find the same run."""
-        what = [self.kind, self.suites, self.pipelines, self.baseline, self.models, self.seeds]
+        """The same suites, models (with all their settings), baseline and seeds find the same
+        run: one pipeline served with other settings (sampler, precision, faults) is another
+        model, and must not reuse the first one's images."""
+        what = [self.kind, self.suites, self.settings, self.baseline, self.models, self.seeds]
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -143,8 +146,15 @@ def plan_run(
         units,
         {suite.suite: str(path.resolve()) for suite, path in files},
         {m: config.models[m].pipeline for m in everyone},
+        {m: settings_of(config, m) for m in everyone},
         {m: config.models[m].num_gpus or config.models[m].num_cpus for m in everyone},
     )
+
+
+def settings_of(config: Config, model: str) -> str:
+    """A fingerprint of everything that makes a model render what it renders."""
+    dump = json.dumps(config.models[model].model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(dump.encode()).hexdigest()[:12]
 
 
 class LabScorer:

@@ -59,8 +59,11 @@ def suite_versions(paths: list[Path]) -> dict[str, int]:
 
 
 def described(config: Config, model: str) -> str:
-    """A model as the audit trail names it: its pool name and where its pipeline comes from."""
-    return f"{model} ({config.models[model].pipeline})"
+    """A model as a validation names it: its pool name, its pipeline and a fingerprint of its
+    settings, so a PASS is never reused for the same pipeline served differently."""
+    from controller.lab.runs import settings_of
+
+    return f"{model} ({config.models[model].pipeline}, settings {settings_of(config, model)})"
 
 
 def decide(standing: dict[str, Any], policy: Policy) -> tuple[str, str]:
