@@ -46,6 +46,7 @@ from controller.lab.compare import (
 )
 from controller.lab.render import LabUnit, routes_served, units_of
 from controller.lab.suites import Suite, find_suite, load_suite
+from controller.rollout.scoring import Probe, run_probes
 from controller.storage.artifacts import artifact_path, store_artifact
 from controller.storage.store import Store
 from controller.storage.tables import LabOutput, LabRun, utcnow
@@ -175,9 +176,7 @@ class LabScorer:
         return from_png(artifact_path(self.artifacts, sha256).read_bytes())
 
     def score(self, prompt: str, sha256: str, baseline_sha256: str | None) -> dict[str, Any]:
-        values: dict[str, float] = {}
-        errors: dict[str, str] = {}
-        probes: dict[str, Callable[[Any], float | None]] = {}
+        probes: dict[str, Probe] = {}
         if requested_text(prompt):  # the OCR engine is loaded only where there is text to read
             probes["typography_cer"] = lambda img: typography_cer(prompt, img, self._ocr())
         if baseline_sha256 is not None:
@@ -186,16 +185,11 @@ class LabScorer:
             image = self.image(sha256)
         except OSError as exc:
             return {"values": {}, "errors": dict.fromkeys(probes, f"image unreadable: {exc}")}
-        for name, probe in probes.items():
-            try:
-                value = probe(image)
-            except Exception as exc:  # a probe's failure is a probe error, never a model's
-                errors[name] = f"{type(exc).__name__}: {exc}"[:500]
-                log.warning("probe_failed", probe=name, error=errors[name])
-                continue
-            if value is not None:
-                values[name] = float(value)
-        return {"values": values, "errors": errors}
+        probed = run_probes(probes, image, rollout="lab")
+        return {
+            "values": {name: value for name, value, error in probed if error is None},
+            "errors": {name: error for name, _, error in probed if error is not None},
+        }
 
 
 @dataclass

@@ -24,6 +24,7 @@ import math
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -251,26 +252,10 @@ class Scorer:
         if image is None:
             missing = f"artifact {output.artifact_sha256} not found in {self.artifact_dir}"
             return results + [(name, None, missing, True) for name in chosen]
-        for name, probe in chosen.items():
-            try:
-                value = probe(image)
-                if value is not None and not math.isfinite(float(value)):
-                    # A probe's bug must never reach a statistic: an error, not a score.
-                    raise ValueError(f"the probe returned {value}, not a finite number")
-            # A probe's failure is recorded as such, never as a model error.
-            except Exception as exc:
-                log.warning(
-                    "probe_failed",
-                    probe=name,
-                    request_id=request.id,
-                    stage=request.stage,
-                    role=output.role,
-                    error=str(exc),
-                )
-                results.append((name, None, f"{type(exc).__name__}: {exc}"[:1000], True))
-                continue
-            if value is not None:
-                results.append((name, float(value), None, True))
+        probed = run_probes(
+            chosen, image, request_id=request.id, stage=request.stage, role=output.role
+        )
+        results += [(name, value, error, True) for name, value, error in probed]
         return results
 
     def _against(self, image: np.ndarray, other: Output) -> float:
@@ -286,6 +271,31 @@ class Scorer:
             return None
         path = artifact_path(self.artifact_dir, output.artifact_sha256)
         return from_png(path.read_bytes()) if path.exists() else None
+
+
+Probe = Callable[[np.ndarray], float | None]
+
+
+def run_probes(
+    probes: dict[str, Probe], image: np.ndarray, **log_keys: Any
+) -> list[tuple[str, float | None, str | None]]:
+    """Each probe on the image, as (probe, value, error); a probe that gives no value (no text
+    to read) gives no row. A probe's failure, or a value that is not a finite number, is
+    recorded as the probe's error, never as a model error and never as a score."""
+    results: list[tuple[str, float | None, str | None]] = []
+    for name, probe in probes.items():
+        try:
+            value = probe(image)
+            if value is not None and not math.isfinite(float(value)):
+                # A probe's bug must never reach a statistic: an error, not a score.
+                raise ValueError(f"the probe returned {value}, not a finite number")
+        except Exception as exc:
+            log.warning("probe_failed", probe=name, error=str(exc), **log_keys)
+            results.append((name, None, f"{type(exc).__name__}: {exc}"[:1000]))
+            continue
+        if value is not None:
+            results.append((name, float(value), None))
+    return results
 
 
 def _ok_outputs_by_request(session: Session, request_ids: set[str]) -> dict[str, list[Output]]:
