@@ -51,7 +51,7 @@ def init(
             store.upgrade()
             if not config.plans():
                 out.print(f"database ready ({store.safe_url}); the config has no rollout yet")
-            notes = {}
+            notes: dict[str, tuple[str, bool]] = {}
             for plan in config.plans().values():
                 with store.reader() as session:
                     if session.scalars(select(Rollout.id).where(Rollout.name == plan.name)).first():
@@ -60,14 +60,9 @@ def init(
                     ctx, store, config, plan.name, "init", skip_validation, reason
                 )
             for plan in config.plans().values():
-                note = notes.get(plan.name, "")
+                note, skipped = notes.get(plan.name, ("", False))
                 row, created = create_rollout(
-                    store,
-                    config,
-                    ctx.obj.actor,
-                    plan.name,
-                    note=note,
-                    forced=note.startswith(SKIPPED_NOTE),
+                    store, config, ctx.obj.actor, plan.name, note=note, forced=skipped
                 )
                 stored = [name for name, _ in row.stages]
                 wanted = [s.name for s in plan.stages]
@@ -198,23 +193,19 @@ def retry(
     """Start a rolled-back rollout again from the first stage; like `init`, it needs the
     candidate's passing validation on the current suites."""
 
-    def gate() -> str:
+    def gate() -> tuple[str, bool]:
         config = cli_config(ctx)
         name = config.plan(rollout).name
         with open_store(config) as store:
             store.require_schema()
             with store.reader() as session:
                 if get_rollout(session, name).state != "rolled_back":
-                    return ""  # the state machine refuses the retry and says why
+                    return "", False  # the state machine refuses the retry and says why
             return _validation_gate(ctx, store, config, name, "retry", skip_validation, reason)
 
-    note = guarded(gate)
-    skipped = note.startswith(SKIPPED_NOTE)
+    note, skipped = guarded(gate)
     text = "; ".join(part for part in (reason, note) if part)
     _act(ctx, Command(Verb.RETRY, reason=text, force=skipped), rollout)
-
-
-SKIPPED_NOTE = "validation skipped"
 
 
 def _validation_gate(
@@ -225,9 +216,9 @@ def _validation_gate(
     verb: str,
     skip: bool,
     reason: str,
-) -> str:
-    """What the start's event says of the validation it rests on; refuses when there is none
-    and no recorded skip."""
+) -> tuple[str, bool]:
+    """What the start's event says of the validation it rests on, and whether the start is
+    forced (a recorded skip); refuses when there is neither a PASS nor a skip."""
     from controller.lab.validation import (
         SKIPPED,
         passing,
@@ -238,22 +229,21 @@ def _validation_gate(
     )
 
     plan = config.plan(name)
+    suites = suite_versions(route_suites(config, plan))
     with store.reader() as session:
-        found = passing(session, config, plan)
-        refused = None if found is not None else refusal(session, config, plan, verb)
+        found = passing(session, config, plan, suites)
+        if found is None and not skip:
+            raise Refused(refusal(session, config, plan, verb, suites))
     if found is not None:
-        suites = ", ".join(f"{k} v{v}" for k, v in found.suites.items())
-        return f"validation {found.id} PASS on {suites}"
-    if not skip:
-        raise Refused(refused)
+        listed = ", ".join(f"{k} v{v}" for k, v in found.suites.items())
+        return f"validation {found.id} PASS on {listed}", False
     if not reason.strip():
         raise Refused(f"--skip-validation needs --reason so the audit trail says why ({name})")
-    suites = suite_versions(route_suites(config, plan))
     row = record(store, config, plan, suites, SKIPPED, reason, ctx.obj.actor)
     err.print(
         f"[yellow]warning:[/yellow] {name}: validation skipped (recorded as forced, {row.id})"
     )
-    return f"{SKIPPED_NOTE} by {ctx.obj.actor}: {reason}"
+    return f"validation skipped by {ctx.obj.actor}: {reason}", True
 
 
 @app.command(rich_help_panel="Rollout")

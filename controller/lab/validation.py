@@ -134,9 +134,11 @@ def record(
     return row
 
 
-def passing(session: Session, config: Config, plan: RolloutPlan) -> Validation | None:
-    """The newest PASS of this candidate against this incumbent on the current suite versions."""
-    suites = suite_versions(route_suites(config, plan))
+def passing(
+    session: Session, config: Config, plan: RolloutPlan, suites: dict[str, int]
+) -> Validation | None:
+    """The newest PASS of this candidate against this incumbent on these suite versions (the
+    route's current ones, `suite_versions(route_suites(…))`)."""
     rows = session.scalars(
         select(Validation)
         .where(
@@ -150,11 +152,11 @@ def passing(session: Session, config: Config, plan: RolloutPlan) -> Validation |
     return next((row for row in rows if row.suites == suites), None)
 
 
-def refusal(session: Session, config: Config, plan: RolloutPlan, verb: str) -> str | None:
-    """Why `verb` (init, retry) may not start this rollout yet, or None when it may."""
-    if passing(session, config, plan) is not None:
-        return None
-    suites = suite_versions(route_suites(config, plan))
+def refusal(
+    session: Session, config: Config, plan: RolloutPlan, verb: str, suites: dict[str, int]
+) -> str:
+    """Why `verb` (init, retry) may not start this rollout: there is no `passing` validation
+    on these suite versions. Says what the latest validation was, and what to run."""
     listed = ", ".join(f"{name} v{version}" for name, version in suites.items())
     latest = session.scalars(
         select(Validation)
