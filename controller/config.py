@@ -328,17 +328,22 @@ class Config(Strict):
         plans = {}
         for name, settings, key_path in written:
             route = routes.get(settings.route)
-            policy = settings.policy or self.policy
             plans[name] = RolloutPlan(
                 name=name,
                 route=settings.route,
                 incumbent=route.model if route else "",
                 candidate=settings.candidate,
                 settings=settings,
-                policy_path=self._base_dir / policy if policy else None,
+                policy_path=self.policy_path(settings.policy),
                 key_path=key_path,
             )
         return plans
+
+    def policy_path(self, policy: str | None = None) -> Path | None:
+        """A policy file (`policy` if given, else the config's `policy`) relative to the
+        config's directory; None: the bundled default policy."""
+        chosen = policy or self.policy
+        return self._base_dir / chosen if chosen else None
 
     def plan(self, name: str | None = None) -> RolloutPlan:
         """The rollout a verb acts on: the one named, or the only one there is."""

@@ -143,7 +143,7 @@ def bakeoff(
             plan = plan_run(config, suites, names, base, seeds)
         except ValueError as exc:
             raise Refused(str(exc)) from None
-        policy = load_policy(config.base_dir / config.policy if config.policy else None)
+        policy = load_policy(config.policy_path())
         with open_store(config) as store:
             store.upgrade()
             result = run_on_ray(

@@ -117,8 +117,9 @@ def plan_run(
     kind: str = "bakeoff",
 ) -> LabPlan:
     """Check the names and build the plan; a ValueError says which name is wrong and why."""
+    everyone = [baseline, *models]
     pool = ", ".join(config.models)
-    for name in [baseline, *models]:
+    for name in everyone:
         if name not in config.models:
             raise ValueError(f"there is no model {name!r} in the config's models: ({pool})")
     if baseline in models:
@@ -129,15 +130,14 @@ def plan_run(
     for name in suite_names:
         path = find_suite(name)
         files.append((load_suite(path), path))
-    routes = routes_served(config, [baseline, *models])
+    routes = routes_served(config, everyone)
     units = units_of(files, seeds, routes)
     if not units:
-        kinds = sorted({config.models[m].kind.value for m in [baseline, *models]})
+        kinds = sorted({config.models[m].kind.value for m in everyone})
         raise ValueError(
             f"the suites have no item that every model can serve (kinds {', '.join(kinds)}); "
             "choose suites of the models' route, or models of one kind"
         )
-    everyone = [baseline, *models]
     return LabPlan(
         kind,
         {suite.suite: suite.version for suite, _ in files},
