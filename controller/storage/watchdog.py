@@ -63,10 +63,16 @@ class Watch:
 
 class Watchdog:
     """The deadlines of every armed transaction in this process, and the thread that acts
-    on them. The thread starts with the first watch and is a daemon."""
+    on them. The thread starts with the first watch and is a daemon.
 
-    def __init__(self, clock: Any = time.monotonic) -> None:
+    `threaded=False` leaves the thread out, so a test that moves `clock` by hand is the
+    only one calling `due()`: a thread that started late would otherwise take the watches
+    the test expects.
+    """
+
+    def __init__(self, clock: Any = time.monotonic, threaded: bool = True) -> None:
         self._clock = clock
+        self._threaded = threaded
         self._wake = threading.Condition()
         self._heap: list[tuple[float, int, Watch]] = []
         self._order = itertools.count()
@@ -76,7 +82,7 @@ class Watchdog:
         watch = Watch(dbapi_connection, self._clock() + timeout)
         with self._wake:
             heapq.heappush(self._heap, (watch.deadline, next(self._order), watch))
-            if self._thread is None:
+            if self._threaded and self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="cutover-db-watchdog", daemon=True
                 )
