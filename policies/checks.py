@@ -9,7 +9,7 @@ regression is within the tolerance; otherwise the check is INCONCLUSIVE.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -289,15 +289,17 @@ def _min_samples_note(check: Check, samples: int, reason: str) -> str:
     return reason
 
 
-def overall(results: Sequence[CheckResult]) -> str:
-    """FAIL if a critical check fails; PASS if every critical check passes, none fails and no
-    check's probe is failing; else INCONCLUSIVE."""
-    if any(r.decision == FAIL and r.critical for r in results):
+def overall(results: Sequence[CheckResult], slice_actions: Collection[str] = ()) -> str:
+    """FAIL if a critical check fails or a slice finding rolls back; PASS if every critical
+    check passes, none fails, no check's probe is failing and no slice finding holds;
+    else INCONCLUSIVE. `slice_actions` are the findings' actions (`policies/slices.py`)."""
+    if any(r.decision == FAIL and r.critical for r in results) or "rollback" in slice_actions:
         return FAIL
     if (
         all(r.decision == PASS for r in results if r.critical)
         and not any(r.decision == FAIL for r in results)
         and not any(r.probe_error for r in results)
+        and "hold" not in slice_actions
     ):
         return PASS
     return INCONCLUSIVE

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from policies.checks import (
 )
 from policies.metrics import SCORE_METRICS, counts, gpu_seconds
 from policies.policy import Check, Policy
+from policies.slices import SliceFinding, SliceState, evaluate_slices
 from policies.summaries import BetGrid, LogHistogram, PairCounts
 from policies.vocabulary import Arm
 from workers.jobs import OutputStatus
@@ -77,6 +78,7 @@ class Unit:
     request_id: str
     arms: dict[str, Side]
     scores: dict[str, list[Pair]]  # per probe, per image: (candidate's value, incumbent's)
+    tags: tuple[str, ...] = ()  # the request's prompt tags: the slices it belongs to
 
 
 @dataclass
@@ -129,6 +131,7 @@ def unit_of(
     roles: dict[str, list[OutputFacts]],
     gpus: dict[str, float],
     rows_by_output: dict[str, list[ScoreRow]] | None = None,
+    tags: Sequence[str] = (),
 ) -> Unit | None:
     """One mirrored request as the judge sees it, or None when an arm has no outcome.
 
@@ -158,7 +161,7 @@ def unit_of(
         ]
         for probe, by_role in values.items()
     }
-    return Unit(request_id, arms, scores_of)
+    return Unit(request_id, arms, scores_of, tuple(tags))
 
 
 def _arm(outputs: list[OutputFacts], deadline_ms: float | None, gpus: float) -> Side:
@@ -243,21 +246,26 @@ class JudgeState:
                 self.paired[check.name] = paired_grid(check)
         self._unfolded: dict[str, list[float]] = {name: [] for name in self.paired}
         self.probes = ProbeTally()
+        self.slices = SliceState(policy)
 
     def fold_arms(self, unit: Unit) -> None:
         """A unit's outcomes, latencies and costs: as soon as both arms are recorded."""
         self.units += 1
         cand, inc = unit.arms[CANDIDATE], unit.arms[INCUMBENT]
+        shares = {}
         for check in self.policy.checks:
             if check.is_rate:
-                self.rates[check.name].add(
-                    _share(cand.statuses, check.metric), _share(inc.statuses, check.metric)
+                shares[check.name] = (
+                    _share(cand.statuses, check.metric),
+                    _share(inc.statuses, check.metric),
                 )
+                self.rates[check.name].add(*shares[check.name])
             elif check.kind == "quantile":
                 for side, histogram in zip((cand, inc), self.quantiles[check.name], strict=True):
                     value = getattr(side, check.metric)
                     if value is not None and math.isfinite(value):
                         histogram.add(value)
+        self.slices.fold_arms(unit.tags, shares)
 
     def fold_scores(self, unit: Unit, rows: Iterable[ScoreRow]) -> None:
         """A unit's probe scores (and every score row of its outputs, for the probes' health):
@@ -274,6 +282,7 @@ class JudgeState:
                 values = signed(check, paired_values(check, pairs))
                 if values:
                     self._unfolded[check.name].append(sum(values) / len(values))
+        self.slices.fold_scores(unit.tags, unit.scores)
 
     def settle(self) -> None:
         """Fold the paired values gathered since the last read into their grids, in one
@@ -297,6 +306,7 @@ class JudgeState:
                 name: [h.attempts, h.errors, h.example_error]
                 for name, h in self.probes.health().items()
             },
+            "slices": self.slices.to_json(),
         }
 
     @classmethod
@@ -313,6 +323,7 @@ class JudgeState:
         state.probes = ProbeTally(
             {name: ProbeHealth(a, e, x) for name, (a, e, x) in data["probes"].items()}
         )
+        state.slices = SliceState.from_json(policy, data.get("slices"))
         return state
 
 
@@ -363,6 +374,11 @@ def evaluate(
             result = evaluate_paired(check, state.paired[check.name], alpha)
         results.append(_sampled_note(result, policy.rate_for(check.metric)))
     return results
+
+
+def slice_findings(state: JudgeState) -> list[SliceFinding]:
+    """The slices where a check FAILs (`policies/slices.py`); none when slicing is off."""
+    return evaluate_slices(state.slices)
 
 
 def _sampled_note(result: CheckResult, rate: float) -> CheckResult:

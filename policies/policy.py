@@ -75,6 +75,9 @@ class Check(_Strict):
     # This check's share of its budget (rollback alpha if critical, advisory alpha if not),
     # relative to the other checks of the same criticality.
     weight: float = Field(1.0, gt=0)
+    # What a slice FAIL of this check does (`policies/slices.py`): roll the rollout back, hold
+    # it and report, or only report. Quantile checks are not sliced.
+    slice_action: Literal["rollback", "hold", "report"] = "hold"
 
     @model_validator(mode="after")
     def _consistent(self) -> Check:
@@ -127,6 +130,24 @@ class Check(_Strict):
         )
 
 
+class SlicePolicy(_Strict):
+    """The judge's search for a slice of prompts where the candidate is worse (docs/policy.md).
+
+    `alpha` bounds the chance that any slice of any check FAILs falsely over an attempt:
+    it is split over the sliced checks by weight, and each check's share over
+    `max_slices`, the most slices it ever judges (Bonferroni, so the bound holds however
+    the slices' data depend on each other).
+    """
+
+    enabled: bool = True
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    min_samples: int = Field(30, ge=1)
+    max_slices: int = Field(64, ge=1, le=1000)
+    # Slices of two tags are drawn from these keys only (policies/prompt_tags.py names them):
+    # the prompt's content, not its plumbing.
+    pair_keys: list[str] = ["text", "script", "people", "colour", "words", "mask"]
+
+
 class Policy(_Strict):
     """Two error budgets, each split across the checks it covers in proportion to their weights.
 
@@ -150,6 +171,7 @@ class Policy(_Strict):
     # INCONCLUSIVE, with the error in the reason, and holds the rollout: no PASS without evidence.
     max_probe_error_share: float = Field(0.05, ge=0, le=1)
     checks: list[Check] = Field(min_length=1)
+    slices: SlicePolicy = SlicePolicy()
 
     @model_validator(mode="after")
     def _unique_names(self) -> Policy:
@@ -178,6 +200,17 @@ class Policy(_Strict):
         peers = [c for c in self.checks if c.critical == check.critical]
         budget = self.alpha if check.critical else (self.advisory_alpha or self.alpha)
         return budget * check.weight / sum(c.weight for c in peers)
+
+    @property
+    def sliced_checks(self) -> list[Check]:
+        """The checks the judge also evaluates per slice: every kind but quantiles."""
+        return [c for c in self.checks if c.kind != "quantile"] if self.slices.enabled else []
+
+    def slice_alpha_for(self, check: Check) -> float:
+        """One slice's test of this check: the slice budget's weighted share, over max_slices."""
+        peers = self.sliced_checks
+        share = check.weight / sum(c.weight for c in peers)
+        return self.slices.alpha * share / self.slices.max_slices
 
 
 def load_policy(path: str | Path | None = None) -> Policy:

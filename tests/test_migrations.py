@@ -1,4 +1,4 @@
-"""Revisions 0005 to 0007 carry a database of the 0004 schema forward: its rollout becomes
+"""Revisions 0005 to 0008 carry a database of the 0004 schema forward: its rollout becomes
 the `generate` route's rollout, no row is lost, the incremental judge folds its old pairs
 once, and the two-model config keeps working on it."""
 
@@ -115,7 +115,7 @@ def test_a_database_of_the_previous_schema_is_carried_forward(tmp_path, db_url):
     assert counts(store) == before
 
     store.upgrade()
-    assert store.current_revision() == "0007"
+    assert store.current_revision() == "0008"
     assert counts(store) == before  # no row lost
     with store.reader() as session:
         row = get_rollout(session, config.name)

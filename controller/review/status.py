@@ -135,6 +135,8 @@ def rollout_status(
             "samples": verdict["samples"],
         },
         "checks": [] if verdict is None else [_check_row(c) for c in verdict["checks"]],
+        # Where a check FAILs on a slice of prompts only (policies/slices.py), in words.
+        "slices": [] if verdict is None else list(verdict.get("slices") or []),
         "version": row.version,
         "candidate": row.candidate,
         "incumbent": row.incumbent,
@@ -297,6 +299,18 @@ def render_status(status: dict[str, Any]) -> Group:
                 str(check["reason"] or ""),
             )
         parts.append(checks)
+    if status.get("slices"):
+        slices = Table(title="slices where the candidate is worse", title_justify="left")
+        for column in ("check", "slice", "action", "finding"):
+            slices.add_column(column)
+        for finding in status["slices"]:
+            slices.add_row(
+                str(finding["check"]),
+                str(finding["slice"]),
+                Text(str(finding["action"]), style="red"),
+                str(finding["sentence"]),
+            )
+        parts.append(slices)
     return Group(*parts)
 
 

@@ -48,9 +48,11 @@ from policies.judge import (
     evaluate,
     rows_by_output_id,
     score_rows_of,
+    slice_findings,
     unit_of,
 )
 from policies.policy import Policy
+from policies.prompt_tags import tags_of
 from policies.vocabulary import ARMS
 from workers.jobs import OutputStatus
 
@@ -122,6 +124,9 @@ def fold_new(
                 Request.primary_role,
                 Request.mirrored,
                 Request.params,
+                Request.prompt,
+                Request.route,
+                Request.tags,
             ).where(
                 Request.rollout_id == rollout.id,
                 Request.judge_progress < JUDGE_DONE,
@@ -173,7 +178,15 @@ def attempt_units(
     its outputs once the scorer has settled them (None before)."""
     since = attempt_started(session, rollout)
     query = (
-        select(Request.id, Request.primary_role, Request.mirrored, Request.params)
+        select(
+            Request.id,
+            Request.primary_role,
+            Request.mirrored,
+            Request.params,
+            Request.prompt,
+            Request.route,
+            Request.tags,
+        )
         .where(
             Request.rollout_id == rollout.id,
             Request.mirrored.is_(True),
@@ -197,13 +210,15 @@ def judge(
 ) -> Verdict:
     """Evaluate every check on the folded state and store the verdict (caller's transaction)."""
     results = evaluate(state)
+    findings = slice_findings(state)
     verdict = Verdict(
         rollout_id=rollout.id,
         stage=rollout.stages[rollout.stage_index][0],
         evaluated_at=now or utcnow(),
-        decision=overall(results),
+        decision=overall(results, [f.action for f in findings]),
         samples=max((r.samples for r in results), default=0),
         checks=[_jsonable(r.as_dict()) for r in results],
+        slices=[_jsonable(f.as_dict()) for f in findings],
     )
     session.add(verdict)
     return verdict
@@ -315,6 +330,7 @@ def _ready(
     ):
         by_request.setdefault(o.request_id, []).append(o)
     complete: dict[str, tuple[dict[str, list[OutputFacts]], bool]] = {}
+    tags = {request.id: request_tags(request) for request in requests}
     for request in requests:
         outputs = by_request.get(request.id, [])
         if not set(expected_outputs(request)) <= {(o.role, o.image_index) for o in outputs}:
@@ -337,11 +353,19 @@ def _ready(
     rows = rows_by_output_id(score_rows(session, ok_ids))
     return {
         request_id: _Ready(
-            unit_of(request_id, facts, gpus, rows if settled else None),
+            unit_of(request_id, facts, gpus, rows if settled else None, tags[request_id]),
             score_rows_of(facts, rows) if settled else None,
         )
         for request_id, (facts, settled) in complete.items()
     }
+
+
+def request_tags(request: Any) -> list[str]:
+    """A request's stored tags, or (recorded before they were stored) the ones its prompt and
+    parameters give: the same pure function either way."""
+    if request.tags is not None:
+        return list(request.tags)
+    return tags_of(request.prompt, request.route, request.params)
 
 
 def output_facts(o: Any) -> OutputFacts:

@@ -171,6 +171,10 @@ class RolloutController:
             f"{c['name']}: {c['reason']}"
             for c in verdict.checks
             if c["decision"] == FAIL and c["critical"]
+        ) + tuple(
+            f"{f['check']} on {f['slice']}: {f['sentence']}"
+            for f in verdict.slices or []
+            if f["action"] == "rollback"
         )
         facts = Facts(
             view,

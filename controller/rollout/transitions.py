@@ -156,6 +156,7 @@ def verdict_snapshot(verdict: Verdict | None) -> dict[str, Any] | None:
         "evaluated_at": verdict.evaluated_at.isoformat(),
         "samples": verdict.samples,
         "checks": verdict.checks,
+        "slices": verdict.slices or [],
     }
 
 
@@ -182,6 +183,10 @@ def evidence_for(
             else c.get("name", "?")
             for c in verdict.checks
             if c.get("decision") != PASS or c.get("probe_error")
+        ] + [
+            f"{f['check']} on {f['slice']} (a slice FAILs: {f['sentence']})"
+            for f in verdict.slices or []
+            if f["action"] == "hold"
         ]
     return Evidence(
         samples=stage_samples(session, row),

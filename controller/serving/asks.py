@@ -15,6 +15,7 @@ from typing import Any
 from controller.config import Config, MatchRule, Route
 from controller.serving.api import BadRequest, ImagesRequest
 from controller.serving.uploads import EditFields, Upload
+from policies.prompt_tags import tags_of
 from workers.jobs import ImageJob
 
 ENDPOINT_OF = {
@@ -34,6 +35,7 @@ class Ask:
     height: int
     image: bytes | None = None
     mask: bytes | None = None
+    mask_area: float | None = None
 
     @property
     def strength(self) -> float | None:
@@ -60,11 +62,17 @@ class Ask:
             for i in range(self.body.n)
         ]
 
+    def tags(self) -> list[str]:
+        """The request's prompt tags (`policies/prompt_tags.py`), recorded with it."""
+        return tags_of(self.body.prompt, self.route.value, self.params())
+
     def params(self) -> dict[str, Any]:
         """The parameters both arms of a pair share, as recorded (the seed sits beside them)."""
         params = self.body.generation_params(self.width, self.height)
         if self.image is not None:
             params |= {"image_bytes": len(self.image), "mask": self.mask is not None}
+        if self.mask_area is not None:
+            params["mask_area"] = round(self.mask_area, 4)
         if self.strength is not None:
             params["strength"] = self.strength
         return params
@@ -90,6 +98,7 @@ def edit_ask(upload: Upload, config: Config) -> Ask:
         upload.height,
         upload.image,
         upload.mask,
+        upload.mask_area,
     )
 
 

@@ -276,6 +276,7 @@ class Router:
                 seed=seed,
                 mirrored=mirrored,
                 created_at=utcnow(),
+                tags=ask.tags(),
             )
         )
         headers |= {

@@ -57,6 +57,7 @@ class Upload:
     mask: bytes | None
     width: int  # of the output
     height: int
+    mask_area: float | None = None  # the mask's share of the image (a prompt tag's bucket)
 
 
 Part = str | tuple[str, bytes]  # a text field, or a file field: (file name, content)
@@ -91,7 +92,16 @@ def parse_edit(parts: list[tuple[str, Part]], limits: ServerConfig) -> Upload:
                 f"mask is {mask_size[0]}x{mask_size[1]} but the image is {width}x{height}; "
                 "they must be the same size",
             )
-    return Upload(fields, image, mask, width, height)
+    return Upload(fields, image, mask, width, height, _area(mask) if mask else None)
+
+
+def _area(mask: bytes) -> float:
+    """The share of the image the mask opens for editing (pixels above half grey)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(mask)) as picture:
+        return float((np.asarray(picture) > 127).mean())
 
 
 def parse_upscale(parts: list[tuple[str, Part]], limits: ServerConfig) -> Upload:

@@ -29,6 +29,7 @@ class RequestRecord:
     seed: int
     mirrored: bool
     created_at: datetime
+    tags: list[str] | None = None  # policies/prompt_tags.py: the slices the judge puts it in
 
 
 @dataclass

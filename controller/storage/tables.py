@@ -135,6 +135,9 @@ class Request(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     mirrored: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # The prompt's tags (policies/prompt_tags.py): the slices the judge puts it in. None on
+    # requests recorded before 0008; the judge then derives them from prompt and params.
+    tags: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     judge_progress: Mapped[int] = mapped_column(
         SmallInteger, default=_judge_progress, server_default="0"
     )
@@ -207,6 +210,8 @@ class Verdict(Base):
     decision: Mapped[str] = mapped_column(String(16))
     samples: Mapped[int] = mapped_column(Integer, default=0)
     checks: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    # The slices where a check FAILed (policies/slices.py); None before 0008.
+    slices: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
 
 
 class StoredJudgeState(Base):
