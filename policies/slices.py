@@ -155,20 +155,26 @@ def on_grid(check: Check, value: float) -> float:
     return round(round(value / step) * step, 12)
 
 
-def evaluate_slices(state: SliceState) -> list[SliceFinding]:
-    """Every admitted slice with enough units, of every sliced check: the ones that FAIL."""
+def evaluate_slices(
+    state: SliceState, share: float = 1.0, who: str = "candidate"
+) -> list[SliceFinding]:
+    """Every admitted slice with enough units, of every sliced check: the ones that FAIL.
+
+    `share` scales each slice's alpha (a bake-off splits the slice budget over the models it
+    compares); `who` is the model the sentence names."""
     policy = state.policy
     findings = []
     for check in policy.sliced_checks:
         by_slice = state.counts[check.name]
         every = by_slice[EVERY]
-        alpha = policy.slice_alpha_for(check)
+        alpha = policy.slice_alpha_for(check) * share
         for name in state.admitted:
             counts = by_slice.get(name)
             if counts is None or counts.n < policy.slices.min_samples or counts.n == every.n:
                 continue  # too few units, or the slice is every unit (the aggregate's job)
             if _fails(check, counts, alpha):
-                findings.append(_finding(check, name, counts, _minus(every, counts), alpha))
+                rest = _minus(every, counts)
+                findings.append(_finding(check, name, counts, rest, alpha, who))
     return findings
 
 
@@ -203,7 +209,7 @@ def _difference(check: Check, counts: PairCounts, alpha: float) -> tuple[float, 
 
 
 def _finding(
-    check: Check, name: str, counts: PairCounts, rest: PairCounts, alpha: float
+    check: Check, name: str, counts: PairCounts, rest: PairCounts, alpha: float, who: str
 ) -> SliceFinding:
     mean, bounds = _difference(check, counts, alpha)
     figure = _figure(check, mean, bounds, counts.n)
@@ -220,7 +226,7 @@ def _finding(
     else:
         rest_mean, rest_bounds, elsewhere = None, None, "no units elsewhere yet"
     words = METRIC_WORDS.get(check.metric, check.metric.replace("_", " "))
-    sentence = f"candidate worse on {phrase(name)}: {words} {figure}; {elsewhere}"
+    sentence = f"{who} worse on {phrase(name)}: {words} {figure}; {elsewhere}"
     return SliceFinding(
         check=check.name,
         slice=name,

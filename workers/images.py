@@ -57,3 +57,9 @@ def pil_image(data: bytes, mode: str) -> Any:
     from PIL import Image
 
     return Image.open(io.BytesIO(data)).convert(mode)
+
+
+def mask_area(data: bytes) -> float:
+    """The share of the image a mask opens for editing (pixels above half grey): the `mask`
+    prompt tag's bucket, and the region the edit probes look inside and outside of."""
+    return float((np.asarray(pil_image(data, "L")) > 127).mean())

@@ -29,6 +29,7 @@ from policies.checks import FAIL, PASS, CheckResult
 from policies.judge import JudgeState, OutputFacts, ScoreRow, evaluate, unit_of
 from policies.policy import Check, Policy, Tolerance
 from policies.sequential import quantile_cs
+from policies.slices import SliceFinding, evaluate_slices
 from policies.vocabulary import Arm
 from workers.jobs import OutputStatus
 
@@ -45,6 +46,7 @@ class LabImage:
     batch_size: int | None = None
     scores: Mapping[str, float | None] = field(default_factory=dict)  # probe: value
     errors: Mapping[str, str] = field(default_factory=dict)  # probe: why it failed
+    tags: tuple[str, ...] = ()  # the item's prompt tags: the slices the pair belongs to
 
     def score_rows(self, output_id: str) -> list[ScoreRow]:
         rows: list[ScoreRow] = [(output_id, p, v, None) for p, v in self.scores.items()]
@@ -105,6 +107,8 @@ class ModelTally:
         self.stopped: str | None = None  # why it was stopped early, once it was
         # Each check's first FAIL or PASS: a claim stands once made (see `standing`).
         self.claims: dict[str, CheckResult] = {}
+        # Each slice's first FAIL, by "check slice", kept for the same reason.
+        self.slice_claims: dict[str, SliceFinding] = {}
 
     def fold(self, mine: LabImage, baseline: LabImage, baseline_devices: float = 1.0) -> None:
         """One pair, once: a unit seen before is ignored (a resumed run folds from scratch)."""
@@ -113,9 +117,8 @@ class ModelTally:
         self.units.add(mine.unit)
         roles = {CANDIDATE: [_facts("c", mine)], INCUMBENT: [_facts("i", baseline)]}
         rows = {"c": mine.score_rows("c"), "i": baseline.score_rows("i")}
-        unit = unit_of(
-            mine.unit, roles, {CANDIDATE: self.devices, INCUMBENT: baseline_devices}, rows
-        )
+        gpus = {CANDIDATE: self.devices, INCUMBENT: baseline_devices}
+        unit = unit_of(mine.unit, roles, gpus, rows, mine.tags)
         if unit is None:
             return
         self.state.fold_arms(unit)
@@ -124,7 +127,12 @@ class ModelTally:
             self.latencies.append(mine.latency_ms)
             self.costs.append(cost_per_image(mine, self.devices))
 
-    def standing(self, alpha_for: Callable[[Check], float], figure_alpha: float) -> Standing:
+    def standing(
+        self,
+        alpha_for: Callable[[Check], float],
+        figure_alpha: float,
+        slice_share: float = 1.0,
+    ) -> Standing:
         """Every check now, each FAIL or PASS kept once reached.
 
         Each test is a confidence sequence: the chance it ever crosses its threshold is at
@@ -137,6 +145,8 @@ class ModelTally:
             if claim is None and result.decision in (FAIL, PASS):
                 self.claims[result.name] = claim = result
             results.append(claim or result)
+        for finding in evaluate_slices(self.state.slices, slice_share, who=self.model):
+            self.slice_claims.setdefault(f"{finding.check} {finding.slice}", finding)
         policy = self.state.policy
         return Standing(
             self.model,
@@ -147,6 +157,7 @@ class ModelTally:
             self.stopped,
             frozenset(c.name for c in policy.checks if not measures_distance(c)),
             frozenset(c.name for c in policy.checks if c.kind == "quantile"),
+            list(self.slice_claims.values()),
         )
 
 
@@ -181,6 +192,7 @@ class Standing:
     stopped: str | None
     zero_tolerance: frozenset[str]  # checks asking "better or worse at all"
     quantiles: frozenset[str] = frozenset()  # checks whose estimate is a ratio of quantiles
+    slices: list[SliceFinding] = field(default_factory=list)  # slices where it is worse
 
     @property
     def worse(self) -> list[CheckResult]:
@@ -209,6 +221,7 @@ class Standing:
             "latency_ms_p50": self.latency_ms.as_dict(),
             "device_seconds_per_image_p50": self.cost.as_dict(),
             "checks": [r.as_dict() for r in self.results],
+            "slices": [f.as_dict() for f in self.slices],
         }
 
 
@@ -270,6 +283,7 @@ def lines(ranked: list[Standing]) -> dict[str, list[str]]:
             said[s.model].append("better than baseline on " + _named(s.better, s.quantiles))
         if s.worse:
             said[s.model].append("worse than baseline on " + _named(s.worse, s.quantiles))
+        said[s.model] += [f.sentence for f in s.slices]
         if not s.worse and not s.better:
             said[s.model].append("no difference from the baseline shown on any check")
         if s.stopped:

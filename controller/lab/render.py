@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ import structlog
 
 from controller.config import ROUTE_KINDS, Config, Route
 from controller.lab.suites import Suite, SuiteItem
+from policies.prompt_tags import tags_of, with_hand_tags
+from workers.images import mask_area
 from workers.jobs import ImageJob, ImageResult
 
 log = structlog.get_logger("cutover.lab")
@@ -36,6 +39,15 @@ class LabUnit:
     item: SuiteItem
     suite_dir: Path
     seed: int
+
+    @cached_property
+    def tags(self) -> tuple[str, ...]:
+        """The item's prompt tags (`policies/prompt_tags.py`) and its own, as `tag:<name>`."""
+        params: dict[str, Any] = {"size": self.item.size} if self.item.size else {}
+        if self.item.mask:
+            params["mask_area"] = mask_area((self.suite_dir / self.item.mask).read_bytes())
+        derived = tags_of(self.item.prompt, self.item.route.value, params)
+        return tuple(with_hand_tags(derived, self.item.tags))
 
     def job(self, default_size: str) -> ImageJob:
         """The request the router would have sent for this item (same seed on every model)."""

@@ -67,12 +67,14 @@ class Judging:
     policy: Policy
     alpha_for: Callable[[Check], float]
     figure_alpha: float  # each latency and cost interval's
+    slice_share: float = 1.0  # of the policy's slice budget, per model compared
 
 
 def bakeoff_judging(policy: Policy, compared: int) -> Judging:
     """Zero tolerance, one alpha over every check of every model (`compare.py` says why)."""
     lab = lab_policy(policy)
-    return Judging(lab, bakeoff_alpha(lab, compared), lab.alpha / (compared + 1))
+    figure_alpha = lab.alpha / (compared + 1)
+    return Judging(lab, bakeoff_alpha(lab, compared), figure_alpha, 1 / max(compared, 1))
 
 
 def validation_judging(policy: Policy) -> Judging:
@@ -447,13 +449,15 @@ class LabSession:
                 if row is None or row.scores is None or (model, unit.key) in self._folded:
                     continue
                 self._folded.add((model, unit.key))
-                tally.fold(_image(row), _image(base), self.plan.devices[self.plan.baseline])
+                tags = unit.tags
+                baseline_devices = self.plan.devices[self.plan.baseline]
+                tally.fold(_image(row, tags), _image(base, tags), baseline_devices)
 
     def _judge(self, final: bool, last_round: bool = False) -> dict[str, Any]:
         judging = self.judging
         standings: list[Standing] = []
         for model, tally in self.tallies.items():
-            now = tally.standing(judging.alpha_for, judging.figure_alpha)
+            now = tally.standing(judging.alpha_for, judging.figure_alpha, judging.slice_share)
             if self.early_stop and tally.stopped is None and not final and not last_round:
                 tally.stopped = losing(now)
                 if tally.stopped:
@@ -504,7 +508,7 @@ class LabSession:
         return result
 
 
-def _image(row: LabOutput) -> LabImage:
+def _image(row: LabOutput, tags: tuple[str, ...]) -> LabImage:
     scores = row.scores or {}
     return LabImage(
         row.unit,
@@ -513,6 +517,7 @@ def _image(row: LabOutput) -> LabImage:
         batch_size=row.batch_size,
         scores=scores.get("values", {}),
         errors=scores.get("errors", {}),
+        tags=tags,
     )
 
 

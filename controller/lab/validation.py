@@ -70,8 +70,18 @@ def decide(standing: dict[str, Any], policy: Policy) -> tuple[str, str]:
     """A validation's outcome and why, from the candidate's standing (`compare.Standing`)."""
     checks = standing["checks"]
     failed = [c for c in checks if c["decision"] == FAIL]
-    if failed:
-        return FAIL, "; ".join(f"{c['name']} FAIL: {c['reason']}" for c in failed)
+    slices = standing.get("slices", [])
+    rolling_back = [f for f in slices if f["action"] == "rollback"]
+    if failed or rolling_back:
+        return FAIL, "; ".join(
+            [f"{c['name']} FAIL: {c['reason']}" for c in failed]
+            + [f"{f['check']} FAIL on a slice: {f['sentence']}" for f in rolling_back]
+        )
+    holding = [f for f in slices if f["action"] == "hold"]
+    if holding:
+        return INCONCLUSIVE, "; ".join(
+            f"{f['check']} FAILs on a slice (its policy holds): {f['sentence']}" for f in holding
+        )
     probes = [c for c in checks if c["probe_error"]]
     if probes:
         return INCONCLUSIVE, "; ".join(f"{c['name']}: {c['reason']}" for c in probes)
@@ -91,6 +101,9 @@ def decide(standing: dict[str, Any], policy: Policy) -> tuple[str, str]:
     )
     if open_:
         reason += f"; left to shadow (not decided on this many pairs): {', '.join(open_)}"
+    reported = [f["sentence"] for f in slices if f["action"] == "report"]
+    if reported:
+        reason += "; reported (its policy does not hold for it): " + "; ".join(reported)
     return PASS, reason
 
 

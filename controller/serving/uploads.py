@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator
 from controller.config import ServerConfig
 from controller.serving.api import BadRequest, ImagesRequest, field_error
 from workers.config import UPSCALE_FACTOR
+from workers.images import mask_area
 from workers.jobs import DEFAULT_STRENGTH
 
 FORMATS = ("PNG", "JPEG", "WEBP")
@@ -92,16 +93,7 @@ def parse_edit(parts: list[tuple[str, Part]], limits: ServerConfig) -> Upload:
                 f"mask is {mask_size[0]}x{mask_size[1]} but the image is {width}x{height}; "
                 "they must be the same size",
             )
-    return Upload(fields, image, mask, width, height, _area(mask) if mask else None)
-
-
-def _area(mask: bytes) -> float:
-    """The share of the image the mask opens for editing (pixels above half grey)."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(io.BytesIO(mask)) as picture:
-        return float((np.asarray(picture) > 127).mean())
+    return Upload(fields, image, mask, width, height, mask_area(mask) if mask else None)
 
 
 def parse_upscale(parts: list[tuple[str, Part]], limits: ServerConfig) -> Upload:
