@@ -73,6 +73,35 @@ METRICS: dict[str, Metric] = {
         Metric("colour_shift_de", MetricKind.SCORE, "CIEDE2000 colour shift against the incumbent"),
         Metric("frame_drift_de", MetricKind.SCORE, "colour drift between a request's images"),
         Metric("clip_score", MetricKind.SCORE, "prompt-image agreement (CLIP)"),
+        Metric("typography_cer_case", MetricKind.SCORE, "case-sensitive CER of quoted text"),
+        Metric(
+            "typography_word_accuracy",
+            MetricKind.SCORE,
+            "share of the quoted words read back (higher is better)",
+        ),
+        Metric("skin_tone_de", MetricKind.SCORE, "skin ΔE2000 on faces, worst face of the pair"),
+        Metric("skin_ita_shift", MetricKind.SCORE, "skin ITA° shift on faces, worst face"),
+        Metric("brisque", MetricKind.SCORE, "no-reference quality, BRISQUE (lower is better)"),
+        Metric(
+            "edit_preservation_ssim",
+            MetricKind.SCORE,
+            "SSIM to the input outside an edit's mask (lab; higher is better)",
+        ),
+        Metric(
+            "edit_preservation_de",
+            MetricKind.SCORE,
+            "colour ΔE2000 to the input outside an edit's mask (lab)",
+        ),
+        Metric(
+            "upscale_psnr",
+            MetricKind.SCORE,
+            "PSNR of the downscaled output to the input, dB (lab; higher is better)",
+        ),
+        Metric(
+            "upscale_ssim",
+            MetricKind.SCORE,
+            "SSIM of the downscaled output to the input (lab; higher is better)",
+        ),
     )
 }
 

@@ -199,9 +199,9 @@ def test_probes_run_with_no_write_lock_held(tmp_path, sqlite_url):
 def test_a_probe_returning_nan_stores_an_error_never_a_score(tmp_path, sqlite_url, monkeypatch):
     """NaN from a probe (here the colour probe, through a hook) is a probe error: no score row
     carries it, so no statistic can, and the judge counts it against the probe."""
-    import controller.rollout.scoring
+    import policies.probes.pack
 
-    monkeypatch.setattr(controller.rollout.scoring, "colour_shift", lambda a, b: float("nan"))
+    monkeypatch.setattr(policies.probes.pack, "colour_shift", lambda a, b: float("nan"))
     config, store = prepare_rollout(write_config(tmp_path, base_config(sqlite_url)))
     artifacts = tmp_path / "artifacts"
     now = utcnow()

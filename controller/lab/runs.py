@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -46,15 +47,15 @@ from controller.lab.compare import (
 )
 from controller.lab.render import LabUnit, routes_served, units_of
 from controller.lab.suites import Suite, find_suite, load_suite
-from controller.rollout.scoring import Probe, run_probes
+from controller.rollout.scoring import run_probes
 from controller.storage.artifacts import artifact_path, store_artifact
 from controller.storage.store import Store
 from controller.storage.tables import LabOutput, LabRun, utcnow
 from policies.checks import CheckResult
 from policies.policy import Check, Policy
-from policies.probes.colour import colour_shift
-from policies.probes.typography import ENGINES, requested_text, typography_cer
-from workers.images import from_png
+from policies.probes.pack import ProbeContext, probes_for
+from policies.probes.typography import ENGINES
+from workers.images import from_png, pil_image
 from workers.jobs import ImageJob, ImageResult, OutputStatus
 
 log = structlog.get_logger("cutover.lab")
@@ -161,12 +162,15 @@ def settings_of(config: Config, model: str) -> str:
 
 
 class LabScorer:
-    """The probes a lab image gets: the typography CER of the prompt's quoted text, and for a
-    compared model the colour shift against the baseline's image of the same unit."""
+    """The probes a lab image gets (`policies/probes/pack.py`, as in shadow): the typography
+    probes of the prompt's quoted text; for a compared model, the colour and skin-tone shift
+    against the baseline's image of the same unit; for an edit or upscale, fidelity to the
+    item's input image (which the lab has and shadow does not)."""
 
     def __init__(self, policy: Policy, artifacts: Path) -> None:
         self.engine_name = policy.ocr_engine
         self.artifacts = artifacts
+        self.wanted = {check.metric for check in policy.checks}
         self._local = threading.local()
 
     def _ocr(self) -> Any:
@@ -177,12 +181,19 @@ class LabScorer:
     def image(self, sha256: str) -> Any:
         return from_png(artifact_path(self.artifacts, sha256).read_bytes())
 
-    def score(self, prompt: str, sha256: str, baseline_sha256: str | None) -> dict[str, Any]:
-        probes: dict[str, Probe] = {}
-        if requested_text(prompt):  # the OCR engine is loaded only where there is text to read
-            probes["typography_cer"] = lambda img: typography_cer(prompt, img, self._ocr())
-        if baseline_sha256 is not None:
-            probes["colour_shift_de"] = lambda img: colour_shift(img, self.image(baseline_sha256))
+    def score(self, unit: LabUnit, sha256: str, baseline_sha256: str | None) -> dict[str, Any]:
+        item = unit.item
+        source = (unit.suite_dir / item.image) if item.image else None
+        mask = (unit.suite_dir / item.mask) if item.mask else None
+        context = ProbeContext(
+            prompt=item.prompt,
+            route=item.route.value,
+            ocr=self._ocr,
+            partner=(lambda: self.image(baseline_sha256)) if baseline_sha256 else None,
+            source=(lambda: from_png(source.read_bytes())) if source else None,
+            mask=(lambda: np.asarray(pil_image(mask.read_bytes(), "L"))) if mask else None,
+        )
+        probes = probes_for(context, self.wanted)
         try:
             image = self.image(sha256)
         except OSError as exc:
@@ -427,11 +438,8 @@ class LabSession:
                         continue  # scored once the baseline's image is there to compare with
                     partner = base.artifact_sha256 if base.status == OutputStatus.OK else None
                 score = self.scorer.score
-                prompt = unit.item.prompt
                 assert self._scoring is not None
-                work.append(
-                    (row, self._scoring.submit(score, prompt, row.artifact_sha256, partner))
-                )
+                work.append((row, self._scoring.submit(score, unit, row.artifact_sha256, partner)))
         if work:
             with self.store.session() as session:
                 for row, future in work:

@@ -24,7 +24,6 @@ import math
 import os
 import socket
 import uuid
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import cached_property
 from pathlib import Path
@@ -39,8 +38,8 @@ from controller.storage.artifacts import artifact_path
 from controller.storage.store import Store
 from controller.storage.tables import Output, Request, Score, utcnow
 from policies.policy import Policy
-from policies.probes.colour import colour_shift
-from policies.probes.typography import ENGINES, typography_cer
+from policies.probes.pack import Probe, ProbeContext, probes_for
+from policies.probes.typography import ENGINES
 from policies.vocabulary import Arm
 from workers.images import from_png
 from workers.jobs import OutputStatus
@@ -122,6 +121,8 @@ class Scorer:
         self.artifact_dir = artifact_dir
         self.holder = holder or default_holder()
         self._clip_skip_logged = False
+        # The probe pack's opt-in probes run where a check names their metric.
+        self.wanted = {check.metric for check in policy.checks}
 
     @cached_property
     def ocr(self) -> Any:
@@ -230,15 +231,18 @@ class Scorer:
     def _probe(
         self, output: Output, request: Request, partners: dict[str, Output]
     ) -> list[ProbeRow]:
-        probes: dict[str, Any] = {
-            "typography_cer": lambda image: typography_cer(request.prompt, image, self.ocr)
-        }
-        if output.role == Arm.CANDIDATE and Arm.INCUMBENT in partners:
-            probes["colour_shift_de"] = lambda image: self._against(image, partners[Arm.INCUMBENT])
-        if "previous" in partners:
-            probes["frame_drift_de"] = lambda image: self._against(image, partners["previous"])
-        if self.clip is not None:
-            probes["clip_score"] = lambda image: self.clip.score(request.prompt, image)
+        incumbent = partners.get(Arm.INCUMBENT) if output.role == Arm.CANDIDATE else None
+        context = ProbeContext(
+            prompt=request.prompt,
+            route=request.route,
+            ocr=lambda: self.ocr,
+            partner=(lambda: self._partner(incumbent)) if incumbent is not None else None,
+            previous=(lambda: self._partner(partners["previous"]))
+            if "previous" in partners
+            else None,
+            clip=self.clip,
+        )
+        probes = probes_for(context, self.wanted)
         results: list[ProbeRow] = []
         chosen = {}
         for name, probe in probes.items():
@@ -258,22 +262,19 @@ class Scorer:
         results += [(name, value, error, True) for name, value, error in probed]
         return results
 
-    def _against(self, image: np.ndarray, other: Output) -> float:
+    def _partner(self, other: Output) -> np.ndarray:
         partner = self._image(other)
         if partner is None:
             raise FileNotFoundError(
                 f"artifact {other.artifact_sha256} of the partner output is missing"
             )
-        return colour_shift(image, partner)
+        return partner
 
     def _image(self, output: Output) -> np.ndarray | None:
         if not output.artifact_sha256:
             return None
         path = artifact_path(self.artifact_dir, output.artifact_sha256)
         return from_png(path.read_bytes()) if path.exists() else None
-
-
-Probe = Callable[[np.ndarray], float | None]
 
 
 def run_probes(

@@ -29,13 +29,17 @@ def requested_text(prompt: str) -> list[str]:
     return [next(g for g in match.groups() if g) for match in _QUOTED.finditer(prompt)]
 
 
-def normalize(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+def normalize(text: str, keep_case: bool = False) -> str:
+    text = unicodedata.normalize("NFKC", text)
+    return " ".join((text if keep_case else text.casefold()).split())
 
 
-def best_span_cer(requested: str, read: str) -> float:
-    """Edit distance of `requested` to its best-matching span of `read`, over len(requested)."""
-    want, got = normalize(requested), normalize(read)
+def best_span_cer(requested: str, read: str, keep_case: bool = False) -> float:
+    """Edit distance of `requested` to its best-matching span of `read`, over len(requested).
+
+    `keep_case`: "Sale" read as "SALE" costs three edits (the case-sensitive CER, for
+    brands and titles whose case is part of what was asked)."""
+    want, got = normalize(requested, keep_case), normalize(read, keep_case)
     if not want:
         return 0.0
     previous = [0] * (len(got) + 1)  # a match may start anywhere in the read text
@@ -110,10 +114,51 @@ class Tesseract:
 ENGINES = {"rapidocr": RapidOcr, "tesseract": Tesseract}
 
 
+def word_accuracy(requested: str, read: str) -> float:
+    """The share of the requested words that were read, each word used once (case-folded).
+
+    Next to the CER because readers judge text by words: "SUMMER SALE" read as "SUMMER
+    SALF" is a CER of 0.09, and one word of two wrong."""
+    wanted = normalize(requested).split()
+    if not wanted:
+        return 1.0
+    available: dict[str, int] = {}
+    for word in normalize(read).split():
+        available[word] = available.get(word, 0) + 1
+    found = 0
+    for word in wanted:
+        if available.get(word, 0):
+            available[word] -= 1
+            found += 1
+    return found / len(wanted)
+
+
+class Reading:
+    """One OCR read of an image, shared by every typography metric of it (OCR is the cost)."""
+
+    def __init__(self, prompt: str, image: np.ndarray, engine: OcrEngine) -> None:
+        self.wanted = requested_text(prompt)
+        self._image, self._engine = image, engine
+        self._read: str | None = None
+
+    @property
+    def read(self) -> str:
+        if self._read is None:
+            self._read = self._engine.read(self._image)
+        return self._read
+
+    def cer(self, keep_case: bool = False) -> float | None:
+        """Mean CER over the quoted spans, or None when the prompt asks for no text."""
+        if not self.wanted:
+            return None
+        return float(np.mean([best_span_cer(t, self.read, keep_case) for t in self.wanted]))
+
+    def word_accuracy(self) -> float | None:
+        if not self.wanted:
+            return None
+        return float(np.mean([word_accuracy(t, self.read) for t in self.wanted]))
+
+
 def typography_cer(prompt: str, image: np.ndarray, engine: OcrEngine) -> float | None:
     """Mean CER over the prompt's quoted spans, or None when the prompt asks for no text."""
-    wanted = requested_text(prompt)
-    if not wanted:
-        return None
-    read = engine.read(image)
-    return float(np.mean([best_span_cer(text, read) for text in wanted]))
+    return Reading(prompt, image, engine).cer()
