@@ -147,3 +147,101 @@ def report(
         out.print(f"report written to {target.resolve()} ({len(html) / 1e6:.1f} MB)")
 
     guarded(run)
+
+
+@app.command(rich_help_panel="Review")
+def failures(
+    ctx: typer.Context,
+    bakeoff: Annotated[
+        int | None,
+        typer.Option(help="A bake-off's (or validation's) run id, instead of a rollout."),
+    ] = None,
+    clusters: Annotated[
+        int | None, typer.Option(help="Group into this many clusters (default: by size).")
+    ] = None,
+    to_suite: Annotated[
+        str | None,
+        typer.Option(help="Write one cluster's prompts to this file as a stress suite."),
+    ] = None,
+    cluster_number: Annotated[
+        int, typer.Option("--cluster", help="The cluster --to-suite writes (1: the largest).")
+    ] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="The clusters as JSON.")] = False,
+    rollout: RolloutOpt = None,
+) -> None:
+    """Failing pairs grouped by what they share: size, tags in common, prompts, examples."""
+    from controller.lab.representative import suite_yaml
+    from controller.review.failures import (
+        bakeoff_failures,
+        cluster,
+        needs_inputs,
+        render_clusters,
+        rollout_failures,
+    )
+    from controller.review.failures import (
+        to_suite as suite_of,
+    )
+    from policies.policy import load_policy
+    from policies.probes.clip_score import ClipScorer
+
+    def run() -> None:
+        config = cli_config(ctx)
+        if bakeoff is not None and rollout is not None:
+            raise Refused("give --rollout or --bakeoff, not both")
+        plan = None if bakeoff is not None else config.plan(rollout)
+        policy = load_policy(plan.policy_path if plan else config.policy_path())
+        with open_store(config) as store:
+            store.require_schema()
+            with store.reader() as session:
+                try:
+                    if plan is None:
+                        found = bakeoff_failures(session, bakeoff, policy, config.artifact_path)
+                        source = f"bake-off run {bakeoff}"
+                    else:
+                        row = get_rollout(session, plan.name)
+                        found = rollout_failures(session, row, policy, config.artifact_path)
+                        source = f"rollout {plan.name}"
+                except ValueError as exc:
+                    raise Refused(str(exc)) from None
+        clip = ClipScorer(policy.clip_model) if policy.clip_model else None
+        groups = cluster(found, clusters, clip)
+        if to_suite is not None:
+            chosen = next((g for g in groups if g.number == cluster_number), None)
+            if chosen is None:
+                raise Refused(
+                    f"--cluster {cluster_number}: {source} has {len(groups)} failure clusters"
+                    + ("" if groups else " (no failing pairs)")
+                )
+            name = Path(to_suite).stem.lower().replace("_", "-")
+            try:
+                suite = suite_of(chosen, name, source)
+            except ValueError as exc:
+                raise Refused(str(exc)) from None
+            Path(to_suite).write_text(suite_yaml(suite), encoding="utf-8")
+            left_out = needs_inputs(chosen)
+            if left_out:
+                err.print(
+                    f"left out {len(left_out)} edits or upscales: the router does not keep "
+                    "their input images, so a suite cannot replay them"
+                )
+            err.print(
+                f"wrote {len(suite.items)} prompts of cluster {cluster_number} to {to_suite}; "
+                f"check it with `cutover suite check {to_suite}`, then validate with it "
+                "(routes.<route>.suites) or `cutover bakeoff --suite` it"
+            )
+        if as_json:
+            sys.stdout.write(
+                json.dumps(
+                    {
+                        "source": source,
+                        "failing_pairs": len(found),
+                        "clusters": [g.as_dict() for g in groups],
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+        else:
+            out.print(render_clusters(source, len(found), groups))
+
+    guarded(run)

@@ -146,6 +146,8 @@ def _pairs(
                     "served_by": request.primary_role,
                     "user": request.sticky_key,
                     "prompt": request.prompt,
+                    "route": request.route,
+                    "tags": request.tags,
                     "seed": request.seed,
                     "params": request.params,
                     **{

@@ -18,6 +18,19 @@ class ClipScorer:
         self.model = CLIPModel.from_pretrained(str(path), local_files_only=True).eval()
         self.processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
 
+    @property
+    def dimensions(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    def embed(self, image: np.ndarray) -> np.ndarray:
+        """The image's unit-length CLIP embedding (failure clusters group by it)."""
+        import torch
+
+        inputs = self.processor(images=[image], return_tensors="pt")
+        with torch.inference_mode():
+            vector = self.model.get_image_features(**inputs)[0]
+        return (vector / vector.norm()).numpy()
+
     def score(self, prompt: str, image: np.ndarray) -> float:
         import torch
 
