@@ -395,7 +395,8 @@ def run_bakeoff(workdir: Path, port: int, console: Console) -> Outcome:
     print_ranking(result)
     report = workdir / "report-bakeoff.html"
     with store.reader() as session:
-        report.write_text(build_bakeoff_report(session, config, result["run"]), encoding="utf-8")
+        html = build_bakeoff_report(session, config, result["run"], load_policy(DEMO_POLICY))
+        report.write_text(html, encoding="utf-8")
     store.close()
     return Outcome(
         "bakeoff",

@@ -127,7 +127,7 @@ def test_the_cli_reruns_it_as_json_and_as_a_table_without_rendering(bakeoff, tmp
 def test_the_report_is_self_contained_and_escapes_prompts(bakeoff, tmp_path):
     config, store, _, _, result = bakeoff
     with store.reader() as session:
-        html = build_bakeoff_report(session, config, result["run"])
+        html = build_bakeoff_report(session, config, result["run"], load_policy())
     assert "&lt;script&gt;document.title" in html and "<script>document" not in html
     assert 'src="http' not in html and "<link" not in html
     for words in ("Ranking", "Worst pairs per check", "colour shift", "Filter by tag", "hostile"):

@@ -122,3 +122,19 @@ def test_clusters_are_deterministic_and_one_pair_is_one_cluster():
     assert first == [[p.key for p in c.pairs] for c in cluster(list(pairs))]
     assert sorted(len(c) for c in first) == [4, 4, 4]
     assert len(cluster(pairs[:1])) == 1 and cluster([]) == []
+
+
+def test_the_report_shows_the_clusters_with_their_images(tmp_path, sqlite_url):
+    from controller.review.report import build_report
+    from controller.storage.store import Store
+    from policies.policy import load_policy
+
+    path = record_pairs(tmp_path, sqlite_url)
+    config = load_config(path)
+    store = Store(config.resolved_database_url)
+    with store.reader() as session:
+        html = build_report(session, get_rollout(session, config.name), config, load_policy())
+    store.close()
+    assert "Cluster 1: 12 pairs" in html and "Cluster 2: 8 pairs" in html
+    assert "tags in common: " in html and "text:13+" in html
+    assert html.count('alt="candidate" src="data:image/png;base64,') >= 4

@@ -21,6 +21,7 @@ from controller.cli.core import (
 )
 from controller.config import Config
 from controller.storage.store import Store
+from policies.policy import Policy
 
 suite_app = typer.Typer(help="Prompt suites for the lab phase.", no_args_is_help=True)
 app.add_typer(suite_app, name="suite", rich_help_panel="Lab")
@@ -155,7 +156,7 @@ def bakeoff(
                 early_stop=early_stop,
             )
             if report is not None:
-                _write_report(store, config, result, report)
+                _write_report(store, config, result, report, policy)
         if as_json:
             out.print_json(json.dumps(result))
         else:
@@ -175,11 +176,13 @@ def _default_baseline(config: Config) -> str:
     return route.model
 
 
-def _write_report(store: Store, config: Config, result: dict[str, Any], path: Path) -> None:
+def _write_report(
+    store: Store, config: Config, result: dict[str, Any], path: Path, policy: Policy
+) -> None:
     from controller.review.bakeoff_report import build_bakeoff_report
 
     with store.reader() as session:
-        html = build_bakeoff_report(session, config, result["run"])
+        html = build_bakeoff_report(session, config, result["run"], policy)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
 

@@ -16,16 +16,18 @@ from sqlalchemy.orm import Session
 
 from controller.config import Config
 from controller.lab.suites import SuiteItem, load_suite
+from controller.review.failures import bakeoff_failures, cluster, report_clusters
 from controller.review.report import data_uri
 from controller.storage.artifacts import artifact_path
 from controller.storage.tables import LabOutput, LabRun
+from policies.policy import Policy
 from workers.jobs import OutputStatus
 
 WORST_SHOWN = 6  # pairs per check
 GRID_ROWS = 300  # units in the grid, in suite order
 
 
-def build_bakeoff_report(session: Session, config: Config, run_id: int) -> str:
+def build_bakeoff_report(session: Session, config: Config, run_id: int, policy: Policy) -> str:
     run = session.get(LabRun, run_id)
     if run is None or run.result is None:
         raise ValueError(f"lab run {run_id} has no result yet: run the bake-off first")
@@ -69,6 +71,9 @@ def build_bakeoff_report(session: Session, config: Config, run_id: int) -> str:
         shown=len(grid),
         total=len(units),
         tags=[(t, tag_class[t]) for t in tags],
+        clusters=report_clusters(
+            cluster(bakeoff_failures(session, run_id, policy, config.artifact_path))
+        ),
     )
 
 

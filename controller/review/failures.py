@@ -97,7 +97,13 @@ def rollout_failures(
     session: Session, rollout: Rollout, policy: Policy, artifact_dir: Path, scanned: int = SCANNED
 ) -> list[FailingPair]:
     """The failing pairs among the rollout's newest `scanned` recorded pairs."""
-    rows = shadow_log(session, rollout, policy, Filters(limit=scanned), artifact_dir)
+    return failing_rows(
+        shadow_log(session, rollout, policy, Filters(limit=scanned), artifact_dir), policy
+    )
+
+
+def failing_rows(rows: list[dict[str, Any]], policy: Policy) -> list[FailingPair]:
+    """The shadow-log rows (`controller/review/shadow_log.py`) that fail a check, as pairs."""
     found = []
     for row in rows:
         cand, inc = row[Arm.CANDIDATE], row[Arm.INCUMBENT]
@@ -249,6 +255,21 @@ def needs_inputs(found: Cluster) -> list[str]:
 
 def _needs_input(pair: FailingPair) -> bool:
     return Route(pair.route) in NEEDS_IMAGE and not pair.inputs
+
+
+def report_clusters(groups: list[Cluster], examples: int = 4) -> list[dict[str, Any]]:
+    """The clusters as the HTML reports show them: each with example pairs' images inline."""
+    from controller.review.report import data_uri
+
+    shown = []
+    for g in groups:
+        entry = g.as_dict(examples)
+        for example in entry["examples"]:
+            for side in ("candidate", "incumbent"):
+                path = example[side]
+                example[side] = data_uri(path) if path and Path(path).exists() else None
+        shown.append(entry)
+    return shown
 
 
 def render_clusters(source: str, failing: int, groups: list[Cluster]) -> Any:

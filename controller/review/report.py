@@ -16,6 +16,7 @@ from sqlalchemy import func, select, tuple_
 from sqlalchemy.orm import Session
 
 from controller.config import Config
+from controller.review.failures import cluster, failing_rows, report_clusters
 from controller.review.shadow_log import Filters, shadow_log
 from controller.review.status import event_dict, rollout_status
 from controller.storage.tables import Output, Request, Rollout, RolloutEvent, Verdict
@@ -50,6 +51,7 @@ def build_report(session: Session, rollout: Rollout, config: Config, policy: Pol
         latency=_latency_chart(session, rollout),
         galleries=[_gallery(check, pairs) for check in _one_check_per_score(policy)],
         failures=_failures(session, rollout),
+        clusters=report_clusters(cluster(failing_rows(pairs, policy))),
     )
 
 
