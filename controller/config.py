@@ -295,6 +295,9 @@ class Config(Strict):
     server: ServerConfig = ServerConfig()
     scorer: ScorerConfig = ScorerConfig()
     policy: str | None = None
+    # What one GPU-hour costs you: status and the reports price each model's median image
+    # with it (the policy's `cost_per_image` check compares GPU-seconds, where it cancels).
+    price_per_gpu_hour: float | None = Field(None, gt=0)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: YamlSource | None = PrivateAttr(default=None)

@@ -50,6 +50,9 @@ EXPECTED = {
     "healthy": {"demo-healthy": "promoted"},
     "regression": {"demo-regression": "rolled_back"},
     "edit": {"demo-edit-generate": "promoted", "demo-edit-edit": "promoted"},
+    # A candidate that writes short quoted text well and garbles text past 12 characters: the
+    # aggregate typography check stays within tolerance, a slice of the judge catches it.
+    "slice": {"demo-slice": "rolled_back"},
     # The bake-off's ranking: the good variant first, each defective one worse than the baseline.
     "bakeoff": {"good": "level", "tint": "worse", "errors": "worse", "slow": "worse"},
 }
@@ -63,7 +66,26 @@ VARIANTS = {
 # The suites each route validates on in the demo, and seeds per item: enough pairs for the
 # demo policy's min_samples (20), few enough to validate in seconds.
 DEMO_SUITES = {"generate": (["colour", "composition"], 1), "edit": (["edits"], 4)}
-FAULTS = {"healthy": {}, "regression": {"tint": [70, 10, -50], "error_percent": 20}}
+FAULTS = {
+    "healthy": {},
+    "regression": {"tint": [70, 10, -50], "error_percent": 20},
+    "slice": {"text_card": True, "garble_text_over": 12},
+}
+# The slice scenario's signs: three in four quote a few characters, one in four a long line.
+# Both models draw the quoted text on a card (`faults.text_card`): the tiny models cannot.
+SHORT_SIGNS = (
+    "OPEN",
+    "SALE",
+    "EXIT",
+    "TAXI",
+    "HOTEL",
+    "BAKERY",
+    "PHARMACY",
+    "Welcome",
+    "Fresh Bread",
+)
+LONG_SIGNS = ("Every Journey Starts Here", "Grand Opening This Weekend", "Fresh Coffee All Day")
+SIGN_SIZE = "256x64"  # wide enough for a long line to read back by OCR
 ENDED = ("promoted", "rolled_back", "paused", "aborted")
 EDIT_SHARE = 0.4  # of the edit scenario's requests
 
@@ -142,6 +164,8 @@ def write_config(workdir: Path, scenario: str, port: int) -> Path:
             "mirror_max_in_flight": 16,
         },
     }
+    if scenario == "slice":
+        data["models"]["incumbent"]["faults"] = {"text_card": True}
     if scenario == "edit":
         _as_playbook(data, models, model, rollout)
     elif scenario == "bakeoff":
@@ -200,10 +224,17 @@ class Traffic:
     """Synthetic users sending prompts until stopped; counts what it sent."""
 
     def __init__(
-        self, base_url: str, concurrency: int = 4, seed: int = 0, edit_share: float = 0.0
+        self,
+        base_url: str,
+        concurrency: int = 4,
+        seed: int = 0,
+        edit_share: float = 0.0,
+        prompts: list[str] | None = None,
+        size: str | None = None,
     ) -> None:
         self.client = httpx.Client(base_url=base_url, timeout=60)
-        self.prompts = default_prompts()
+        self.prompts = prompts or default_prompts()
+        self.size = size
         self.rng = random.Random(seed)
         self.edit_share = edit_share
         self.photo = _photo()
@@ -241,12 +272,21 @@ class Traffic:
                     "prompt": self.rng.choice(self.prompts),
                     "user": f"user-{self.rng.randrange(500)}",
                 }
+                if self.size:
+                    body["size"] = self.size
                 pool.submit(self._one, body, self.rng.random() < self.edit_share)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=120)
         self.client.close()
+
+
+def sign_prompts() -> list[str]:
+    """Three short signs for every long one (`SHORT_SIGNS`, `LONG_SIGNS`)."""
+    short = [f'a shop sign that says "{text}"' for text in SHORT_SIGNS]
+    long = [f'a wide banner that reads "{text}"' for text in LONG_SIGNS]
+    return short * len(LONG_SIGNS) + long * (len(SHORT_SIGNS) // 3)
 
 
 def _photo() -> bytes:
@@ -300,7 +340,14 @@ def run_scenario(
     loop_thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
     loop_thread.start()
     share = EDIT_SHARE if scenario == "edit" else 0.0
-    traffic = Traffic(f"http://127.0.0.1:{port}", seed=len(scenario), edit_share=share)
+    signs = scenario == "slice"
+    traffic = Traffic(
+        f"http://127.0.0.1:{port}",
+        seed=len(scenario),
+        edit_share=share,
+        prompts=sign_prompts() if signs else None,
+        size=SIGN_SIZE if signs else None,
+    )
     traffic.start()
     try:
         with Live(console=console, refresh_per_second=2, transient=False) as live:

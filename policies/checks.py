@@ -32,6 +32,9 @@ class CheckResult:
     alpha: float  # the check's share of its budget: each of its FAIL and PASS claims is wrong w.p. <= alpha
     # The check's probe is erroring (`probe_failing`): the check holds the rollout, critical or not.
     probe_error: bool = False
+    # A quantile check's point estimate per arm (the estimate above is their ratio).
+    arms: dict[str, float] | None = None
+    metric: str | None = None  # what the check measures (set by `judge.evaluate`)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -231,6 +234,7 @@ def evaluate_quantile(
         check.critical,
         _min_samples_note(check, samples, reason),
         alpha,
+        arms={"candidate": est_c, "incumbent": est_i},
     )
 
 

@@ -373,7 +373,9 @@ def evaluate(
         else:
             result = evaluate_paired(check, state.paired[check.name], alpha)
         results.append(_sampled_note(result, policy.rate_for(check.metric)))
-    return results
+    return [
+        dataclasses.replace(r, metric=c.metric) for r, c in zip(results, policy.checks, strict=True)
+    ]
 
 
 def slice_findings(state: JudgeState) -> list[SliceFinding]:

@@ -364,3 +364,24 @@ def test_bad_weights_and_repeated_names_are_refused(tmp_path, body, words):
     with pytest.raises(SourceError) as error:
         load_policy(path)
     assert "policy.yaml" in str(error.value) and words in str(error.value)
+
+
+def test_cost_per_image_is_a_check_and_a_priced_figure():
+    from controller.review.status import cost_per_image
+    from policies.judge import JudgeState, Side, Unit, evaluate
+
+    policy = load_policy()
+    state = JudgeState(policy)
+    for n in range(60):  # the candidate's images cost twice the incumbent's GPU time
+        arms = {
+            "candidate": Side(["ok"], 100.0, 0.0, 0.2),
+            "incumbent": Side(["ok"], 100.0, 0.0, 0.1),
+        }
+        state.fold_arms(Unit(f"r{n}", arms, {}))
+    results = evaluate(state)
+    cost = next(r for r in results if r.name == "cost_per_image")
+    assert cost.decision == "FAIL" and not cost.critical  # x2 is beyond x1.25: it holds
+    figure = cost_per_image([r.as_dict() for r in results], price_per_gpu_hour=3.6)
+    assert figure["gpu_seconds_p50"]["candidate"] == pytest.approx(0.2, rel=0.05)
+    assert figure["usd_per_1k_images"]["candidate"] == pytest.approx(0.2, rel=0.05)  # 0.2 s at $1/ks
+    assert cost_per_image([r.as_dict() for r in results], None)["usd_per_1k_images"] is None

@@ -107,6 +107,14 @@ class FaultConfig(Strict):
     stand_in: bool = Field(
         False, description="skip the pipeline: a solid image after `delay` (overhead benchmarks)"
     )
+    text_card: bool = Field(
+        False,
+        description="skip the pipeline: a card with the prompt's quoted text (typography "
+        "rehearsals; the tiny models cannot draw text)",
+    )
+    garble_text_over: int | None = Field(
+        None, ge=0, description="with text_card: quoted text longer than this comes out garbled"
+    )
 
     @field_validator("tint")
     @classmethod

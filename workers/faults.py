@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from workers.config import FaultConfig
+from workers.prompts import requested_text
 
 
 class InjectedError(RuntimeError):
@@ -50,6 +51,32 @@ def plan_for(faults: FaultConfig, request_id: str) -> FaultPlan:
         hang=drawn("timeout", faults.timeout_percent),
         oom=drawn("oom", faults.oom_percent),
     )
+
+
+def text_card(prompt: str, width: int, height: int, garble_over: int | None = None) -> np.ndarray:
+    """A white card with the prompt's quoted text in black: what a typography-capable model
+    draws, for rehearsals (the tiny random-weight models cannot draw text).
+
+    With `garble_over`, quoted text longer than that many characters comes out garbled
+    (each letter rotated 13 places): the headline failure of past swaps, a model that
+    writes short words and mangles long ones.
+    """
+    from PIL import Image, ImageDraw
+
+    text = " ".join(requested_text(prompt))
+    if garble_over is not None and len(text) > garble_over:
+        text = text.translate(_ROT13)
+    card = Image.new("RGB", (width, height), "white")
+    if text:
+        size = max(8, min(int(height * 0.45), int(width / (0.6 * len(text)))))
+        ImageDraw.Draw(card).text((4, (height - size) // 2), text, fill="black", font_size=size)
+    return np.asarray(card)
+
+
+_ROT13 = str.maketrans(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz",
+    "NOPQRSTUVWXYZABCDEFGHIJKLMnopqrstuvwxyzabcdefghijklm",
+)
 
 
 def apply_tint(image: np.ndarray, tint: tuple[int, int, int] | None) -> np.ndarray:

@@ -29,7 +29,7 @@ from workers.batch_wait import BatchWait
 from workers.batching import UNITS, BatchExecutor, BatchPlanner, CostModel, Rendered
 from workers.config import FaultConfig, ModelConfig
 from workers.deadlines import Admission, SpeedModel, StepCallback, measure_speed
-from workers.faults import InjectedError, apply_tint, plan_for
+from workers.faults import InjectedError, apply_tint, plan_for, text_card
 from workers.images import to_png
 from workers.jobs import ImageJob, ImageResult, OutputStatus
 from workers.logs import configure_logging, log_to_file
@@ -62,6 +62,20 @@ class _StandIn:
         return [(np.full((j.height, j.width, 3), 128, dtype=np.uint8), False) for j in jobs]
 
 
+class _TextCards:
+    """No pipeline: a card with each prompt's quoted text (`faults.text_card`, rehearsals)."""
+
+    device = "none"
+
+    def __init__(self, garble_over: int | None) -> None:
+        self.garble_over = garble_over
+
+    def call(
+        self, jobs: list[ImageJob], on_step: StepCallback | None = None
+    ) -> list[tuple[np.ndarray, bool]]:
+        return [(text_card(j.prompt, j.width, j.height, self.garble_over), False) for j in jobs]
+
+
 class ModelService:
     def __init__(
         self,
@@ -76,7 +90,13 @@ class ModelService:
         self.name = name
         self.model = ModelConfig.model_validate(model)
         self.faults = self.model.faults
-        runner = _StandIn() if self.faults.stand_in else PipelineRunner(self.model, Path(base_dir))
+        runner: Any
+        if self.faults.stand_in:
+            runner = _StandIn()
+        elif self.faults.text_card:
+            runner = _TextCards(self.faults.garble_text_over)
+        else:
+            runner = PipelineRunner(self.model, Path(base_dir))
         probe = make_probe(self.model, runner.device)
         cost = CostModel(self.model.initial_bytes_per_pixel)
         self.planner = BatchPlanner(self.model, probe, cost)

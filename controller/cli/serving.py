@@ -148,7 +148,8 @@ def control(
 @app.command(rich_help_panel="Run")
 def demo(
     scenario: Annotated[
-        str, typer.Option(help="healthy, regression, edit (two routes), bakeoff, or all.")
+        str,
+        typer.Option(help="healthy, regression, edit (two routes), slice, bakeoff, or all."),
     ] = "all",
     workdir: Annotated[
         str, typer.Option(help="Where models, database, artifacts and reports go.")
@@ -159,12 +160,13 @@ def demo(
 ) -> None:
     """The playbook end to end on tiny CPU models: each candidate validated first; a healthy one
     reaches 100%, a regressed one rolls back, an img2img candidate's 1% edit canary runs beside
-    a generate rollout, and a bake-off ranks four variants against the incumbent."""
+    a generate rollout, a candidate that garbles only long quoted text is caught on that slice,
+    and a bake-off ranks four variants against the incumbent."""
     from controller.demo import EXPECTED, render_summary, run_demo
 
     if scenario not in (*EXPECTED, "all", "both"):
         err.print(
-            f"[red]refused:[/red] --scenario {scenario!r}: use healthy, regression, edit, bakeoff or all"
+            f"[red]refused:[/red] --scenario {scenario!r}: use healthy, regression, edit, slice, bakeoff or all"
         )
         raise typer.Exit(EXIT_REFUSED)
     scenarios = list(EXPECTED) if scenario in ("all", "both") else [scenario]

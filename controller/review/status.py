@@ -135,6 +135,9 @@ def rollout_status(
             "samples": verdict["samples"],
         },
         "checks": [] if verdict is None else [_check_row(c) for c in verdict["checks"]],
+        "cost": None
+        if verdict is None
+        else cost_per_image(verdict["checks"], config.price_per_gpu_hour),
         # Where a check FAILs on a slice of prompts only (policies/slices.py), in words.
         "slices": [] if verdict is None else list(verdict.get("slices") or []),
         "version": row.version,
@@ -162,6 +165,21 @@ def _why(view: RolloutView, last_event: RolloutEvent | None) -> dict[str, Any] |
 def _check_row(check: dict[str, Any]) -> dict[str, Any]:
     keys = ("name", "decision", "estimate", "lower", "upper", "alpha", "critical", "reason")
     return {k: check.get(k) for k in keys}
+
+
+def cost_per_image(
+    checks: list[dict[str, Any]], price_per_gpu_hour: float | None
+) -> dict[str, Any] | None:
+    """Each arm's median GPU-seconds per image from the policy's gpu_seconds quantile check,
+    and, with a price, its cost per 1,000 images; None without such a check."""
+    found = next((c for c in checks if (c.get("arms") and c.get("metric") == "gpu_seconds")), None)
+    if found is None:
+        return None
+    arms = found["arms"]
+    cost = {}
+    if price_per_gpu_hour:
+        cost = {arm: seconds / 3600 * price_per_gpu_hour * 1000 for arm, seconds in arms.items()}
+    return {"gpu_seconds_p50": arms, "usd_per_1k_images": cost or None, "check": found["name"]}
 
 
 def _next_step(view: RolloutView, holds: list[str], ready: bool) -> str:
@@ -283,6 +301,19 @@ def render_status(status: dict[str, Any]) -> Group:
     )
     head.add_row("next", status["next"])
     parts: list[Any] = [head]
+    cost = status.get("cost")
+    if cost:
+        seconds = cost["gpu_seconds_p50"]
+        dollars = cost["usd_per_1k_images"] or {}
+        head.add_row(
+            "cost per image",
+            ", ".join(
+                f"{arm} {seconds[arm]:.3g} GPU-s"
+                + (f" (${dollars[arm]:.3g} per 1k)" if arm in dollars else "")
+                for arm in ("candidate", "incumbent")
+                if arm in seconds
+            ),
+        )
     if status["checks"]:
         checks = Table(title="latest verdict per check", title_justify="left")
         for column in ("check", "decision", "estimate", "bounds", "reason"):

@@ -10,7 +10,6 @@ Text is compared after NFKC, case folding and whitespace collapsing.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -21,12 +20,9 @@ from typing import Protocol
 
 import numpy as np
 
-_QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”|‘([^’]+)’|(?<![A-Za-z0-9])\'([^\']+)\'(?![A-Za-z0-9])')
+from workers.prompts import requested_text
 
-
-def requested_text(prompt: str) -> list[str]:
-    """The quoted spans a prompt asks to appear in the image."""
-    return [next(g for g in match.groups() if g) for match in _QUOTED.finditer(prompt)]
+__all__ = ["requested_text"]  # where the rule lived first; callers may import it from here
 
 
 def normalize(text: str, keep_case: bool = False) -> str:
