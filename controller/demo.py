@@ -69,7 +69,9 @@ DEMO_SUITES = {"generate": (["colour", "composition"], 1), "edit": (["edits"], 4
 FAULTS = {
     "healthy": {},
     "regression": {"tint": [70, 10, -50], "error_percent": 20},
-    "slice": {"text_card": True, "garble_text_over": 12},
+    # A card renders in microseconds: the delay paces traffic like a real model's second,
+    # so the scorer's OCR (about half a second a read here) keeps up.
+    "slice": {"text_card": True, "garble_text_over": 12, "delay": 0.8},
 }
 # The slice scenario's signs: three in four quote a few characters, one in four a long line.
 # Both models draw the quoted text on a card (`faults.text_card`): the tiny models cannot.
@@ -165,7 +167,7 @@ def write_config(workdir: Path, scenario: str, port: int) -> Path:
         },
     }
     if scenario == "slice":
-        data["models"]["incumbent"]["faults"] = {"text_card": True}
+        data["models"]["incumbent"]["faults"] = {"text_card": True, "delay": 0.8}
     if scenario == "edit":
         _as_playbook(data, models, model, rollout)
     elif scenario == "bakeoff":
@@ -343,6 +345,7 @@ def run_scenario(
     signs = scenario == "slice"
     traffic = Traffic(
         f"http://127.0.0.1:{port}",
+        concurrency=2 if signs else 4,
         seed=len(scenario),
         edit_share=share,
         prompts=sign_prompts() if signs else None,
