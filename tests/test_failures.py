@@ -138,3 +138,35 @@ def test_the_report_shows_the_clusters_with_their_images(tmp_path, sqlite_url):
     assert "Cluster 1: 12 pairs" in html and "Cluster 2: 8 pairs" in html
     assert "tags in common: " in html and "text:13+" in html
     assert html.count('alt="candidate" src="data:image/png;base64,') >= 4
+
+
+def test_with_a_local_clip_in_the_policy_clusters_use_its_embeddings(tmp_path, sqlite_url):
+    import yaml
+
+    from controller.review.failures import _features, rollout_failures
+    from controller.storage.store import Store
+    from policies.policy import DEFAULT_POLICY, load_policy
+    from policies.probes.clip_score import ClipScorer
+    from tests.test_probes import tiny_clip
+
+    path = record_pairs(tmp_path, sqlite_url)
+    policy_file = tmp_path / "policy.yaml"
+    body = yaml.safe_load(DEFAULT_POLICY.read_text())
+    body["clip_model"] = str(tiny_clip(tmp_path))
+    policy_file.write_text(yaml.safe_dump(body))
+    config = load_config(path)
+    store = Store(config.resolved_database_url)
+    with store.reader() as session:
+        pairs = rollout_failures(
+            session,
+            get_rollout(session, config.name),
+            load_policy(policy_file),
+            config.artifact_path,
+        )
+    store.close()
+    clip = ClipScorer(body["clip_model"])
+    plain, embedded = _features(pairs, None), _features(pairs, clip)
+    assert embedded.shape[1] == plain.shape[1] + clip.dimensions
+    groups = cluster(pairs, clip=clip)
+    assert sum(len(g.pairs) for g in groups) == 20
+    assert {len(g.pairs) for g in groups} == {12, 8}  # the tags still tell the kinds apart

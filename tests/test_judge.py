@@ -383,5 +383,7 @@ def test_cost_per_image_is_a_check_and_a_priced_figure():
     assert cost.decision == "FAIL" and not cost.critical  # x2 is beyond x1.25: it holds
     figure = cost_per_image([r.as_dict() for r in results], price_per_gpu_hour=3.6)
     assert figure["gpu_seconds_p50"]["candidate"] == pytest.approx(0.2, rel=0.05)
-    assert figure["usd_per_1k_images"]["candidate"] == pytest.approx(0.2, rel=0.05)  # 0.2 s at $1/ks
+    assert figure["usd_per_1k_images"]["candidate"] == pytest.approx(
+        0.2, rel=0.05
+    )  # 0.2 s at $1/ks
     assert cost_per_image([r.as_dict() for r in results], None)["usd_per_1k_images"] is None

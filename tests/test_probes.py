@@ -105,14 +105,14 @@ def test_black_and_nan_images_are_blank(image):
     assert is_blank(image)
 
 
-def test_clip_score_from_a_small_random_model_built_here(tmp_path):
+def tiny_clip(directory):
+    """A random-weight CLIP saved and reloaded from disk (no hub): the probe's real code path."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from policies.probes.clip_score import ClipScorer
     from workers.tiny import _write_char_tokenizer
 
-    _write_char_tokenizer(tmp_path)
-    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    _write_char_tokenizer(directory)
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
     config = CLIPConfig(
         text_config={
             "vocab_size": len(tokenizer),
@@ -135,7 +135,7 @@ def test_clip_score_from_a_small_random_model_built_here(tmp_path):
         },
         projection_dim=16,
     )
-    model_dir = tmp_path / "clip"
+    model_dir = directory / "clip"
     CLIPModel(config).save_pretrained(model_dir)
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessor(
@@ -144,8 +144,22 @@ def test_clip_score_from_a_small_random_model_built_here(tmp_path):
         tokenizer=tokenizer,
     )
     processor.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_clip_score_from_a_small_random_model_built_here(tmp_path):
+    from policies.probes.clip_score import ClipScorer
+
+    model_dir = tiny_clip(tmp_path)
     scorer = ClipScorer(model_dir)
     image = poster("OPEN")
     first = scorer.score('a sign that says "OPEN"', image)
     assert 0.0 <= first <= 100.0
     assert scorer.score('a sign that says "OPEN"', image) == pytest.approx(first)
+    # The failure clusters' embedding: unit length, the model's projection size, and the
+    # same image always lands in the same place.
+    vector = scorer.embed(image)
+    assert vector.shape == (scorer.dimensions,) == (16,)
+    assert float(np.linalg.norm(vector)) == pytest.approx(1.0, abs=1e-5)
+    assert np.allclose(scorer.embed(image), vector)
+    assert not np.allclose(scorer.embed(255 - image), vector)

@@ -28,7 +28,9 @@ class ClipScorer:
 
         inputs = self.processor(images=[image], return_tensors="pt")
         with torch.inference_mode():
-            vector = self.model.get_image_features(**inputs)[0]
+            features = self.model.get_image_features(**inputs)
+        # transformers 5 returns the vision outputs with the projection in `pooler_output`.
+        vector = getattr(features, "pooler_output", features)[0]
         return (vector / vector.norm()).numpy()
 
     def score(self, prompt: str, image: np.ndarray) -> float:
