@@ -93,6 +93,11 @@ METRICS: dict[str, Metric] = {
             "colour ΔE2000 to the input outside an edit's mask (lab)",
         ),
         Metric(
+            "edit_determinism",
+            MetricKind.SCORE,
+            "mean pixel gap between two renders of one edit and seed (lab)",
+        ),
+        Metric(
             "upscale_psnr",
             MetricKind.SCORE,
             "PSNR of the downscaled output to the input, dB (lab; higher is better)",

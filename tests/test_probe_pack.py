@@ -158,3 +158,42 @@ def test_opt_in_probes_run_only_where_a_check_names_them(portrait):
         "edit_preservation_de",
     }
     assert "upscale_psnr" not in probes_for(context, OPT_IN)  # an edit is not an upscale
+
+
+def test_the_lab_renders_each_edit_twice_and_scores_the_gap(tmp_path):
+    from controller.config import Route
+    from controller.lab.render import units_of
+    from controller.lab.runs import LabScorer
+    from controller.lab.suites import find_suite, load_suite
+    from controller.storage.artifacts import store_artifact
+    from policies.policy import Policy, load_policy
+    from workers.images import to_png
+
+    path = find_suite("edits")
+    suite = load_suite(path)
+    units = units_of([(suite, path)], 2, {Route.EDIT, Route.INPAINT})
+    again = [u for u in units if u.repeat_of]
+    assert len(again) == len(suite.items) and all(u.key.endswith("/again") for u in again)
+    first = {u.key: u for u in units}[again[0].repeat_of]
+    assert first.seed == again[0].seed and first.item == again[0].item
+
+    body = load_policy().model_dump()
+    body["checks"].append(
+        {
+            "name": "edit_determinism",
+            "kind": "paired_mean",
+            "metric": "edit_determinism",
+            "range": [-50, 50],
+            "tolerance": {"absolute": 2},
+            "critical": False,
+        }
+    )
+    scorer = LabScorer(Policy.model_validate(body), tmp_path)
+    source, _ = edit_case()
+    one = store_artifact(tmp_path, to_png(source))
+    other = store_artifact(
+        tmp_path, to_png(np.clip(source.astype(int) + 3, 0, 255).astype(np.uint8))
+    )
+    scored = scorer.score(again[0], other, None, one)
+    assert 2.5 < scored["values"]["edit_determinism"] <= 3.0
+    assert "edit_determinism" not in scorer.score(first, one, None)["values"]  # no first render

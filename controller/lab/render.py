@@ -28,6 +28,8 @@ from workers.jobs import ImageJob, ImageResult
 
 log = structlog.get_logger("cutover.lab")
 APP_PREFIX = "cutover-lab-"
+# Routes whose items are rendered twice at one seed, for the edit determinism probe.
+REPEATED = {Route.EDIT, Route.INPAINT}
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class LabUnit:
     item: SuiteItem
     suite_dir: Path
     seed: int
+    # An edit rendered a second time with the first seed: the key of the first render, which
+    # the determinism probe compares it with (`policies/probes/fidelity.py`).
+    repeat_of: str | None = None
 
     @cached_property
     def tags(self) -> tuple[str, ...]:
@@ -83,19 +88,19 @@ def _size(item: SuiteItem, image: bytes | None, default_size: str) -> tuple[int,
 
 def units_of(suites: Iterable[tuple[Suite, Path]], seeds: int, routes: set[Route]) -> list[LabUnit]:
     """Every item of these routes at `seeds` seeds, in suite order: the item's own seed (or
-    one drawn from its id), then the next ones."""
+    one drawn from its id), then the next ones; an edit once more at its first seed."""
     units = []
     for suite, path in suites:
         for item in suite.items:
             if item.route not in routes:
                 continue
             first = item.seed if item.seed is not None else _seed_of(suite.suite, item.id)
+            key = f"{suite.suite}/{item.id}"
             for k in range(seeds):
-                units.append(
-                    LabUnit(
-                        f"{suite.suite}/{item.id}/{k}", suite.suite, item, path.parent, first + k
-                    )
-                )
+                units.append(LabUnit(f"{key}/{k}", suite.suite, item, path.parent, first + k))
+            if item.route in REPEATED:  # the same request again: does it give the same image?
+                again = LabUnit(f"{key}/again", suite.suite, item, path.parent, first, f"{key}/0")
+                units.append(again)
     return units
 
 

@@ -181,7 +181,14 @@ class LabScorer:
     def image(self, sha256: str) -> Any:
         return from_png(artifact_path(self.artifacts, sha256).read_bytes())
 
-    def score(self, unit: LabUnit, sha256: str, baseline_sha256: str | None) -> dict[str, Any]:
+    def score(
+        self,
+        unit: LabUnit,
+        sha256: str,
+        baseline_sha256: str | None,
+        first_sha256: str | None = None,
+    ) -> dict[str, Any]:
+        """`first_sha256`: for a repeated edit, the same model's first render at that seed."""
         item = unit.item
         source = (unit.suite_dir / item.image) if item.image else None
         mask = (unit.suite_dir / item.mask) if item.mask else None
@@ -192,6 +199,7 @@ class LabScorer:
             partner=(lambda: self.image(baseline_sha256)) if baseline_sha256 else None,
             source=(lambda: from_png(source.read_bytes())) if source else None,
             mask=(lambda: np.asarray(pil_image(mask.read_bytes(), "L"))) if mask else None,
+            first_render=(lambda: self.image(first_sha256)) if first_sha256 else None,
         )
         probes = probes_for(context, self.wanted)
         try:
@@ -437,9 +445,12 @@ class LabSession:
                     if base is None:
                         continue  # scored once the baseline's image is there to compare with
                     partner = base.artifact_sha256 if base.status == OutputStatus.OK else None
+                first = self.rows.get((model, unit.repeat_of)) if unit.repeat_of else None
+                repeat = first.artifact_sha256 if first is not None else None
                 score = self.scorer.score
                 assert self._scoring is not None
-                work.append((row, self._scoring.submit(score, unit, row.artifact_sha256, partner)))
+                job = self._scoring.submit(score, unit, row.artifact_sha256, partner, repeat)
+                work.append((row, job))
         if work:
             with self.store.session() as session:
                 for row, future in work:

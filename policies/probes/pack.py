@@ -22,6 +22,7 @@ import numpy as np
 
 from policies.probes.colour import colour_shift
 from policies.probes.fidelity import (
+    determinism_gap,
     preservation_de,
     preservation_ssim,
     upscale_psnr,
@@ -45,6 +46,7 @@ OPT_IN = frozenset(
         "edit_preservation_de",
         "upscale_psnr",
         "upscale_ssim",
+        "edit_determinism",
     }
 )
 _BRISQUE = Brisque()
@@ -61,6 +63,7 @@ class ProbeContext:
     previous: Image | None = None  # this arm's previous image of the same request
     source: Image | None = None  # the request's input image (lab only)
     mask: Callable[[], np.ndarray] | None = None  # an edit's mask, L mode (lab only)
+    first_render: Image | None = None  # this model's first render of the same request and seed
     clip: Any = None
 
 
@@ -116,6 +119,9 @@ def probes_for(context: ProbeContext, wanted: Collection[str]) -> dict[str, Prob
             probes["edit_preservation_ssim"] = lambda img: preservation_ssim(img, source(), mask())
         if on("edit_preservation_de"):
             probes["edit_preservation_de"] = lambda img: preservation_de(img, source(), mask())
+    first_render = context.first_render
+    if first_render is not None and on("edit_determinism"):
+        probes["edit_determinism"] = lambda img: determinism_gap(img, first_render())
     if source is not None and context.route == "upscale":
         if on("upscale_psnr"):
             probes["upscale_psnr"] = lambda img: upscale_psnr(img, source())
