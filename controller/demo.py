@@ -167,7 +167,7 @@ def write_config(workdir: Path, scenario: str, port: int) -> Path:
         },
     }
     if scenario == "slice":
-        data["models"]["incumbent"]["faults"] = {"text_card": True, "delay": 0.8}
+        _as_sign_shop(data, rollout, workdir)
     if scenario == "edit":
         _as_playbook(data, models, model, rollout)
     elif scenario == "bakeoff":
@@ -188,6 +188,20 @@ def write_config(workdir: Path, scenario: str, port: int) -> Path:
     path = workdir / f"{scenario}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def _as_sign_shop(data: dict[str, Any], rollout: dict[str, Any], workdir: Path) -> None:
+    """The slice scenario: both models draw the quoted text (the candidate garbles long
+    lines), OCR reads every pair (two scorer actors), and a stage waits for the scorer
+    (`max_scorer_lag`) so no stage advances past evidence the probes have not read yet."""
+    data["models"]["incumbent"]["faults"] = {"text_card": True, "delay": 0.8}
+    data["scorer"] = {"actors": 2}
+    rollout |= {"min_samples": 30, "max_scorer_lag": "15s"}
+    policy = yaml.safe_load(DEMO_POLICY.read_text())
+    policy["sample_rates"] = {"typography_cer": 1.0}
+    path = workdir / "slice-policy.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    data["policy"] = str(path)
 
 
 def _as_playbook(

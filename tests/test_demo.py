@@ -111,17 +111,23 @@ def test_demo_scenario(tmp_path, scenario, state, stage):
     assert not leftovers(ray_temp_dir(workdir)), leftovers(ray_temp_dir(workdir))
 
 
-def test_demo_bakeoff_ranks_the_good_variant_first_and_names_each_defect(tmp_path):
-    workdir = tmp_path / "demo"
+def run_demo(workdir: Path, scenario: str) -> subprocess.CompletedProcess[str]:
+    """`cutover demo --scenario S --workdir W` as a user runs it; it must exit 0."""
     result = subprocess.run(
-        [sys.executable, "-m", "controller", "demo", "--scenario", "bakeoff",
-         "--workdir", str(workdir)],
+        [sys.executable, "-m", "controller", "demo", "--scenario", scenario,
+         "--workdir", str(workdir), "--timeout", "400"],
         capture_output=True,
         text=True,
         timeout=600,
         env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_demo_bakeoff_ranks_the_good_variant_first_and_names_each_defect(tmp_path):
+    workdir = tmp_path / "demo"
+    result = run_demo(workdir, "bakeoff")
     engine = create_engine(f"sqlite:///{workdir / 'cutover.db'}")
     with engine.connect() as conn:
         (raw,) = conn.execute(text("SELECT result FROM lab_runs")).one()
@@ -138,6 +144,34 @@ def test_demo_bakeoff_ranks_the_good_variant_first_and_names_each_defect(tmp_pat
     ):
         assert f"{model}: worse than baseline on" in result.stdout and check in result.stdout
     assert (workdir / "report-bakeoff.html").stat().st_size > 10_000
+    assert not leftovers(workdir), leftovers(workdir)
+
+
+def test_demo_slice_catches_a_candidate_that_fails_only_on_long_quoted_text(tmp_path):
+    workdir = tmp_path / "demo"
+    result = run_demo(workdir, "slice")
+    engine = create_engine(f"sqlite:///{workdir / 'cutover.db'}")
+    with engine.connect() as conn:
+        state, reason = conn.execute(
+            text(
+                "SELECT r.state, e.reason FROM rollouts r JOIN rollout_events e "
+                "ON e.rollout_id = r.id ORDER BY e.version DESC LIMIT 1"
+            )
+        ).one()
+        checks, slices = conn.execute(
+            text("SELECT checks, slices FROM verdicts ORDER BY id DESC LIMIT 1")
+        ).one()
+    engine.dispose()
+    assert state == "rolled_back"
+    assert "automatic rollback" in reason and "typography_cer on text:13+" in reason
+    assert "candidate worse on prompts quoting ≥ 13 characters" in reason
+    checks = json.loads(checks) if isinstance(checks, str) else checks
+    slices = json.loads(slices) if isinstance(slices, str) else slices
+    aggregate = next(c for c in checks if c["name"] == "typography_cer")
+    assert aggregate["decision"] != "FAIL" and aggregate["estimate"] < 0.3  # its tolerance
+    assert all("text:13+" in f["slice"].split(" & ") for f in slices), slices
+    assert "slice: defect caught in shadow" in result.stdout, result.stdout[-3000:]
+    assert (workdir / "report-slice.html").stat().st_size > 10_000
     assert not leftovers(workdir), leftovers(workdir)
 
 

@@ -62,6 +62,17 @@ log = structlog.get_logger("cutover.judge")
 # an upgrade, or a long pause) is caught up over several ticks, each short.
 CHUNK = 2000
 MAX_CHUNKS_PER_TICK = 5
+# What a unit needs of its request: who served it, whether it was mirrored, and its tags
+# (stored, or derived from the prompt, route and parameters of a request recorded before).
+UNIT_COLUMNS = (
+    Request.id,
+    Request.primary_role,
+    Request.mirrored,
+    Request.params,
+    Request.prompt,
+    Request.route,
+    Request.tags,
+)
 
 
 def attempt_started(session: Session, rollout: Rollout) -> datetime:
@@ -117,17 +128,7 @@ def fold_new(
             # Read (or reset) once; later chunks carry the state on, each storing it anew.
             loaded = loaded or _load(session, rollout, policy, gpus)
             state, since = loaded
-            query = select(
-                Request.id,
-                Request.created_at,
-                Request.judge_progress,
-                Request.primary_role,
-                Request.mirrored,
-                Request.params,
-                Request.prompt,
-                Request.route,
-                Request.tags,
-            ).where(
+            query = select(*UNIT_COLUMNS, Request.created_at, Request.judge_progress).where(
                 Request.rollout_id == rollout.id,
                 Request.judge_progress < JUDGE_DONE,
                 Request.created_at >= since,
@@ -178,15 +179,7 @@ def attempt_units(
     its outputs once the scorer has settled them (None before)."""
     since = attempt_started(session, rollout)
     query = (
-        select(
-            Request.id,
-            Request.primary_role,
-            Request.mirrored,
-            Request.params,
-            Request.prompt,
-            Request.route,
-            Request.tags,
-        )
+        select(*UNIT_COLUMNS)
         .where(
             Request.rollout_id == rollout.id,
             Request.mirrored.is_(True),
