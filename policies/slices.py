@@ -8,8 +8,8 @@ every check but the quantiles on each *slice*: the units carrying one tag
 How many false findings (docs/policy.md, "Slices"): each slice's test is the aggregate
 test (`mean_test` at the check's tolerance) at `Policy.slice_alpha_for(check)`: the
 slice budget's share for the check, divided by `max_slices`. A check never judges more
-than `max_slices` slices in an attempt (admitted on first sight, never dropped, chosen by
-tags alone, never by outcome), so by Bonferroni over the checks and slices, the chance
+than `max_slices` slices in an attempt (admitted on first sight, never dropped, pairs at
+most half of them, chosen by tags alone, never by outcome), so by Bonferroni over the checks and slices, the chance
 that *any* slice FAILs falsely in an attempt is at most `slices.alpha`. That bounds the
 false-discovery rate too (FDR <= FWER); `bench/slice_sim.py` measures it.
 
@@ -76,6 +76,7 @@ class SliceState:
         self.policy = policy
         self.admitted: list[str] = []
         self._admitted: set[str] = set()
+        self._pairs = 0  # admitted slices of two tags
         self.counts: dict[str, dict[str, PairCounts]] = {
             c.name: {EVERY: PairCounts()} for c in policy.sliced_checks
         }
@@ -92,12 +93,21 @@ class SliceState:
         return singles + pairs
 
     def admit(self, tags: Sequence[str]) -> list[str]:
-        """The unit's slices this state judges, admitting new ones while there is room."""
+        """The unit's slices this state judges, admitting new ones while there is room.
+        Pairs of tags take at most half of it, so single tags always have the other half:
+        one seen late still finds a place after the pairs of the first units."""
+        limit = self.policy.slices.max_slices
         mine = []
         for name in self.slices_of(tags):
-            if name not in self._admitted and len(self.admitted) < self.policy.slices.max_slices:
+            pair = " & " in name
+            if (
+                name not in self._admitted
+                and len(self.admitted) < limit
+                and (not pair or self._pairs < limit // 2)
+            ):
                 self.admitted.append(name)
                 self._admitted.add(name)
+                self._pairs += pair
             if name in self._admitted:
                 mine.append(name)
         return mine
@@ -143,6 +153,7 @@ class SliceState:
             return state
         state.admitted = list(data["admitted"])
         state._admitted = set(state.admitted)
+        state._pairs = sum(" & " in name for name in state.admitted)
         for check, by_slice in data["counts"].items():
             state.counts[check] = {n: PairCounts.from_json(c) for n, c in by_slice.items()}
         return state

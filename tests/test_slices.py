@@ -124,6 +124,7 @@ def test_a_check_never_judges_more_than_max_slices_and_each_runs_at_its_share():
             tags_of(f'prompt {n} "{"x" * (n % 20)}" red', "generate", {"size": f"{8 * (n + 1)}x64"})
         )
     assert len(state.admitted) == 5
+    assert sum(" & " in name for name in state.admitted) <= 2  # pairs take half the room
     check = next(c for c in policy.checks if c.name == "typography_cer")
     shares = sum(c.weight for c in policy.sliced_checks)
     assert policy.slice_alpha_for(check) == pytest.approx(0.05 * check.weight / shares / 5)
