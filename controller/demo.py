@@ -304,8 +304,9 @@ class Traffic:
 
 def sign_prompts() -> list[str]:
     """Three short signs for every long one (`SHORT_SIGNS`, `LONG_SIGNS`)."""
+    # Every prompt is short (at most 8 words): only the quoted text's length tells them apart.
     short = [f'a shop sign that says "{text}"' for text in SHORT_SIGNS]
-    long = [f'a wide banner that reads "{text}"' for text in LONG_SIGNS]
+    long = [f'a banner that reads "{text}"' for text in LONG_SIGNS]
     return short * len(LONG_SIGNS) + long * (len(SHORT_SIGNS) // 3)
 
 
