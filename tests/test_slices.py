@@ -150,3 +150,29 @@ def test_findings_are_empty_when_slicing_is_off():
         state.fold_arms(u)
         state.fold_scores(u, [])
     assert slice_findings(state) == []
+
+
+def test_a_validation_fails_on_a_slice_its_policy_rolls_back_and_holds_on_one_it_holds():
+    from controller.lab.validation import decide
+
+    policy = load_policy()
+    checks = [
+        {
+            "name": c.name,
+            "decision": PASS,
+            "critical": c.critical,
+            "samples": c.min_samples,
+            "probe_error": False,
+            "reason": "fine",
+        }
+        for c in policy.checks
+    ]
+    finding = {"check": "typography_cer", "slice": "text:13+", "sentence": "candidate worse on …"}
+    standing = {"units": 200, "checks": checks, "slices": []}
+    assert decide(standing, policy)[0] == PASS
+    rolled = decide(standing | {"slices": [finding | {"action": "rollback"}]}, policy)
+    assert rolled[0] == FAIL and "typography_cer FAIL on a slice: candidate worse on" in rolled[1]
+    held = decide(standing | {"slices": [finding | {"action": "hold"}]}, policy)
+    assert held[0] == INCONCLUSIVE and "holds" in held[1]
+    reported = decide(standing | {"slices": [finding | {"action": "report"}]}, policy)
+    assert reported[0] == PASS and "reported" in reported[1]
