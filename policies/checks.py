@@ -35,6 +35,9 @@ class CheckResult:
     # A quantile check's point estimate per arm (the estimate above is their ratio).
     arms: dict[str, float] | None = None
     metric: str | None = None  # what the check measures (set by `judge.evaluate`)
+    # False while the traffic gives the check nothing to measure (`judge.not_applicable`):
+    # it then holds nothing, critical or not.
+    applies: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -295,12 +298,12 @@ def _min_samples_note(check: Check, samples: int, reason: str) -> str:
 
 def overall(results: Sequence[CheckResult], slice_actions: Collection[str] = ()) -> str:
     """FAIL if a critical check fails or a slice finding rolls back; PASS if every critical
-    check passes, none fails, no check's probe is failing and no slice finding holds;
+    check that applies passes, none fails, no check's probe is failing and no slice finding holds;
     else INCONCLUSIVE. `slice_actions` are the findings' actions (`policies/slices.py`)."""
     if any(r.decision == FAIL and r.critical for r in results) or "rollback" in slice_actions:
         return FAIL
     if (
-        all(r.decision == PASS for r in results if r.critical)
+        all(r.decision == PASS for r in results if r.critical and r.applies)
         and not any(r.decision == FAIL for r in results)
         and not any(r.probe_error for r in results)
         and "hold" not in slice_actions

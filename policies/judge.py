@@ -372,10 +372,24 @@ def evaluate(
             result = evaluate_rate(check, state.rates[check.name], alpha, what)
         else:
             result = evaluate_paired(check, state.paired[check.name], alpha)
+        if result.samples == 0 and state.scored_units >= check.min_samples:
+            result = not_applicable(result, check, state.scored_units)
         results.append(_sampled_note(result, policy.rate_for(check.metric)))
     return [
         dataclasses.replace(r, metric=c.metric) for r, c in zip(results, policy.checks, strict=True)
     ]
+
+
+def not_applicable(result: CheckResult, check: Check, scored: int) -> CheckResult:
+    """A score check none of `scored` scored pairs gave a value to: typography on traffic
+    that quotes no text. It holds nothing (a critical check that can never be measured would
+    hold a rollout forever) and applies again with its first value."""
+    reason = (
+        f"none of the {scored} scored pairs has a {check.metric} value (for typography: no "
+        "prompt quoted text), so the check does not apply yet and holds nothing; it decides "
+        "once pairs with a value arrive"
+    )
+    return dataclasses.replace(result, reason=reason, applies=False)
 
 
 def slice_findings(state: JudgeState) -> list[SliceFinding]:

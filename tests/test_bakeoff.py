@@ -32,15 +32,21 @@ MODEL = {"steps": 2, "guidance": 4.0, "batch_size": 4, "num_cpus": 0.5, "batch_w
 FAULTS = {"base": {}, "good": {}, "tint": {"tint": [70, 10, -50]}, "errors": {"error_percent": 20}}
 
 
-def lab_config(directory: Path, pipeline: Path, candidate: str = "good") -> Path:
+def lab_config(
+    directory: Path, pipeline: Path, candidate: str = "good", quoted: bool = True
+) -> Path:
+    """`quoted`: the suite has two items quoting text. Without them the route's suite gives
+    the critical typography check nothing to measure (it does not apply), rather than 4
+    pairs of the 30 it needs."""
     items = [
         {"id": f"plain-{k}", "prompt": f"a photo of object {k}", "tags": ["plain"]}
         for k in range(38)
     ]
-    items += [
-        {"id": "quoted", "prompt": 'a sign that says "OPEN"', "tags": ["text"]},
-        {"id": "injected", "prompt": INJECTED, "tags": ["text", "hostile"]},
-    ]
+    if quoted:
+        items += [
+            {"id": "quoted", "prompt": 'a sign that says "OPEN"', "tags": ["text"]},
+            {"id": "injected", "prompt": INJECTED, "tags": ["text", "hostile"]},
+        ]
     (directory / "mini.yaml").write_text(
         yaml.safe_dump({"suite": "mini", "version": 1, "items": items})
     )
@@ -210,7 +216,7 @@ def runner(path: Path, *args: str):
 
 
 def test_validation_gates_init_and_records_a_skip_as_forced(tmp_path, tiny_models, ray_serve):
-    path = lab_config(tmp_path, tiny_models["incumbent"], candidate="tint")
+    path = lab_config(tmp_path, tiny_models["incumbent"], candidate="tint", quoted=False)
     refused = runner(path, "init")
     assert refused.exit_code == 2
     assert (
@@ -224,10 +230,12 @@ def test_validation_gates_init_and_records_a_skip_as_forced(tmp_path, tiny_model
     assert row.decision == "FAIL" and "colour_shift" in row.reason
     assert runner(path, "init").exit_code == 2  # a FAIL opens nothing
 
-    good = lab_config(tmp_path, tiny_models["incumbent"], candidate="good")
+    good = lab_config(tmp_path, tiny_models["incumbent"], candidate="good", quoted=False)
     config = load_config(good)
     row, result = validate(config, store, config.plan("next"), "alice", seeds=2)
     assert row.decision == "PASS", row.reason
+    typography = {c["name"]: c for c in row.figures["checks"]}["typography_cer"]
+    assert typography["critical"] and not typography["applies"]
     assert row.suites == {"mini": 1} and row.figures["checks"]
     accepted = runner(good, "init")
     assert accepted.exit_code == 0, accepted.stderr

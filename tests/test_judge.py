@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -387,3 +388,32 @@ def test_cost_per_image_is_a_check_and_a_priced_figure():
         0.2, rel=0.05
     )  # 0.2 s at $1/ks
     assert cost_per_image([r.as_dict() for r in results], None)["usd_per_1k_images"] is None
+
+
+def test_a_critical_check_the_traffic_never_measures_holds_nothing_until_it_does():
+    from policies.checks import overall
+    from policies.judge import JudgeState, Side, Unit, evaluate
+
+    policy = load_policy()  # typography_cer is critical: it rolls back on prompts quoting text
+    state = JudgeState(policy)
+
+    def fold(n, scores):
+        arms = {role: Side(["ok"], 100.0, 0.0, 0.0) for role in ("candidate", "incumbent")}
+        unit = Unit(f"r{n}", arms, scores)
+        state.fold_arms(unit)
+        state.fold_scores(unit, [])
+
+    for n in range(20):
+        fold(n, {"colour_shift_de": [(1.0, None)]})
+    early = {r.name: r for r in evaluate(state)}["typography_cer"]
+    assert early.applies  # 20 scored pairs: too early to say the traffic has no text
+    for n in range(20, 60):
+        fold(n, {"colour_shift_de": [(1.0, None)]})
+    results = {r.name: r for r in evaluate(state)}
+    typography = results["typography_cer"]
+    assert typography.critical and not typography.applies and typography.samples == 0
+    assert "no prompt quoted text" in typography.reason
+    assert overall([typography]) == "PASS"  # on its own, it holds nothing
+    assert overall([dataclasses.replace(typography, applies=True)]) == "INCONCLUSIVE"
+    fold(60, {"typography_cer": [(0.1, 0.1)]})  # the first quoted prompt: it applies again
+    assert {r.name: r for r in evaluate(state)}["typography_cer"].applies

@@ -86,7 +86,11 @@ def decide(standing: dict[str, Any], policy: Policy) -> tuple[str, str]:
     if probes:
         return INCONCLUSIVE, "; ".join(f"{c['name']}: {c['reason']}" for c in probes)
     minimum = {c.name: c.min_samples for c in policy.checks}
-    short = [c for c in checks if c["critical"] and c["samples"] < minimum[c["name"]]]
+    short = [
+        c
+        for c in checks
+        if c["critical"] and c.get("applies", True) and c["samples"] < minimum[c["name"]]
+    ]
     if short:
         return INCONCLUSIVE, (
             "too few pairs for "

@@ -182,7 +182,7 @@ def evidence_for(
             if c.get("probe_error")
             else c.get("name", "?")
             for c in verdict.checks
-            if c.get("decision") != PASS or c.get("probe_error")
+            if (c.get("decision") != PASS and c.get("applies", True)) or c.get("probe_error")
         ] + [
             f"{f['check']} on {f['slice']} (a slice FAILs: {f['sentence']})"
             for f in verdict.slices or []
