@@ -417,3 +417,19 @@ def test_a_critical_check_the_traffic_never_measures_holds_nothing_until_it_does
     assert overall([dataclasses.replace(typography, applies=True)]) == "INCONCLUSIVE"
     fold(60, {"typography_cer": [(0.1, 0.1)]})  # the first quoted prompt: it applies again
     assert {r.name: r for r in evaluate(state)}["typography_cer"].applies
+
+
+def test_a_verdict_with_no_samples_stores_as_json_postgresql_accepts():
+    """No sample yet: a quantile check's per-arm estimates are NaN, stored as null (PostgreSQL's
+    JSON refuses NaN), and status shows no cost rather than failing."""
+    import json
+
+    from controller.review.status import cost_per_image
+    from controller.rollout.analysis import _jsonable
+    from policies.judge import JudgeState, evaluate
+
+    rows = [_jsonable(r.as_dict()) for r in evaluate(JudgeState(load_policy()))]
+    json.dumps(rows, allow_nan=False)  # raises on NaN or Infinity anywhere
+    cost = next(r for r in rows if r["name"] == "cost_per_image")
+    assert set(cost["arms"].values()) == {None}
+    assert cost_per_image(rows, 2.5) is None

@@ -151,7 +151,7 @@ def test_a_probe_that_always_errors_holds_the_rollout_and_says_why(probe, check)
     """Everything else healthy: the verdict is never PASS, and the check names the probe error."""
     policy = load_policy()
     traffic = Traffic(
-        requests=4000, stages=(0,), scores=True, oom=0.0, probe_error_share={probe: 1.0}
+        requests=6000, stages=(0,), scores=True, oom=0.0, probe_error_share={probe: 1.0}
     )
     outcome = judge_traffic(policy, traffic, random.Random(17), 500)
     results = {r.name: r for r in outcome.last}

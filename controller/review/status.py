@@ -171,10 +171,11 @@ def cost_per_image(
     checks: list[dict[str, Any]], price_per_gpu_hour: float | None
 ) -> dict[str, Any] | None:
     """Each arm's median GPU-seconds per image from the policy's gpu_seconds quantile check,
-    and, with a price, its cost per 1,000 images; None without such a check."""
+    and, with a price, its cost per 1,000 images; None without such a check, or before both
+    arms have one."""
     found = next((c for c in checks if (c.get("arms") and c.get("metric") == "gpu_seconds")), None)
-    if found is None:
-        return None
+    if found is None or None in found["arms"].values():
+        return None  # no GPU-seconds on an arm yet
     arms = found["arms"]
     cost = {}
     if price_per_gpu_hour:

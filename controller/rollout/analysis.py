@@ -377,11 +377,16 @@ def output_facts(o: Any) -> OutputFacts:
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    """Plain floats for JSON; an unbounded side (too few samples) is stored as null."""
+    """Plain floats for JSON, nested ones too (a quantile check's `arms`); an unbounded side
+    (too few samples) is stored as null. PostgreSQL's JSON refuses NaN and Infinity."""
 
     def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
         if hasattr(value, "item"):
             value = value.item()
         return None if isinstance(value, float) and not math.isfinite(value) else value
 
-    return {k: clean(v) for k, v in row.items()}
+    return clean(row)
