@@ -49,6 +49,11 @@ def test_skin_tone_shift_on_a_face_recoloured_by_a_known_amount(portrait):
     assert face.delta_e == pytest.approx(expected_de, abs=0.5)
     assert face.ita_shift == pytest.approx(expected_ita, abs=1.0)
     assert face.ita_shift < -5  # darker skin has a smaller typology angle
+    # Through the pack, as the scorer runs it: the worst face's figures.
+    context = ProbeContext("a portrait", "generate", RapidOcr, partner=lambda: portrait)
+    probes = probes_for(context, {"skin_tone_de", "skin_ita_shift"})
+    assert probes["skin_tone_de"](recoloured) == pytest.approx(expected_de, abs=0.5)
+    assert probes["skin_ita_shift"](recoloured) == pytest.approx(abs(expected_ita), abs=1.0)
     [same] = face_shifts(portrait, portrait)
     assert same.delta_e == 0.0 and same.ita_shift == 0.0
     # The rest of the picture moved by the same amount would not move the face's figures.
