@@ -197,7 +197,9 @@ def _as_sign_shop(data: dict[str, Any], rollout: dict[str, Any], workdir: Path) 
     (`max_scorer_lag`) so no stage advances past evidence the probes have not read yet."""
     data["models"]["incumbent"]["faults"] = {"text_card": True, "delay": 0.8}
     data["scorer"] = {"actors": 2}
-    rollout |= {"min_samples": 30, "max_scorer_lag": "15s"}
+    # 80 mirrored requests a stage: promotion needs 400, while the long-text slice is found
+    # after about 200 (45 long-text pairs); at 30 a stage, a fast run could promote first.
+    rollout |= {"min_samples": 80, "max_scorer_lag": "15s"}
     policy = yaml.safe_load(DEMO_POLICY.read_text())
     policy["sample_rates"] = {"typography_cer": 1.0}
     # Tesseract reads a card in about 0.2 s here, rapidocr in about 1.2 s: where Debian's
