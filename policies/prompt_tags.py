@@ -103,6 +103,14 @@ def tags_of(prompt: str, route: str, params: Mapping[str, Any] | None = None) ->
     return sorted(tags)
 
 
+def stored_or_derived(
+    stored: Iterable[str] | None, prompt: str, route: str, params: Mapping[str, Any] | None
+) -> list[str]:
+    """A request's stored tags, or (recorded before tags were stored, migration 0008) the ones
+    its prompt and parameters give: the same pure function either way."""
+    return list(stored) if stored is not None else tags_of(prompt, route, params)
+
+
 def with_hand_tags(tags: Iterable[str], hand: Iterable[str]) -> list[str]:
     """Derived tags plus a suite item's own (`sign` becomes `tag:sign`), sorted."""
     return sorted(set(tags) | {f"tag:{name}" for name in hand})

@@ -25,6 +25,7 @@ from controller.rollout.transitions import apply_command, get_rollout
 from controller.serving import app as serving
 from controller.storage.artifacts import artifact_path
 from controller.storage.tables import Output, Request
+from policies.prompt_tags import tags_of
 from tests.conftest import image_distance, prepare_rollout, router_client, write_config
 from tests.test_api import MALFORMED
 from workers.config import ModelConfig
@@ -163,6 +164,9 @@ def test_mirrored_pair_shares_prompt_params_and_seed(deployed, tiny_models):
     flush(deployed)
     request, outputs = outputs_for(deployed, response.headers["x-cutover-request-id"])
     assert request.mirrored and request.params["steps"] == 3 and request.params["guidance"] == 2.5
+    # The router stores the prompt's tags with it: the slices the judge puts it in.
+    assert request.tags == tags_of(request.prompt, "generate", request.params)
+    assert "steps:1-10" in request.tags and "route:generate" in request.tags
     assert set(outputs) == {"incumbent", "candidate"}
     assert outputs["incumbent"].is_primary and not outputs["candidate"].is_primary
     assert all(o.status == "ok" and o.artifact_sha256 for o in outputs.values())

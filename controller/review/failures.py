@@ -33,12 +33,12 @@ from sqlalchemy.orm import Session
 from controller.config import Route
 from controller.lab.render import LabUnit, units_of
 from controller.lab.suites import NEEDS_IMAGE, Suite, SuiteItem, find_suite, load_suite
-from controller.review.shadow_log import Filters, shadow_log
+from controller.review.shadow_log import Filters, observed, shadow_log
 from controller.storage.artifacts import artifact_path
 from controller.storage.tables import LabOutput, LabRun, Rollout
 from policies.metrics import Observed
 from policies.policy import Policy
-from policies.prompt_tags import tags_of
+from policies.prompt_tags import stored_or_derived
 from policies.vocabulary import Arm
 from workers.images import from_png
 
@@ -109,7 +109,7 @@ def failing_rows(rows: list[dict[str, Any]], policy: Policy) -> list[FailingPair
         cand, inc = row[Arm.CANDIDATE], row[Arm.INCUMBENT]
         if cand["status"] is None or inc["status"] is None:
             continue  # one side not recorded (yet): nothing to compare
-        failed = _failed(policy, _observed(cand), _observed(inc))
+        failed = _failed(policy, observed(cand), observed(inc))
         if not failed:
             continue
         params = row["params"] or {}
@@ -120,7 +120,7 @@ def failing_rows(rows: list[dict[str, Any]], policy: Policy) -> list[FailingPair
                 route=row["route"],
                 size=params.get("size"),
                 seed=int(row["seed"]) + row["image_index"],
-                tags=tuple(row["tags"] or tags_of(row["prompt"], row["route"], params)),
+                tags=tuple(stored_or_derived(row["tags"], row["prompt"], row["route"], params)),
                 checks=failed,
                 candidate=cand["artifact"],
                 incumbent=inc["artifact"],
@@ -352,10 +352,6 @@ def _scaled(values: np.ndarray) -> np.ndarray:
 
 def _failed(policy: Policy, candidate: Observed, incumbent: Observed) -> tuple[str, ...]:
     return tuple(c.name for c in policy.checks if c.pair_fails(candidate, incumbent))
-
-
-def _observed(side: dict[str, Any]) -> Observed:
-    return Observed(side["status"], side["samples"], side["scores"])
 
 
 def _lab_observed(row: LabOutput) -> Observed:

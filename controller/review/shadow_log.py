@@ -193,8 +193,9 @@ def _side(
 
 def _fails(check: Check, row: dict[str, Any]) -> bool:
     """Whether this pair is on the wrong side of the check, by the metric registry's rule."""
-    return check.pair_fails(_observed(row[Arm.CANDIDATE]), _observed(row[Arm.INCUMBENT]))
+    return check.pair_fails(observed(row[Arm.CANDIDATE]), observed(row[Arm.INCUMBENT]))
 
 
-def _observed(side: dict[str, Any]) -> Observed:
+def observed(side: dict[str, Any]) -> Observed:
+    """One side of a shadow-log row as the metric registry reads it (also `cutover failures`)."""
     return Observed(side["status"], side["samples"], side["scores"])

@@ -52,7 +52,7 @@ from policies.judge import (
     unit_of,
 )
 from policies.policy import Policy
-from policies.prompt_tags import tags_of
+from policies.prompt_tags import stored_or_derived
 from policies.vocabulary import ARMS
 from workers.jobs import OutputStatus
 
@@ -323,7 +323,7 @@ def _ready(
     ):
         by_request.setdefault(o.request_id, []).append(o)
     complete: dict[str, tuple[dict[str, list[OutputFacts]], bool]] = {}
-    tags = {request.id: request_tags(request) for request in requests}
+    tags = {r.id: stored_or_derived(r.tags, r.prompt, r.route, r.params) for r in requests}
     for request in requests:
         outputs = by_request.get(request.id, [])
         if not set(expected_outputs(request)) <= {(o.role, o.image_index) for o in outputs}:
@@ -351,14 +351,6 @@ def _ready(
         )
         for request_id, (facts, settled) in complete.items()
     }
-
-
-def request_tags(request: Any) -> list[str]:
-    """A request's stored tags, or (recorded before they were stored) the ones its prompt and
-    parameters give: the same pure function either way."""
-    if request.tags is not None:
-        return list(request.tags)
-    return tags_of(request.prompt, request.route, request.params)
 
 
 def output_facts(o: Any) -> OutputFacts:

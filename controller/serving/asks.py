@@ -15,7 +15,6 @@ from typing import Any
 from controller.config import Config, MatchRule, Route
 from controller.serving.api import BadRequest, ImagesRequest
 from controller.serving.uploads import EditFields, Upload
-from policies.prompt_tags import tags_of
 from workers.jobs import ImageJob
 
 ENDPOINT_OF = {
@@ -61,10 +60,6 @@ class Ask:
             )
             for i in range(self.body.n)
         ]
-
-    def tags(self) -> list[str]:
-        """The request's prompt tags (`policies/prompt_tags.py`), recorded with it."""
-        return tags_of(self.body.prompt, self.route.value, self.params())
 
     def params(self) -> dict[str, Any]:
         """The parameters both arms of a pair share, as recorded (the seed sits beside them)."""

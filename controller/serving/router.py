@@ -34,6 +34,7 @@ from controller.serving.uploads import Part, parse_edit, parse_upscale
 from controller.storage.recorder import Recorder
 from controller.storage.records import OutputRecord, RequestRecord
 from controller.storage.tables import utcnow
+from policies.prompt_tags import tags_of
 from policies.vocabulary import Arm
 from workers.jobs import ImageJob, ImageResult, OutputStatus
 from workers.logs import configure_logging, log_to_file
@@ -262,6 +263,7 @@ class Router:
         mirrored = (
             table is not None and is_mirrored(table, request_id) and self._claim_mirror_slot()
         )
+        params = ask.params()
         # The request row is queued before any output, so its outputs never precede it in SQL.
         self.recorder.record(
             RequestRecord(
@@ -272,11 +274,11 @@ class Router:
                 primary_role=arm.value,
                 sticky_key=sticky_key,
                 prompt=ask.body.prompt,
-                params=ask.params(),
+                params=params,
                 seed=seed,
                 mirrored=mirrored,
                 created_at=utcnow(),
-                tags=ask.tags(),
+                tags=tags_of(ask.body.prompt, ask.route.value, params),
             )
         )
         headers |= {
