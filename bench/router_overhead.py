@@ -8,7 +8,9 @@ to SQLite, routing table refresh), the incumbent served in the router (`in_route
 shape of the bare app), with mirroring `off`, and `on` (every request mirrored to a
 candidate in its own deployment, default `mirror_max_in_flight`); `both`, mirroring on
 with the candidate served in the router too (a shadow that costs no hop at all); and
-`hop`, mirroring off with the incumbent in its own deployment (what one Ray Serve hop costs).
+`hop`, mirroring off with the incumbent in its own deployment (what one Ray Serve hop costs);
+and `nomet`, `off` with Prometheus metrics off (`server.metrics: false`): `off` against
+`nomet` is what the metrics cost the primary path (target: <= 1.02x).
 Each runs twice over:
   fixed  the model's work is a fixed delay per image and costs no CPU (`--delay`)
   tiny   the real tiny diffusers pipeline (random weights, from_pretrained), 64x64
@@ -80,7 +82,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def cutover_config(
-    name: str, work: Path, mirror: float, model: dict[str, Any], in_router: set[str]
+    name: str,
+    work: Path,
+    mirror: float,
+    model: dict[str, Any],
+    in_router: set[str],
+    metrics: bool = True,
 ) -> Any:
     from controller.config import Config
 
@@ -95,7 +102,7 @@ def cutover_config(
                 for role in ("incumbent", "candidate")
             },
             "rollout": {"mirror_percent": mirror},
-            "server": {"num_cpus": 0.1},
+            "server": {"num_cpus": 0.1, "metrics": metrics},
         }
     )
     config._base_dir = work
@@ -129,14 +136,15 @@ def deploy(work: Path, delay: float, kinds: list[str]) -> list[str]:
         app = Bare.options(name=bare, ray_actor_options={"num_cpus": 0.1}).bind(delay, pipeline)
         serve.run(app, name=bare, route_prefix=f"/{bare}", blocking=False)
         names.append(bare)
-        for mode, mirror, in_router in (
-            ("off", 0, {"incumbent"}),
-            ("on", 100, {"incumbent"}),
-            ("both", 100, {"incumbent", "candidate"}),
-            ("hop", 0, set()),
+        for mode, mirror, in_router, metrics in (
+            ("off", 0, {"incumbent"}, True),
+            ("nomet", 0, {"incumbent"}, False),
+            ("on", 100, {"incumbent"}, True),
+            ("both", 100, {"incumbent", "candidate"}, True),
+            ("hop", 0, set(), True),
         ):
             name = f"{mode}-{kind}"
-            config = cutover_config(name, work, mirror, model, in_router)
+            config = cutover_config(name, work, mirror, model, in_router, metrics)
             create_rollout(store, config, "bench")
             serve.run(build_app(config), name=name, route_prefix=f"/{name}", blocking=False)
             names.append(name)
@@ -245,6 +253,13 @@ def main() -> None:
             f"{p50 - percentile(latencies[bare], 50):>+11.1f} {rate:>9.1f} "
             f"{rate / statistics.fmean(rates[bare]):>7.2f}x "
             f"{mirrors.get('started', '-'):>8} {mirrors.get('skipped', '-'):>8}"
+        )
+    for kind in kinds:
+        slow = percentile(latencies[f"off-{kind}"], 50) / percentile(latencies[f"nomet-{kind}"], 50)
+        fewer = statistics.fmean(rates[f"nomet-{kind}"]) / statistics.fmean(rates[f"off-{kind}"])
+        print(
+            f"metrics on the primary path ({kind} model): p50 latency {slow:.3f}x, "
+            f"throughput cost {fewer:.3f}x (metrics on against off; target <= 1.02)"
         )
     if "fixed" not in kinds:
         return

@@ -27,6 +27,7 @@ from pydantic import (
     field_validator,
 )
 
+from controller.operations.settings import ApprovalConfig, ConsoleConfig, NotificationsConfig
 from policies.yaml_source import Problem, SourceError, YamlSource, load_yaml, validate_source
 from workers.config import ByteSize, Duration, ModelConfig, ModelKind, Strict
 from workers.jobs import OutputStatus
@@ -85,6 +86,11 @@ def _per_stage(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): v for k, v in value.items()}
     return {"*": value}
+
+
+def _stage_keys(value: Any) -> Any:
+    """Stage names as YAML may write them (`60:` is an int key) become strings."""
+    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
 
 
 class Route(StrEnum):
@@ -173,6 +179,11 @@ class RolloutConfig(Strict):
     lease_ttl: Duration = Field(
         30.0, gt=0, description="a controller loop silent this long loses its lease"
     )
+    # Stages (by name, or "*" for all) that need an external approval before they advance.
+    approval: Annotated[dict[str, ApprovalConfig], BeforeValidator(_stage_keys)] = {}
+
+    def approval_for(self, stage: str) -> ApprovalConfig | None:
+        return self.approval.get(stage) or self.approval.get("*")
 
     @field_validator("stages")
     @classmethod
@@ -214,6 +225,7 @@ class ServerConfig(Strict):
     refresh_interval: Duration = 1.0
     num_cpus: float = Field(0.25, gt=0)
     replicas: int = Field(1, ge=1)
+    metrics: bool = Field(True, description="Prometheus /metrics on the router")
 
 
 class ScorerConfig(Strict):
@@ -294,6 +306,8 @@ class Config(Strict):
     )
     server: ServerConfig = ServerConfig()
     scorer: ScorerConfig = ScorerConfig()
+    notifications: NotificationsConfig = NotificationsConfig()
+    console: ConsoleConfig = ConsoleConfig()
     policy: str | None = None
     # What one GPU-hour costs you: status and the reports price each model's median image
     # with it (the policy's `cost_per_image` check compares GPU-seconds, where it cancels).

@@ -115,7 +115,7 @@ def test_a_database_of_the_previous_schema_is_carried_forward(tmp_path, db_url):
     assert counts(store) == before
 
     store.upgrade()
-    assert store.current_revision() == "0008"
+    assert store.current_revision() == "0009"
     assert counts(store) == before  # no row lost
     with store.reader() as session:
         row = get_rollout(session, config.name)

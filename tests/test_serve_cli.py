@@ -108,16 +108,18 @@ def test_calibrate_reports_noise_floors_from_an_aa_run(tmp_path, tiny_models):
 
 @pytest.mark.ray
 def test_serve_shows_every_replica_event_on_its_stderr(tmp_path, tiny_models):
-    """Ray keeps replicas' stderr in worker files; `cutover serve` must show their events."""
+    """Ray keeps replicas' stderr in worker files; `cutover serve` must show their events.
+    It serves the console and both /metrics beside the images API."""
     from controller.serving.app import free_port
 
-    port = free_port()
+    port, console_port = free_port(), free_port()
     data = base_config(f"sqlite:///{tmp_path / 'c.db'}")
     data["models"] = {
         role: {"pipeline": str(path), "steps": 2, "num_cpus": 0.5}
         for role, path in tiny_models.items()
     }
     data["server"] = {"port": port, "num_cpus": 0.25}
+    data["console"] = {"port": console_port}
     path = write_config(tmp_path, data)
     assert run("-c", str(path), "init", "--skip-validation", "--reason", "test").returncode == 0
     proc = subprocess.Popen(
@@ -145,6 +147,14 @@ def test_serve_shows_every_replica_event_on_its_stderr(tmp_path, tiny_models):
             ),
             30,
         )
+        # The console, the admin API and the rollouts' metrics are served beside it.
+        console = f"http://127.0.0.1:{console_port}"
+        assert wait_until(lambda: _answers(f"{console}/healthz"), 60), "the console is not up"
+        assert httpx.get(f"{console}/api/rollouts", timeout=10).status_code == 401
+        metrics = httpx.get(f"{console}/metrics", timeout=10).text
+        assert 'cutover_rollout_state{rollout="test-rollout",state="shadowing"} 1.0' in metrics
+        router_metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert 'cutover_requests_total{arm="incumbent"' in router_metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
@@ -159,6 +169,13 @@ def _json_lines(stream, into):
             into.append(json.loads(line))
         except ValueError:
             continue
+
+
+def _answers(url):
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _models_ready(events):

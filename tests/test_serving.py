@@ -398,3 +398,69 @@ def test_replica_events_reach_the_one_log_file(deployed):
     changed = events_in_log(deployed, "faults_changed")
     assert {e["model"] for e in changed} >= {"incumbent", "candidate"}
     assert all("pid" in e and "host" in e and e["level"] == "warning" for e in changed)
+
+
+# The label names each router series may carry: all bounded by the config (no request id,
+# prompt or user is ever a label).
+METRIC_LABELS = {
+    "cutover_requests": {"route", "arm", "stage", "code"},
+    "cutover_bad_requests": {"endpoint", "code"},
+    "cutover_outputs": {"route", "model", "role", "stage", "status"},
+    "cutover_output_latency_seconds": {"route", "model", "role", "le"},
+    "cutover_request_latency_seconds": {"route", "le"},
+    "cutover_batch_size": {"model", "le"},
+    "cutover_oom_splits": {"model"},
+    "cutover_mirrors": {"route", "outcome"},
+    "cutover_fallbacks": {"route", "model", "cause"},
+    "cutover_requests_in_flight": set(),
+    "cutover_mirrors_in_flight": set(),
+    "cutover_recorder_queue_depth": set(),
+    "cutover_recorder_records": {"outcome"},
+}
+
+
+def test_metrics_scraped_during_traffic_parse_with_bounded_labels(deployed):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    move_to(deployed, "shadow")
+    client = deployed["client"]
+    scrapes = []
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        sent = [pool.submit(generate, client, user=f"metrics-{i}", steps=1) for i in range(12)]
+        while not all(f.done() for f in sent):
+            scrapes.append(client.get("/metrics"))
+        responses = [f.result() for f in sent]
+    bad = client.post("/v1/images/generations", json={"prompt": "x", "n": 99})
+    assert bad.status_code == 422
+    flush(deployed)
+    scrapes.append(client.get("/metrics"))
+    assert all(r.status_code == 200 for r in responses + scrapes)
+    assert scrapes[-1].headers["content-type"].startswith("text/plain; version=0.0.4")
+    for scrape in scrapes:  # every scrape parses, mid-traffic ones too
+        families = {f.name: f for f in text_string_to_metric_families(scrape.text)}
+    assert set(METRIC_LABELS) <= set(families), set(METRIC_LABELS) - set(families)
+    ids = {r.headers["x-cutover-request-id"] for r in responses}
+    for name, allowed in METRIC_LABELS.items():
+        for sample in families[name].samples:
+            assert set(sample.labels) <= allowed, (name, sample.labels)
+            assert not ids & set(sample.labels.values())
+            assert not any("sign" in v for v in sample.labels.values()), "a prompt as a label"
+        assert len(families[name].samples) < 400, f"{name}: unbounded series"
+
+    def total(name, **labels):
+        return sum(
+            s.value
+            for s in families[name].samples
+            if s.name == name + "_total" and labels.items() <= s.labels.items()
+        )
+
+    assert total("cutover_requests", route="generate", stage="shadow", code="200") >= 12
+    assert total("cutover_outputs", role="candidate", status="ok") >= 1
+    assert total("cutover_bad_requests", endpoint="generations", code="422") >= 1
+    assert total("cutover_mirrors", outcome="started") >= 1
+    latency = [
+        s for s in families["cutover_output_latency_seconds"].samples if s.name.endswith("_count")
+    ]
+    assert {s.labels["role"] for s in latency} >= {"incumbent", "candidate"}
+    records = {s.labels["outcome"]: s.value for s in families["cutover_recorder_records"].samples}
+    assert records["recorded"] >= 24  # 12 requests and their primary outputs, at least

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 # isort: off
 # Importing a module registers its commands; this order is the order of `cutover --help`.
-from controller.cli import rollout_verbs, state_views, serving, review, lab, models, database
+from controller.cli import (
+    rollout_verbs,
+    state_views,
+    operations,
+    serving,
+    review,
+    lab,
+    models,
+    database,
+)
 from controller.cli.core import EXIT_ENVIRONMENT, EXIT_REFUSED, app
 
 # isort: on
 
 __all__ = ["EXIT_ENVIRONMENT", "EXIT_REFUSED", "app", "main"]
-_COMMAND_MODULES = (rollout_verbs, state_views, serving, review, lab, models, database)
+_COMMAND_MODULES = (rollout_verbs, state_views, operations, serving, review, lab, models, database)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from controller.cli.core import (
     open_store,
     out,
 )
+from controller.storage.store import Store
 from workers.logs import follow, log_to_file
 
 
@@ -64,6 +65,21 @@ def serve(
             daemon=True,
         )
         loop.start()
+        from controller.operations.background import serve_console, start_notifier
+
+        store = Store.for_config(config)
+        notifier = start_notifier(config, store)
+        try:
+            console = serve_console(config, store, config.console.host, config.console.port)
+            out.print(
+                f"console, admin API and rollout metrics on {console.url}/ "
+                "(sign in with a token from `cutover tokens create`)"
+            )
+        except RuntimeError as exc:  # the port is taken: serving goes on without a console
+            console = None
+            err.print(
+                f"[yellow]warning:[/yellow] {exc}; set console.port, or run `cutover console`"
+            )
         out.print(
             f"serving [bold]{config.name}[/bold] (routes {', '.join(r.value for r in config.route_map)}) "
             f"on http://{config.server.host}:{port or config.server.port}/v1/images/ (Ctrl-C stops); events of "
@@ -76,6 +92,10 @@ def serve(
             stopped.wait()
         finally:
             loop.join(timeout=30)
+            if console is not None:
+                console.stop()
+            notifier.stop()
+            store.close()
             pool.stop()
             serving.stop()
             follower.join(timeout=5)
@@ -140,7 +160,13 @@ def control(
                 f"controller loop for [bold]{', '.join(loop.names)}[/bold] every "
                 f"{loop.interval:g}s (Ctrl-C stops)"
             )
-            loop.run(stop)
+            from controller.operations.background import start_notifier
+
+            notifier = start_notifier(config, store)  # the outbox's deliveries
+            try:
+                loop.run(stop)
+            finally:
+                notifier.stop()
 
     guarded(run)
 

@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from controller.cli.core import RolloutOpt, app, cli_config, guarded, open_store, out
 from controller.config import Config
+from controller.operations.dispatcher import delivery_summary
 from controller.review.status import (
     deployment_status,
     event_dict,
@@ -46,7 +47,10 @@ def status(
             if rollout is not None:
                 name = config.plan(rollout).name
                 return rollout_status(session, get_rollout(session, name), config)
-            return deployment_status(session, config)
+            snapshot = deployment_status(session, config)
+        # Where each receiver's notifications stand (delivered, waiting, why).
+        snapshot["notifications"] = delivery_summary(store, config.notifications)
+        return snapshot
 
     def render(snapshot: dict[str, Any]) -> Any:
         return render_status(snapshot) if rollout is not None else render_overview(snapshot)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from controller.config import Config
 from controller.review.failures import cluster, failing_rows, report_clusters
-from controller.review.shadow_log import Filters, shadow_log
+from controller.review.shadow_log import Filters, shadow_log, worst_first
 from controller.review.status import event_dict, rollout_status
 from controller.storage.tables import Output, Request, Rollout, RolloutEvent, Verdict
 from policies.policy import Policy
@@ -42,12 +42,12 @@ def build_report(session: Session, rollout: Rollout, config: Config, policy: Pol
         .where(RolloutEvent.rollout_id == rollout.id)
         .order_by(RolloutEvent.version)
     ).all()
-    verdicts = _verdicts_evenly(session, rollout)
+    verdicts = verdicts_evenly(session, rollout)
     pairs = shadow_log(session, rollout, policy, Filters(limit=2000), config.artifact_path)
     return env.get_template("report.html.j2").render(
         status=rollout_status(session, rollout, config),
         events=[event_dict(e) for e in events],
-        charts=[_check_chart(check.name, verdicts) for check in policy.checks],
+        charts=[check_chart(check.name, verdicts) for check in policy.checks],
         latency=_latency_chart(session, rollout),
         galleries=[_gallery(check, pairs) for check in _one_check_per_score(policy)],
         failures=_failures(session, rollout),
@@ -55,7 +55,7 @@ def build_report(session: Session, rollout: Rollout, config: Config, policy: Pol
     )
 
 
-def _check_chart(name: str, verdicts: list[Verdict]) -> dict[str, Any]:
+def check_chart(name: str, verdicts: list[Verdict]) -> dict[str, Any]:
     """The check's estimate and bounds over evaluations, as SVG polylines."""
     points = [(v.evaluated_at, c) for v in verdicts for c in v.checks if c.get("name") == name]
     series = {key: [c.get(key) for _, c in points] for key in ("lower", "estimate", "upper")}
@@ -86,7 +86,7 @@ def _check_chart(name: str, verdicts: list[Verdict]) -> dict[str, Any]:
     }
 
 
-def _verdicts_evenly(session: Session, rollout: Rollout) -> list[Verdict]:
+def verdicts_evenly(session: Session, rollout: Rollout) -> list[Verdict]:
     """At most CHART_POINTS verdicts, evenly spread over the rollout (a tick stores one every
     interval: 26,000 in 72 hours at 10 s, more than a chart can show or a report should load)."""
     total = session.scalar(
@@ -180,22 +180,6 @@ def _one_check_per_score(policy: Any) -> list[Any]:
 
 def _gallery(check: Any, pairs: list[dict[str, Any]]) -> dict[str, Any]:
     """Pairs with the check's metric, worst first, images inlined."""
-
-    def value(row: dict[str, Any]) -> float | None:
-        cand = row[Arm.CANDIDATE]["scores"].get(check.metric)
-        if cand is None:
-            return None
-        if check.pair_value == "difference":
-            inc = row[Arm.INCUMBENT]["scores"].get(check.metric)
-            return None if inc is None else cand - inc
-        return cand
-
-    scored = [(value(row), row) for row in pairs]
-    ranked = sorted(
-        ((v, row) for v, row in scored if v is not None),
-        key=lambda item: item[0],
-        reverse=check.direction == "lower_is_better",
-    )[:GALLERY_PER_CHECK]
     return {
         "name": check.name,
         "metric": check.metric,
@@ -209,7 +193,7 @@ def _gallery(check: Any, pairs: list[dict[str, Any]]) -> dict[str, Any]:
                 "candidate": data_uri(row[Arm.CANDIDATE]["artifact"]),
                 "scores": row[Arm.CANDIDATE]["scores"],
             }
-            for v, row in ranked
+            for v, row in worst_first(check, pairs)[:GALLERY_PER_CHECK]
         ],
     }
 

@@ -199,3 +199,25 @@ def _fails(check: Check, row: dict[str, Any]) -> bool:
 def observed(side: dict[str, Any]) -> Observed:
     """One side of a shadow-log row as the metric registry reads it (also `cutover failures`)."""
     return Observed(side["status"], side["samples"], side["scores"])
+
+
+def pair_value(check: Check, row: dict[str, Any]) -> float | None:
+    """The pair's value of a score check: the candidate's score, or its difference from the
+    incumbent's (None when a side has no score)."""
+    candidate = row[Arm.CANDIDATE]["scores"].get(check.metric)
+    if candidate is None:
+        return None
+    if check.pair_value == "difference":
+        incumbent = row[Arm.INCUMBENT]["scores"].get(check.metric)
+        return None if incumbent is None else candidate - incumbent
+    return candidate
+
+
+def worst_first(check: Check, rows: list[dict[str, Any]]) -> list[tuple[float, dict[str, Any]]]:
+    """The rows with a value of the check, the candidate's worst first (the galleries)."""
+    scored = [(pair_value(check, row), row) for row in rows]
+    return sorted(
+        ((v, row) for v, row in scored if v is not None),
+        key=lambda item: item[0],
+        reverse=check.direction == "lower_is_better",
+    )

@@ -124,6 +124,12 @@ def rollout_status(
                 "met": evidence.scorer_lag_s is None
                 or evidence.scorer_lag_s <= evidence.max_scorer_lag_s,
             },
+            # An external approval the stage needs (`approval:`): what it waits for, if anything.
+            "approval": {
+                "needed": plan.settings.approval_for(stage) is not None,
+                "hold": evidence.approval_hold,
+                "met": not evidence.approval_hold,
+            },
         },
         "ready_to_advance": ready,
         "next": _next_step(view, evidence.unmet(), ready),
@@ -234,6 +240,8 @@ def render_overview(overview: dict[str, Any]) -> Group:
             traffic,
         )
     parts: list[Any] = [routes]
+    if overview.get("notifications"):
+        parts.append(render_deliveries(overview["notifications"]))
     for status in overview["rollouts"]:
         if status["state"] == NOT_STARTED:
             parts.append(
@@ -244,6 +252,23 @@ def render_overview(overview: dict[str, Any]) -> Group:
         else:
             parts.append(render_status(status))
     return Group(*parts)
+
+
+def render_deliveries(receivers: list[dict[str, Any]]) -> Table:
+    """The notification receivers: what is delivered, what waits, and why it waits."""
+    table = Table(title="notifications", title_justify="left")
+    for column in ("receiver", "delivered", "pending", "oldest pending", "attempts", "last error"):
+        table.add_column(column)
+    for r in receivers:
+        table.add_row(
+            r["receiver"],
+            str(r["delivered"]),
+            Text(str(r["pending"]), style="yellow" if r["pending"] else ""),
+            _seconds(r["oldest_pending_s"]),
+            str(r["max_attempts"]),
+            (r["last_error"] or "")[:80],
+        )
+    return table
 
 
 def render_status(status: dict[str, Any]) -> Group:
@@ -300,6 +325,9 @@ def render_status(status: dict[str, Any]) -> Group:
             f"(max {_seconds(lag['need'])})",
         ),
     )
+    approval = gates.get("approval")
+    if approval and approval["needed"]:
+        head.add_row("approval", _gate(approval["met"], approval["hold"] or "approved"))
     head.add_row("next", status["next"])
     parts: list[Any] = [head]
     cost = status.get("cost")

@@ -11,6 +11,7 @@ not (and the next tick decides again from the same stored facts).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
@@ -21,6 +22,8 @@ from datetime import datetime, timedelta
 import structlog
 
 from controller.config import Config
+from controller.operations import approvals
+from controller.operations.tick_events import fallback_storm_event, verdict_events
 from controller.rollout import lease
 from controller.rollout.analysis import fold_new, judge, judge_row
 from controller.rollout.scoring import Scorer
@@ -165,7 +168,10 @@ class RolloutController:
         with self.store.session() as session:
             verdict = judge(session, row, self.policy, state, now)
             session.flush()
+            verdict_events(session, self.config.notifications, row, verdict, now)
+            fallback_storm_event(session, self.config.notifications, row, now)
             evidence = evidence_for(session, row, self.config, now, verdict=verdict)
+        evidence = self._ask_approval(row, view, evidence, now)
         result.verdict = verdict.decision
         failing = tuple(
             f"{c['name']}: {c['reason']}"
@@ -207,6 +213,20 @@ class RolloutController:
                 actor=actor_of(self.holder),
             )
         return result
+
+    def _ask_approval(
+        self, row: Rollout, view: RolloutView, evidence: Evidence, now: datetime
+    ) -> Evidence:
+        """Ask the stage's approval webhook once every other gate is met (asking earlier
+        would ask someone to approve a stage that is not ready)."""
+        if not evidence.approval_hold or view.state not in (State.SHADOWING, State.CANARY):
+            return evidence
+        if dataclasses.replace(evidence, approval_hold="").unmet():
+            return evidence
+        approvals.ask(self.store, self.config, row, now)
+        with self.store.reader() as session:
+            hold = approvals.approval_hold(session, self.config, row)
+        return dataclasses.replace(evidence, approval_hold=hold)
 
     def _reconcile(self, row: Rollout, now: datetime) -> int:
         """Give requests whose router died an outcome (`lost`), so counts add up. How far

@@ -81,6 +81,7 @@ class Evidence:
     verdict_snapshot: dict[str, Any] | None = None
     scorer_lag_s: float | None = None  # the oldest unscored output's age (None: caught up)
     max_scorer_lag_s: float = math.inf
+    approval_hold: str = ""  # why the stage's external approval is missing ("" when none)
 
     def unmet(self) -> list[str]:
         """Each gate still holding the stage, in words."""
@@ -101,6 +102,8 @@ class Evidence:
             shown = self.verdict or "none yet"
             detail = f" ({self.verdict_detail})" if self.verdict_detail else ""
             holds.append(f"latest verdict {shown}{detail}")
+        if self.approval_hold:
+            holds.append(self.approval_hold)
         return holds
 
 

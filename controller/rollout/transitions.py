@@ -16,6 +16,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from controller.config import Config, Stage
+from controller.operations.approvals import approval_hold
+from controller.operations.outbox import emit, transition_event
+from controller.operations.settings import NotificationsConfig
 from controller.rollout.lag import scorer_lag
 from controller.rollout.stage_count import stage_samples
 from controller.rollout.state_machine import (
@@ -123,6 +126,14 @@ def create_rollout(
                 forced=forced,
             )
         )
+        emit(
+            session,
+            config.notifications,
+            transition_event(
+                plan.name, 1, "init", actor, None, None, row.state, stages[0].name, note, forced
+            ),
+            now,
+        )
     log.info("rollout_created", rollout=plan.name, stage=stages[0].name, actor=actor)
     return row, True
 
@@ -198,6 +209,7 @@ def evidence_for(
         verdict_snapshot=verdict_snapshot(verdict),
         scorer_lag_s=scorer_lag(session, row.id, now),
         max_scorer_lag_s=plan.settings.max_scorer_lag,
+        approval_hold=approval_hold(session, config, row),
     )
 
 
@@ -253,11 +265,22 @@ def apply_command(
             reason=decision.reason,
         )
         return decision
-    return _persist(store, row, view, command, decision, seen.evidence, actor, now or utcnow())
+    return _persist(
+        store,
+        config.notifications,
+        row,
+        view,
+        command,
+        decision,
+        seen.evidence,
+        actor,
+        now or utcnow(),
+    )
 
 
 def _persist(
     store: Store,
+    notifications: NotificationsConfig,
     row: Rollout,
     view: RolloutView,
     command: Command,
@@ -307,6 +330,23 @@ def _persist(
         session.add(event)
         session.flush()
         event_id = event.id
+        emit(
+            session,
+            notifications,
+            transition_event(
+                row.name,
+                row.version + 1,
+                command.verb.value,
+                actor,
+                view.state.value,
+                view.stage.name,
+                transition.state.value,
+                to_stage,
+                transition.reason,
+                transition.forced,
+            ),
+            now,
+        )
     log.info(
         "transition",
         rollout=row.name,

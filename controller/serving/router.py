@@ -20,11 +20,12 @@ from typing import Any
 import structlog
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from controller.config import Config, RouteConfig
+from controller.operations.metrics import CONTENT_TYPE, RouterMetrics
 from controller.serving.api import BadRequest, error_envelope, parse_images_request
 from controller.serving.asks import Ask, edit_ask, generation_ask, upscale_ask
 from controller.serving.routing import is_mirrored, primary_role
@@ -95,6 +96,7 @@ class Router:
         self.mirrors_started = 0
         self.fallbacks = 0
         self._background: set[asyncio.Task[Any]] = set()
+        self.metrics = RouterMetrics(self.recorder, self) if self.limits.metrics else None
 
     @http.post("/v1/images/generations")
     async def generations(self, http_request: HttpRequest) -> JSONResponse:
@@ -102,14 +104,14 @@ class Router:
             body = parse_images_request(await http_request.body(), self.limits)
             return generation_ask(body, self.config)
 
-        return await self._handle(read)
+        return await self._handle(read, "generations")
 
     @http.post("/v1/images/edits")
     async def edits(self, http_request: HttpRequest) -> JSONResponse:
         async def read() -> Ask:
             return edit_ask(parse_edit(await self._form(http_request), self.limits), self.config)
 
-        return await self._handle(read)
+        return await self._handle(read, "edits")
 
     @http.post("/v1/images/upscales")
     async def upscales(self, http_request: HttpRequest) -> JSONResponse:
@@ -117,7 +119,7 @@ class Router:
             upload = parse_upscale(await self._form(http_request), self.limits)
             return upscale_ask(upload, self.config)
 
-        return await self._handle(read)
+        return await self._handle(read, "upscales")
 
     def _start_in_router_models(self, base_dir: str, log_level: str | None) -> dict[str, Any]:
         """The models this replica serves itself (`in_router`): their calls skip a hop."""
@@ -151,6 +153,16 @@ class Router:
     @http.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok"}
+
+    @http.get("/metrics")
+    async def prometheus(self) -> Response:
+        """This replica's series in Prometheus' text format (`server.metrics: false`: 404)."""
+        if self.metrics is None:
+            return JSONResponse(
+                error_envelope("metrics are off (server.metrics: false)", "not_found"),
+                status_code=404,
+            )
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     @http.get("/v1/rollouts")
     async def rollouts(self) -> dict[str, Any]:
@@ -189,16 +201,32 @@ class Router:
 
     # -- one request, whatever its endpoint -------------------------------------------------
 
-    async def _handle(self, read: Callable[[], Awaitable[Ask]]) -> JSONResponse:
+    async def _handle(self, read: Callable[[], Awaitable[Ask]], endpoint: str) -> JSONResponse:
         request_id = str(uuid.uuid4())
         headers = {"x-cutover-request-id": request_id}
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.in_flight.inc()
         try:
             try:
                 ask = await read()
             except BadRequest as exc:
                 log.info("bad_request", request_id=request_id, errors=exc.errors)
+                if metrics is not None:
+                    metrics.bad_requests.labels(endpoint, str(exc.status)).inc()
                 return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
-            return await self._serve(ask, request_id, headers)
+            started = time.perf_counter()
+            response = await self._serve(ask, request_id, headers)
+            if metrics is not None:
+                route = ask.route.value
+                metrics.request_latency.labels(route).observe(time.perf_counter() - started)
+                metrics.requests.labels(
+                    route,
+                    headers["x-cutover-served-by"],
+                    headers["x-cutover-stage"],
+                    str(response.status_code),
+                ).inc()
+            return response
         except Exception as exc:  # a router bug: still the envelope, the headers and a log event
             log.exception("router_failed", request_id=request_id)
             return JSONResponse(
@@ -210,6 +238,9 @@ class Router:
                 status_code=500,
                 headers=headers,
             )
+        finally:
+            if metrics is not None:
+                metrics.in_flight.dec()
 
     async def _form(self, http_request: HttpRequest) -> list[tuple[str, Part]]:
         """The multipart parts as (name, text) or (name, (file name, bytes)); a body that is
@@ -261,7 +292,9 @@ class Router:
         seed = ask.body.seed if ask.body.seed is not None else secrets.randbelow(2**31)
         jobs = ask.jobs(request_id, seed)
         mirrored = (
-            table is not None and is_mirrored(table, request_id) and self._claim_mirror_slot()
+            table is not None
+            and is_mirrored(table, request_id)
+            and self._claim_mirror_slot(ask.route.value)
         )
         params = ask.params()
         # The request row is queued before any output, so its outputs never precede it in SQL.
@@ -286,7 +319,7 @@ class Router:
             "x-cutover-stage": stage,
             "x-cutover-served-by": arm.value,
         }
-        answer = await self._answer(route, arm, model, jobs)
+        answer = await self._answer(route, arm, model, jobs, (ask.route.value, stage))
         if mirrored and table is not None:
             # Dispatched once the primary has answered: the mirror's routing and its result's
             # handling then never share the event loop with the user's request.
@@ -325,7 +358,12 @@ class Router:
         return JSONResponse({"created": int(time.time()), "data": data}, headers=headers)
 
     async def _answer(
-        self, route: RouteConfig, arm: Arm, model: str, jobs: list[ImageJob]
+        self,
+        route: RouteConfig,
+        arm: Arm,
+        model: str,
+        jobs: list[ImageJob],
+        where: tuple[str, str],
     ) -> Answer:
         """The serving model's answer, or for each image it failed on (per `fallback_on`) the
         fallback model's, inside the request's own timeout. Both attempts are recorded."""
@@ -335,7 +373,7 @@ class Router:
         if route.fallback and route.fallback_after is not None:
             first = min(route.fallback_after, timeout)
         results = await self._call_all(model, jobs, first)
-        ids = self._record(arm, model, jobs, results, first, is_primary=True)
+        ids = self._record(arm, model, jobs, results, first, is_primary=True, where=where)
         answer = Answer(list(results), [model] * len(jobs))
         failed = [
             i for i, r in enumerate(results) if route.fallback and r.status in route.fallback_on
@@ -351,6 +389,7 @@ class Router:
             retried,
             remaining,
             is_primary=True,
+            where=where,
             fallback_of=[ids[i] for i in failed],
         )
         for i, result in zip(failed, retried, strict=True):
@@ -358,15 +397,20 @@ class Router:
             answer.models[i] = route.fallback
         answer.fallback_cause = results[failed[0]].status
         self.fallbacks += 1
+        if self.metrics is not None:
+            self.metrics.fallbacks.labels(where[0], route.fallback, answer.fallback_cause).inc()
         return answer
 
-    def _claim_mirror_slot(self) -> bool:
-        if self.mirrors_in_flight >= self.limits.mirror_max_in_flight:
+    def _claim_mirror_slot(self, route: str) -> bool:
+        claimed = self.mirrors_in_flight < self.limits.mirror_max_in_flight
+        if claimed:
+            self.mirrors_in_flight += 1
+            self.mirrors_started += 1
+        else:
             self.mirrors_skipped += 1
-            return False
-        self.mirrors_in_flight += 1
-        self.mirrors_started += 1
-        return True
+        if self.metrics is not None:
+            self.metrics.mirrors.labels(route, "started" if claimed else "skipped").inc()
+        return claimed
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -377,7 +421,15 @@ class Router:
         model = table.model_of(arm)
         try:
             results = await self._call_all(model, jobs, self.limits.mirror_timeout)
-            self._record(arm, model, jobs, results, self.limits.mirror_timeout, is_primary=False)
+            self._record(
+                arm,
+                model,
+                jobs,
+                results,
+                self.limits.mirror_timeout,
+                is_primary=False,
+                where=(table.route, table.stage),
+            )
         except Exception:  # a mirror must never take anything down with it
             log.exception(
                 "mirror_failed",
@@ -430,10 +482,13 @@ class Router:
         timeout_s: float,
         *,
         is_primary: bool,
+        where: tuple[str, str],
         fallback_of: list[str] | None = None,
     ) -> list[str]:
         """Queue one output record per image; returns their ids (a fallback links to them)."""
         now = utcnow()
+        if self.metrics is not None:
+            self._count_outputs(role, model, results, where)
         ids = [str(uuid.uuid4()) for _ in jobs]
         for i, (job, result) in enumerate(zip(jobs, results, strict=True)):
             self.recorder.record(
@@ -451,3 +506,21 @@ class Router:
                 png=result.png,
             )
         return ids
+
+    def _count_outputs(
+        self,
+        role: Arm,
+        model: str,
+        results: list[ImageResult],
+        where: tuple[str, str],
+    ) -> None:
+        metrics = self.metrics
+        assert metrics is not None
+        route, stage = where
+        for result in results:
+            metrics.outputs.labels(route, model, role.value, stage, result.status).inc()
+            metrics.latency.labels(route, model, role.value).observe(result.latency_ms / 1000)
+            if result.batch_size:
+                metrics.batch_size.labels(model).observe(result.batch_size)
+            if result.batch_ooms:
+                metrics.oom_splits.labels(model).inc(result.batch_ooms)

@@ -183,6 +183,11 @@ class Recorder:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    @property
+    def queue_depth(self) -> int:
+        """Records waiting for the writer, images waiting for their file included."""
+        return self._queue.qsize() + self._images.qsize()
+
     def flush(self, timeout: float = 30.0, include_spill: bool = False) -> bool:
         """Wait until queued records are written (and, if asked, the spill replayed)."""
         deadline = time.monotonic() + timeout

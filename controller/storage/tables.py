@@ -315,3 +315,72 @@ class Validation(Base):
     run_id: Mapped[int | None] = mapped_column(
         ForeignKey("lab_runs.id", ondelete="SET NULL"), nullable=True
     )
+
+
+class ApiToken(Base):
+    """Who may use the console and the admin API, with which role. Only the token's SHA-256 is
+    stored: a database dump gives no one a working token."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # viewer | operator | admin
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class NotificationEvent(Base):
+    """The outbox: one row per thing worth telling a receiver, written in the transaction of
+    what it reports, so an event exists exactly when its cause committed."""
+
+    __tablename__ = "notification_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # What makes two writes of one event one row: transition:<rollout>:<version>, …
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    rollout: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    kind: Mapped[str] = mapped_column(String(32))  # transition | verdict | slice | ...
+    severity: Mapped[str] = mapped_column(String(16))  # info | warning | critical
+    summary: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class NotificationDelivery(Base):
+    """One event for one receiver: pending until a 2xx, retried with backoff."""
+
+    __tablename__ = "notification_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_id", "receiver", name="uq_delivery_event_receiver"),
+        Index("ix_deliveries_pending", "delivered_at", "receiver", "event_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("notification_events.id", ondelete="CASCADE"))
+    receiver: Mapped[str] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class Approval(Base):
+    """An external approval a stage needs before it advances: one per rollout version (the
+    stage attempt it was asked for), so a retried stage asks again."""
+
+    __tablename__ = "approvals"
+    __table_args__ = (UniqueConstraint("rollout_id", "version", name="uq_approval_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))  # pending | approved | denied | timed_out
+    requested_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    asks: Mapped[int] = mapped_column(Integer, default=0)
+    decided_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    decided_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")

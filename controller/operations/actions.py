@@ -1,0 +1,84 @@
+"""What a console or admin-API caller may do to a rollout, by role, recorded under their name.
+
+The same `apply_command` the CLI uses moves the rollout, so the gates, the refusals and
+the compare-and-swap are the CLI's; only who may ask differs. The actor in the audit
+trail is the token's name (`token:<name>`).
+"""
+
+from __future__ import annotations
+
+from controller.config import Config
+from controller.operations import approvals
+from controller.operations.tokens import Caller
+from controller.rollout.state_machine import Command, Refusal, Verb
+from controller.rollout.transitions import Applied, apply_command, get_rollout
+from controller.storage.store import Store
+from controller.storage.tables import utcnow
+
+# The role each verb needs; `--force` on any verb needs admin.
+VERB_ROLES = {
+    Verb.ADVANCE: "operator",
+    Verb.PAUSE: "operator",
+    Verb.RESUME: "operator",
+    Verb.ROLLBACK: "operator",
+    Verb.FINALIZE: "operator",
+    Verb.RETRY: "operator",
+    Verb.ABORT: "admin",
+}
+
+
+class Forbidden(Exception):
+    """The caller's role does not allow this (HTTP 403)."""
+
+
+def required_role(verb: Verb, force: bool) -> str:
+    return "admin" if force else VERB_ROLES[verb]
+
+
+def act(
+    store: Store,
+    config: Config,
+    caller: Caller,
+    rollout: str,
+    verb: str,
+    *,
+    reason: str = "",
+    force: bool = False,
+    to: str | None = None,
+    expected_stage: str | None = None,
+) -> Applied | Refusal:
+    """Apply `verb` for `caller`; raise Forbidden when their role does not allow it."""
+    command_verb = Verb(verb)
+    need = required_role(command_verb, force)
+    if not caller.may(need):
+        raise Forbidden(
+            f"{verb}{' --force' if force else ''} needs the {need} role; "
+            f"token {caller.name!r} has the {caller.role} role"
+        )
+    return apply_command(
+        store,
+        config,
+        Command(command_verb, reason=reason, force=force, to=to),
+        caller.actor,
+        rollout=rollout,
+        expected_stage=expected_stage,
+    )
+
+
+def decide_approval(
+    store: Store, config: Config, caller: Caller, rollout: str, decision: str, reason: str
+) -> str:
+    """An operator's approve or deny of the current stage's approval; returns its state."""
+    if not caller.may("operator"):
+        raise Forbidden(
+            f"deciding an approval needs the operator role; token {caller.name!r} has the "
+            f"{caller.role} role"
+        )
+    if decision not in approvals.DECISIONS:
+        raise ValueError(f"decision {decision!r} is not approve or deny")
+    with store.reader() as session:
+        row = get_rollout(session, config.plan(rollout).name)
+        session.expunge(row)
+    if config.plan(rollout).settings.approval_for(row.stages[row.stage_index][0]) is None:
+        raise ValueError(f"stage {row.stages[row.stage_index][0]} of {row.name} needs no approval")
+    return approvals.decide(store, config, row, decision, caller.actor, reason, utcnow())
