@@ -101,8 +101,8 @@ def test_console_forms_need_the_csrf_value_of_their_session(site):
     _, config, store, made = site
     client = TestClient(build_console(config, store))
     client.cookies.set("cutover_session", made["otto"])
-    url = f"/rollouts/{config.name}/act"
-    form = {"verb": "pause", "reason": "x"}
+    url = f"/api/rollouts/{config.name}/pause"
+    form = {"reason": "x"}
     assert client.post(url, data=form, follow_redirects=False).status_code == 403
     wrong = form | {"csrf": csrf_of(made["ada"])}
     assert client.post(url, data=wrong, follow_redirects=False).status_code == 403

@@ -233,3 +233,51 @@ def test_a_fallback_storm_is_told_once_per_window(loop_setup):
         "test-rollout: the fallback model answered 12 of 40 requests on route generate "
         "in the last 60s"
     ]
+
+
+def test_one_events_failure_holds_back_only_its_own_rollouts_later_events(setup, receivers):
+    config, store = setup
+    flaky, _ = receivers
+    moves(store, config, [(Verb.PAUSE, "p1"), (Verb.RESUME, "r1"), (Verb.PAUSE, "p2")])
+    with store.session() as session:
+        for i in range(3):
+            emit(
+                session,
+                config.notifications,
+                Event(f"other:{i}", "verdict", "info", f"other {i}", rollout="other"),
+            )
+    with store.reader() as session:
+        pause = session.scalars(
+            select(NotificationEvent.id).where(NotificationEvent.key == "transition:test-rollout:2")
+        ).one()
+    # The receiver refuses only the rollout's second event (its first pause), for a while.
+    refusing = {"on": True}
+    flaky.answer = lambda body: (503, {}) if refusing["on"] and body["id"] == pause else (200, {})
+    clock = Clock()
+    dispatcher = Dispatcher(store, config.notifications, clock=clock)
+    try:
+        for _ in range(10):
+            dispatcher.run_once()
+            clock.now += timedelta(seconds=1)
+        got = [r["body"]["id"] for r in flaky.received if r["body"]["id"] != pause]
+        with store.reader() as session:
+            others = session.scalars(
+                select(NotificationEvent.id).where(NotificationEvent.rollout == "other")
+            ).all()
+        # The other rollout's events all went; this rollout's stopped at the refused one.
+        assert [i for i in got if i in others] == others
+        assert [i for i in got if i not in others] == [pause - 1], "init only"
+        refusing["on"] = False
+        for _ in range(20):
+            dispatcher.run_once()
+            clock.now += timedelta(seconds=1)
+    finally:
+        dispatcher.close()
+    mine = [r["body"]["id"] for r in flaky.received if r["body"]["rollout"] == "test-rollout"]
+    delivered = [i for i in mine if i != pause] + [pause]
+    assert sorted(set(delivered)) == [pause - 1, pause, pause + 1, pause + 2]
+    order = []
+    for i in mine:  # the first delivery of each, after the refusals
+        if i not in order:
+            order.append(i)
+    assert order == sorted(order)

@@ -15,14 +15,14 @@ from controller.rollout.transitions import Applied, apply_command, get_rollout
 from controller.storage.store import Store
 from controller.storage.tables import utcnow
 
-# The role each verb needs; `--force` on any verb needs admin.
+# The role each verb needs; `--force` on any verb needs admin. `retry` is not here: it
+# starts a rollout again, which needs the candidate's validation (`cutover retry`).
 VERB_ROLES = {
     Verb.ADVANCE: "operator",
     Verb.PAUSE: "operator",
     Verb.RESUME: "operator",
     Verb.ROLLBACK: "operator",
     Verb.FINALIZE: "operator",
-    Verb.RETRY: "operator",
     Verb.ABORT: "admin",
 }
 
@@ -49,6 +49,8 @@ def act(
 ) -> Applied | Refusal:
     """Apply `verb` for `caller`; raise Forbidden when their role does not allow it."""
     command_verb = Verb(verb)
+    if command_verb not in VERB_ROLES:
+        raise ValueError(f"{verb} is not offered here; use `cutover {verb}`")
     need = required_role(command_verb, force)
     if not caller.may(need):
         raise Forbidden(

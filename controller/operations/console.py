@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -39,6 +41,8 @@ from controller.storage.tables import Request as RequestRow
 from controller.storage.tables import RolloutEvent, utcnow
 from policies.policy import Policy, load_policy
 from policies.vocabulary import Arm
+
+log = structlog.get_logger("cutover.console")
 
 COOKIE = "cutover_session"
 STATIC = Path(__file__).parent / "static"
@@ -297,6 +301,13 @@ def build_console(config: Config, store: Store) -> FastAPI:
 
     @app.exception_handler(HttpError)
     async def http_error(request: Request, exc: HttpError) -> Response:
+        log.info(
+            "console_refused",
+            status=exc.status,
+            method=request.method,
+            path=request.url.path,
+            reason=str(exc),
+        )
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         return console.render("login.html.j2", request, code=exc.status, message=str(exc))
@@ -394,61 +405,6 @@ def build_console(config: Config, store: Store) -> FastAPI:
             caller=caller,
         )
 
-    @app.post("/rollouts/{name}/act")
-    async def act_form(request: Request, name: str) -> Response:
-        form = await request.form()
-        console.check_csrf(request, str(form.get("csrf", "")))
-        caller = console.caller(request, "operator")
-        plan = config.plan(name)
-        try:
-            result = actions.act(
-                store,
-                config,
-                caller,
-                plan.name,
-                str(form.get("verb", "")),
-                reason=str(form.get("reason", "")).strip(),
-                force=form.get("force") == "on",
-                expected_stage=str(form.get("stage") or "") or None,
-            )
-        except actions.Forbidden as exc:
-            raise HttpError(403, str(exc)) from None
-        except ValueError:
-            return JSONResponse({"error": f"unknown verb {form.get('verb')!r}"}, status_code=422)
-        said = (
-            f"refused: {result.reason}"
-            if isinstance(result, Refusal)
-            else f"{form.get('verb')}: {result.from_state}@{result.from_stage} → "
-            f"{result.to_state}@{result.to_stage}"
-        )
-        return RedirectResponse(
-            f"/rollouts/{quote(plan.name)}?{urlencode({'said': said})}", status_code=303
-        )
-
-    @app.post("/rollouts/{name}/approval")
-    async def approval_form(request: Request, name: str) -> Response:
-        form = await request.form()
-        console.check_csrf(request, str(form.get("csrf", "")))
-        caller = console.caller(request, "operator")
-        plan = config.plan(name)
-        try:
-            state = actions.decide_approval(
-                store,
-                config,
-                caller,
-                plan.name,
-                str(form.get("decision", "")),
-                str(form.get("reason", "")).strip(),
-            )
-        except actions.Forbidden as exc:
-            raise HttpError(403, str(exc)) from None
-        except ValueError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=422)
-        return RedirectResponse(
-            f"/rollouts/{quote(plan.name)}?{urlencode({'said': f'approval {state}'})}",
-            status_code=303,
-        )
-
     @app.get("/artifacts/{name}")
     def artifact(request: Request, name: str) -> Response:
         console.caller(request)
@@ -474,53 +430,67 @@ def build_console(config: Config, store: Store) -> FastAPI:
 
     @app.post("/api/rollouts/{name}/approval")
     async def api_approval(request: Request, name: str) -> Response:
-        console.check_csrf(request, None)
+        """Approve or deny the stage's approval; the console's approve and deny buttons
+        post their forms here."""
+        fields, from_form = await _command(request)
+        console.check_csrf(request, fields.get("csrf"))
         caller = console.caller(request, "operator")
-        body = await _json_body(request)
+        plan = config.plan(name)
         try:
             state = actions.decide_approval(
                 store,
                 config,
                 caller,
-                config.plan(name).name,
-                str(body.get("decision", "")),
-                str(body.get("reason", "")),
+                plan.name,
+                str(fields.get("decision", "")),
+                str(fields.get("reason", "")).strip(),
             )
         except actions.Forbidden as exc:
             raise HttpError(403, str(exc)) from None
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=422)
+        if from_form:
+            return back_to(plan.name, f"approval {state}")
         return JSONResponse({"state": state, "actor": caller.actor})
 
     @app.post("/api/rollouts/{name}/{verb}")
     async def api_act(request: Request, name: str, verb: str) -> Response:
-        console.check_csrf(request, None)
+        """Apply a verb; the console's buttons post their forms here (answered with a
+        redirect back to the rollout's page, saying what happened)."""
+        fields, from_form = await _command(request)
+        console.check_csrf(request, fields.get("csrf"))
         caller = console.caller(request)
-        body = await _json_body(request)
+        plan = config.plan(name)
         try:
             result = actions.act(
                 store,
                 config,
                 caller,
-                config.plan(name).name,
+                plan.name,
                 verb,
-                reason=str(body.get("reason", "")),
-                force=body.get("force") is True,
-                to=body.get("to"),
-                expected_stage=body.get("expected_stage"),
+                reason=str(fields.get("reason", "")).strip(),
+                force=fields.get("force") in (True, "on"),
+                to=fields.get("to") or None,
+                expected_stage=fields.get("expected_stage") or None,
             )
         except actions.Forbidden as exc:
             raise HttpError(403, str(exc)) from None
-        except ValueError:
+        except ValueError as exc:
             return JSONResponse(
-                {"error": f"unknown verb {verb!r}", "verbs": sorted(actions.VERB_ROLES)},
-                status_code=404,
+                {"error": str(exc), "verbs": sorted(actions.VERB_ROLES)}, status_code=404
             )
         if isinstance(result, Refusal):
-            status = 409 if result.kind in ("conflict", "gates", "illegal") else 422
+            if from_form:
+                return back_to(plan.name, f"refused: {result.reason}")
             return JSONResponse(
                 {"refused": result.reason, "kind": result.kind, "details": result.details},
-                status_code=status,
+                status_code=409,
+            )
+        if from_form:
+            return back_to(
+                plan.name,
+                f"{verb}: {result.from_state}@{result.from_stage} → "
+                f"{result.to_state}@{result.to_stage}",
             )
         return JSONResponse(
             {
@@ -536,16 +506,25 @@ def build_console(config: Config, store: Store) -> FastAPI:
     return app
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
+def back_to(rollout: str, said: str) -> Response:
+    return RedirectResponse(
+        f"/rollouts/{quote(rollout)}?{urlencode({'said': said})}", status_code=303
+    )
+
+
+async def _command(request: Request) -> tuple[dict[str, Any], bool]:
+    """An admin call's fields, from a JSON body (API clients) or a form (the console's
+    buttons); and whether it was a form."""
+    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        form = await request.form()
+        return {key: str(value) for key, value in form.items()}, True
     raw = await request.body()
     if not raw:
-        return {}
-    import json
-
+        return {}, False
     try:
         body = json.loads(raw)
     except ValueError as exc:
         raise HttpError(422, f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise HttpError(422, "body must be a JSON object")
-    return body
+    return body, False
