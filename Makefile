@@ -28,9 +28,16 @@ system-packages:
 	done
 
 # pytest exits 5 when it collected nothing: that is a failure here, never green.
+# The two-node Ray cluster test (marker `cluster`) runs after the main suite, in a pytest
+# process of its own, so two Ray clusters never share the machine; with PYTEST_ARGS
+# (a chosen subset) only that subset runs.
 test: setup system-packages
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+	@if [ -n "$(PYTEST_ARGS)" ]; then set -- $(PYTEST_ARGS); else set -- -m "not cluster"; fi; \
+	$(PY) -m pytest "$$@"; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; \
+	if [ $$rc -ne 0 ] || [ -n "$(PYTEST_ARGS)" ]; then exit $$rc; fi; \
+	$(PY) -m pytest -m cluster; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no cluster test collected: failing" >&2; exit 1; fi; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

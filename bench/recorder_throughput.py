@@ -17,16 +17,24 @@ Each runs with the images on the current directory's filesystem (where
 `.cutover/artifacts` lives by default) and on a tmpfs, beside the rate that filesystem
 stores files at all: one file per image is bounded by the filesystem, not by SQL.
 Target: >= 5,000 records/s with artifacts on both backends.
+
+With `--s3`, one more row: PostgreSQL with the images in an S3-compatible store (moto's S3
+server, started locally; `--s3-endpoint URL` for a real one), written through from the
+artifact directory: records/s until every row is committed and every image uploaded,
+beside the same run with the local disk alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
@@ -94,9 +102,20 @@ def prepared(url: str) -> Store:
     return bench_rollout(url)[0]
 
 
-def cutover_bulk(url: str, work: Path, images: list[bytes]) -> dict[str, float]:
+def cutover_bulk(
+    url: str, work: Path, images: list[bytes], object_store: Any = None
+) -> dict[str, float]:
+    from controller.storage.artifact_store import Artifacts
+
     store = prepared(url)
-    recorder = Recorder(url, work / "artifacts-a", work / "spill-a")
+    artifacts = Artifacts(work / "artifacts-a", object_store)
+    recorder = Recorder(
+        url,
+        work / "artifacts-a",
+        work / "spill-a",
+        artifacts=artifacts,
+        artifact_writers=16 if object_store else 4,
+    )
     pairs = len(images) // 2
     started = time.perf_counter()
     for i in range(pairs):
@@ -105,12 +124,61 @@ def cutover_bulk(url: str, work: Path, images: list[bytes]) -> dict[str, float]:
         for k, output in enumerate(outputs):
             recorder.record(output, png=images[2 * i + k])
     assert recorder.flush(600)
+    assert not artifacts.pending(), "every image is in the store"
     elapsed = time.perf_counter() - started
     counters = recorder.counters
     recorder.close()
+    artifacts.close()
     store.close()
     assert counters.recorded == 3 * pairs and counters.spilled == 0, counters
     return {"rate": 3 * pairs / elapsed, "rows_per_txn": counters.recorded / counters.batches}
+
+
+@contextlib.contextmanager
+def s3_store(endpoint: str | None) -> Iterator[Any]:
+    """A fresh bucket on `endpoint`, or on a moto S3 server started here."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    import boto3
+
+    from controller.config import ObjectStoreConfig
+    from controller.storage.artifact_store import ObjectStore
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    proc = None
+    if endpoint is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen(
+            [shutil.which("moto_server") or "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    bucket = f"bench-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    try:
+        yield ObjectStore(
+            ObjectStoreConfig(bucket=bucket, endpoint_url=endpoint, region="us-east-1")
+        )
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
 
 
 def plain_bulk(url: str, work: Path, images: list[bytes]) -> dict[str, float]:
@@ -186,6 +254,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1500.0, help="paced records/s")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES)
+    parser.add_argument("--s3", action="store_true", help="also PostgreSQL with an object store")
+    parser.add_argument("--s3-endpoint", default=None, help="default: a local moto S3 server")
+    parser.add_argument("--s3-pairs", type=int, default=1000)
     parser.add_argument(
         "--artifact-roots",
         default=".,/dev/shm",
@@ -226,6 +297,24 @@ def main() -> None:
                 f"{paced['rows_per_txn']:>8.1f} {paced['behind_s']:>8.2f} "
                 f"{paced['spilled']:>7.0f}  {verdict}"
             )
+
+    if args.s3:
+        object_store_row(args, images[: 2 * args.s3_pairs])
+
+
+def object_store_row(args: argparse.Namespace, images: list[bytes]) -> None:
+    with s3_store(args.s3_endpoint) as object_store:
+        rows = {}
+        for label, target in (("local disk", None), ("object store", object_store)):
+            with workdir(".") as tmp, backends(Path(tmp), args.postgres) as urls:
+                rows[label] = cutover_bulk(urls["postgresql"], Path(tmp) / "a", images, target)
+    where = args.s3_endpoint or "a local moto S3 server"
+    print(f"\npostgresql, {len(images) // 2} pairs, images on the local disk or also in {where}:")
+    for label, row in rows.items():
+        print(f"{label:<13} {row['rate']:>8.0f} rec/s  {row['rows_per_txn']:>6.1f} rows/txn")
+    print(
+        f"object store / local disk: {rows['object store']['rate'] / rows['local disk']['rate']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

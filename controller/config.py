@@ -172,6 +172,9 @@ class RolloutConfig(Strict):
     min_duration: Annotated[dict[str, Duration], BeforeValidator(_per_stage)] = {"*": 0.0}
     max_duration: Annotated[dict[str, Duration], BeforeValidator(_per_stage)] = {"*": 86400.0}
     auto_advance: bool = False
+    # A user the candidate serves gets the incumbent's answer where the candidate fails
+    # (per the route's `fallback_on`); the candidate's failure is recorded and judged.
+    retry_on_incumbent: bool = True
     evaluation_interval: Duration = 30.0
     # The age of the oldest unscored output past which the rollout is held: a verdict must
     # not advance a stage while the probes' evidence is that far behind.
@@ -225,7 +228,15 @@ class ServerConfig(Strict):
     refresh_interval: Duration = 1.0
     num_cpus: float = Field(0.25, gt=0)
     replicas: int = Field(1, ge=1)
+    resources: dict[str, float] = Field(
+        {}, description="custom Ray resources each router replica needs (its node)"
+    )
     metrics: bool = Field(True, description="Prometheus /metrics on the router")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode",
+        description="where Ray Serve runs its HTTP proxies: every node, or the head only "
+        "(several Ray nodes on one machine would collide on the port)",
+    )
 
 
 class ScorerConfig(Strict):
@@ -268,6 +279,22 @@ class DatabaseConfig(Strict):
     )
 
 
+class ObjectStoreConfig(Strict):
+    """An S3-compatible bucket for the images. `artifact_dir` is then each node's copy:
+    every image is written there first, uploaded, and kept there while the store is down
+    (uploaded once it is back), so an outage of the store loses nothing. Credentials come
+    from the environment, as boto3 reads them (AWS_ACCESS_KEY_ID, a role, ...)."""
+
+    bucket: str = Field(min_length=3)
+    prefix: str = "cutover/"
+    endpoint_url: str | None = Field(
+        None, description="an S3-compatible server (MinIO, Ceph); none: AWS itself"
+    )
+    region: str | None = None
+    retry_interval: Duration = Field(5.0, gt=0, description="between uploads of held images")
+    timeout: Duration = Field(10.0, gt=0, description="one upload or download")
+
+
 ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
@@ -296,6 +323,7 @@ class Config(Strict):
     database_url: str = "sqlite:///.cutover/cutover.db"
     database: DatabaseConfig = DatabaseConfig()
     artifact_dir: str = ".cutover/artifacts"
+    object_store: ObjectStoreConfig | None = None
     spill_dir: str = ".cutover/spill"
     log_file: str = ".cutover/logs/events.jsonl"
     models: dict[ModelName, ModelConfig]

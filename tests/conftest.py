@@ -8,6 +8,9 @@ Under CI (CI=true) a missing URL is an error, not a skip.
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +24,9 @@ from sqlalchemy.engine import make_url
 
 from controller.config import Config, load_config
 from controller.rollout.transitions import create_rollout
+from controller.storage.artifact_store import forget
 from controller.storage.store import Store
+from tests.stall_proxy import StallProxy
 
 PG_ENV = "CUTOVER_TEST_DATABASE_URL"
 PG_HINT = (
@@ -197,3 +202,59 @@ def add_request(session, rollout_id: int, **fields):
     session.add(request)
     session.flush()
     return request
+
+
+# -- an S3-compatible store: moto's S3 server (MinIO's has no pip or Debian package here) --
+
+MOTO = shutil.which("moto_server")
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    if MOTO is None:
+        pytest.fail("moto_server is missing: `make setup` installs the dev extras (moto[server])")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [MOTO, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def up() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    assert wait_until(up, 60), "moto_server did not start"
+    yield port
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket behind a proxy that can stall; credentials as boto3 reads them."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    proxy = StallProxy(("127.0.0.1", s3_server))
+    bucket = f"cutover-{uuid.uuid4().hex[:12]}"
+    settings = {
+        "bucket": bucket,
+        "endpoint_url": f"http://127.0.0.1:{proxy.port}",
+        "region": "us-east-1",
+        "retry_interval": 0.2,
+        "timeout": 1,
+    }
+    import boto3
+
+    boto3.client(
+        "s3", endpoint_url=f"http://127.0.0.1:{s3_server}", region_name="us-east-1"
+    ).create_bucket(Bucket=bucket)
+    yield settings, proxy
+    proxy.close()
+    forget()

@@ -109,3 +109,40 @@ def test_an_approving_webhook_lets_the_gates_advance_the_stage(setup, webhook):
     result = loop.tick()
     assert getattr(result.action, "to_stage", None) == "10"
     assert len(webhook.received) == 1
+
+
+def test_a_person_decides_by_cli_or_api_by_role_and_only_where_a_stage_asks(
+    setup, webhook, tmp_path
+):
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from controller.cli import app as cli
+    from controller.operations import tokens
+    from controller.operations.console import build_console
+
+    config, store = setup
+    path = tmp_path / "cutover.yaml"
+    runner = CliRunner()
+    denied = runner.invoke(cli, ["-c", str(path), "--actor", "cab", "deny", "--reason", "freeze"])
+    assert denied.exit_code == 0 and "approval denied by cab" in denied.output
+    client = TestClient(build_console(config, store))
+    viewer = tokens.create(store, "vera", "viewer", "tester")
+    operator = tokens.create(store, "otto", "operator", "tester")
+    url = f"/api/rollouts/{config.name}/approval"
+    body = {"decision": "approve", "reason": "lifted"}
+    assert (
+        client.post(url, json=body, headers={"authorization": f"Bearer {viewer}"}).status_code
+        == 403
+    )
+    answer = client.post(url, json=body, headers={"authorization": f"Bearer {operator}"})
+    assert answer.json() == {"state": "approved", "actor": "token:otto"}
+    with store.reader() as session:
+        row = get_rollout(session, config.name)
+        assert approvals.approval_hold(session, config, row) == ""
+    moved = apply_command(store, config, Command(Verb.ADVANCE, force=True, reason="t"), "t")
+    assert getattr(moved, "to_stage", None) == "10"
+    refused = runner.invoke(cli, ["-c", str(path), "approve"])
+    assert refused.exit_code == 2 and "stage 10 of test-rollout needs no approval" in refused.output
+    wrong = client.post(url, json=body, headers={"authorization": f"Bearer {operator}"})
+    assert wrong.status_code == 422

@@ -21,8 +21,8 @@ from controller.operations.background import serve_console
 from controller.operations.console import build_console, csrf_of
 from controller.rollout.transitions import get_rollout
 from controller.serving.app import free_port
-from controller.storage.tables import RolloutEvent
 from tests.conftest import base_config, prepare_rollout, write_config
+from tests.test_loop import events
 
 SCRIPT_PROMPT = '<script>document.title="pwned"</script> a sign that says "OPEN"'
 PROMPTS = [f"a fox number {i}" for i in range(7)] + [SCRIPT_PROMPT]
@@ -49,16 +49,6 @@ def site(tmp_path, db_url):
 
 def bearer(token):
     return {"authorization": f"Bearer {token}"}
-
-
-def events(store, config):
-    with store.reader() as session:
-        row = get_rollout(session, config.name)
-        return session.scalars(
-            select(RolloutEvent)
-            .where(RolloutEvent.rollout_id == row.id)
-            .order_by(RolloutEvent.version)
-        ).all()
 
 
 def test_no_token_is_401_a_low_role_is_403_and_the_actor_is_the_token(site):

@@ -49,6 +49,17 @@ def moves(store, config, verbs):
         assert hasattr(result, "to_state"), result
 
 
+def other_rollouts_events(store, config, count=3):
+    """Events of a second rollout, as its own ticks would write them."""
+    with store.session() as session:
+        for i in range(count):
+            emit(
+                session,
+                config.notifications,
+                Event(f"other:{i}", "verdict", "info", f"other {i}", rollout="other"),
+            )
+
+
 class Clock:
     def __init__(self):
         self.now = utcnow()
@@ -62,13 +73,7 @@ def test_a_receiver_down_30s_gets_every_event_once_in_order_and_blocks_no_one(se
     flaky, steady = receivers
     # Two rollouts' events: this one's transitions, and another rollout's, interleaved.
     moves(store, config, [(Verb.PAUSE, "p1"), (Verb.RESUME, "r1")])
-    with store.session() as session:
-        for i in range(3):
-            emit(
-                session,
-                config.notifications,
-                Event(f"other:{i}", "verdict", "info", f"other {i}", rollout="other"),
-            )
+    other_rollouts_events(store, config)
     moves(store, config, [(Verb.PAUSE, "p2"), (Verb.ROLLBACK, "bad")])
     with store.reader() as session:
         ids = session.scalars(select(NotificationEvent.id).order_by(NotificationEvent.id)).all()
@@ -239,13 +244,7 @@ def test_one_events_failure_holds_back_only_its_own_rollouts_later_events(setup,
     config, store = setup
     flaky, _ = receivers
     moves(store, config, [(Verb.PAUSE, "p1"), (Verb.RESUME, "r1"), (Verb.PAUSE, "p2")])
-    with store.session() as session:
-        for i in range(3):
-            emit(
-                session,
-                config.notifications,
-                Event(f"other:{i}", "verdict", "info", f"other {i}", rollout="other"),
-            )
+    other_rollouts_events(store, config)
     with store.reader() as session:
         pause = session.scalars(
             select(NotificationEvent.id).where(NotificationEvent.key == "transition:test-rollout:2")

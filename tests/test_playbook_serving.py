@@ -324,3 +324,150 @@ def test_no_malformed_upload_gets_a_5xx_or_reaches_a_model(playbook):
     with playbook["store"].reader() as session:
         assert session.scalar(select(func.count()).select_from(Request)) == before
     assert all(400 <= s < 500 for s in statuses.values())
+
+
+# -- fuzzing every endpoint (hypothesis, over HTTP to the real router) ---------------------
+
+FIELDS = [
+    "prompt", "n", "size", "response_format", "user", "seed", "steps", "guidance",
+    "negative_prompt", "model", "quality", "style", "strength", "image", "mask",
+]  # fmt: skip
+FUZZ_COUNTS = {"cases": 0, "5xx": 0, "refused": 0}
+
+
+def _values():
+    from hypothesis import strategies as st
+
+    return st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=40),
+        st.lists(st.integers(), max_size=3),
+        st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+    )
+
+
+def _generation_bodies():
+    from hypothesis import strategies as st
+
+    plausible = st.fixed_dictionaries(
+        {"prompt": st.text(max_size=30)},
+        optional={
+            "n": st.integers(-1, 2),
+            "size": st.sampled_from(["64x64", "48x48", "64x72", "256x64", "x", "1e3x64", "0x0"]),
+            "steps": st.integers(-1, 2),
+            "seed": st.integers(-5, 2**64),
+            "user": st.text(max_size=10),
+            "guidance": st.floats(allow_nan=True, allow_infinity=True),
+        },
+    )
+    anything = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), _values(), max_size=8)
+    return st.one_of(
+        plausible.map(lambda d: ("json", d)),
+        anything.map(lambda d: ("json", d)),
+        st.binary(max_size=200).map(lambda b: ("raw", b)),
+        st.sampled_from(
+            [b"[]", b"null", b'"x"', b'{"prompt": NaN}', b'{"prompt":"a","prompt":"b"}']
+        ).map(lambda b: ("raw", b)),
+    )
+
+
+def _uploads():
+    from hypothesis import strategies as st
+
+    from tests.test_uploads import bomb, gif_animation
+
+    files = st.sampled_from(
+        [IMAGE, MASK, encoded((64, 64), mode="RGBA"), encoded((72, 40)), b"", b"\x89PNG\r\n\x1a\n",
+         IMAGE[: len(IMAGE) // 2], gif_animation(), bomb(), encoded(fmt="JPEG")]
+    ) | st.binary(max_size=64)  # fmt: skip
+    part = st.tuples(
+        st.sampled_from(FIELDS) | st.text(min_size=1, max_size=8),
+        st.one_of(
+            st.tuples(st.text(max_size=8), files),
+            st.text(max_size=30),
+        ),
+    )
+    return st.lists(part, max_size=6)
+
+
+def _rejected_before_a_model(response) -> str | None:
+    """The request id of a refusal made before any model saw the request."""
+    if response.status_code < 400:
+        return None
+    error = response.json().get("error", {})
+    if error.get("type") != "invalid_request_error":
+        return None
+    return response.headers["x-cutover-request-id"]
+
+
+def test_fuzzed_requests_to_every_endpoint_are_never_5xx_and_refusals_write_nothing(playbook):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    client = playbook["client"]
+    refused: list[str] = []
+
+    def check(response) -> None:
+        FUZZ_COUNTS["cases"] += 1
+        if response.status_code >= 500:
+            FUZZ_COUNTS["5xx"] += 1
+        assert response.status_code < 500, (response.status_code, response.text[:500])
+        request_id = _rejected_before_a_model(response)
+        if request_id is not None:
+            refused.append(request_id)
+
+    fuzz = settings(
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+
+    @settings(fuzz, max_examples=500)
+    @given(body=_generation_bodies())
+    def generations(body):
+        kind, value = body
+        if kind == "json":
+            check(client.post("/v1/images/generations", json=value))
+        else:
+            check(
+                client.post(
+                    "/v1/images/generations",
+                    content=value,
+                    headers={"content-type": "application/json"},
+                )
+            )
+
+    @settings(fuzz, max_examples=300)
+    @given(parts=_uploads(), endpoint=st.sampled_from(["edits", "upscales"]))
+    def uploads(parts, endpoint):
+        check(client.post(f"/v1/images/{endpoint}", files=form(*parts) or None, data=None))
+
+    @settings(fuzz, max_examples=200)
+    @given(
+        endpoint=st.sampled_from(["generations", "edits", "upscales"]),
+        content_type=st.sampled_from(
+            ["", "text/plain", "multipart/form-data", "multipart/form-data; boundary=x",
+             "application/x-www-form-urlencoded", "application/json; charset=latin-1"]
+        ),
+        raw=st.binary(max_size=300),
+    )  # fmt: skip
+    def raw(endpoint, content_type, raw):
+        headers = {"content-type": content_type} if content_type else {}
+        check(client.post(f"/v1/images/{endpoint}", content=raw, headers=headers))
+
+    generations()
+    uploads()
+    raw()
+    flush(playbook)
+    FUZZ_COUNTS["refused"] = len(refused)
+    print(f"fuzz: {FUZZ_COUNTS}")
+    assert FUZZ_COUNTS["cases"] >= 1000 and FUZZ_COUNTS["5xx"] == 0
+    assert len(refused) > 500, "most generated cases are refusals"
+    with playbook["store"].reader() as session:
+        written = session.scalar(
+            select(func.count()).select_from(Request).where(Request.id.in_(refused))
+        )
+    assert written == 0, "a refused request was recorded"

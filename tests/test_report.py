@@ -160,7 +160,7 @@ def test_the_check_charts_read_a_bounded_spread_of_verdicts(tmp_path, db_url, mo
         )
     monkeypatch.setattr(report, "CHART_POINTS", 10)
     with store.reader() as session:
-        picked = report._verdicts_evenly(session, get_rollout(session, config.name))
+        picked = report.verdicts_evenly(session, get_rollout(session, config.name))
     samples = [v.samples for v in picked]
     assert samples == sorted(samples) and samples[0] == 0 and samples[-1] == 94
     assert 10 <= len(samples) <= 11

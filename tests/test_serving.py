@@ -464,3 +464,25 @@ def test_metrics_scraped_during_traffic_parse_with_bounded_labels(deployed):
     assert {s.labels["role"] for s in latency} >= {"incumbent", "candidate"}
     records = {s.labels["outcome"]: s.value for s in families["cutover_recorder_records"].samples}
     assert records["recorded"] >= 24  # 12 requests and their primary outputs, at least
+
+
+def test_a_candidate_that_fails_its_users_is_retried_on_the_incumbent(deployed):
+    """In a canary the candidate serves real users: where it fails, they get the incumbent's
+    image (no 5xx), and the candidate's failure is recorded and judged all the same."""
+    move_to(deployed, "100")  # every user on the candidate
+    client = deployed["client"]
+    set_faults(deployed, error_percent=100)
+    try:
+        responses = [generate(client, user=f"canary-{i}", steps=1) for i in range(4)]
+        flush(deployed)
+    finally:
+        set_faults(deployed)
+    for response in responses:
+        assert response.status_code == 200, response.text
+        assert response.headers["x-cutover-served-by"] == "candidate"
+        assert response.headers["x-cutover-model"] == "incumbent"
+        assert response.headers["x-cutover-fallback"] == "error"
+        _, outputs = outputs_for(deployed, response.headers["x-cutover-request-id"])
+        assert outputs["candidate"].status == "error" and outputs["candidate"].is_primary
+        assert outputs["fallback"].model == "incumbent" and outputs["fallback"].status == "ok"
+        assert outputs["fallback"].fallback_of == outputs["candidate"].id

@@ -181,6 +181,7 @@ def test_conflict_message_is_returned_when_version_moved(tmp_path, sqlite_url):
     decision = decide(view, Command(Verb.ROLLBACK, reason="x"), evidence)
     result = _persist(
         store,
+        config.notifications,
         stale,
         view,
         Command(Verb.ROLLBACK, reason="x"),

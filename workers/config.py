@@ -181,6 +181,9 @@ class ModelConfig(Strict):
         "fails the health check (it did not stop between steps)",
     )
     num_cpus: float = Field(1.0, gt=0)
+    resources: dict[str, float] = Field(
+        {}, description="custom Ray resources each replica needs, to place it on labelled nodes"
+    )
     replicas: int = Field(1, ge=1, le=1024)
     in_router: bool = Field(
         False,

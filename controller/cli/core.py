@@ -85,8 +85,14 @@ def _os_user() -> str:
 
 
 def cli_config(ctx: typer.Context, check_paths: bool = False) -> Config:
-    """The config named by -c, $CUTOVER_CONFIG or ./cutover.yaml."""
-    return load_config(find_config_path(ctx.obj.config_path), check_paths=check_paths)
+    """The config named by -c, $CUTOVER_CONFIG or ./cutover.yaml. With an object store,
+    images this node lacks are fetched from it by whatever the command reads."""
+    from controller.storage.artifact_store import artifacts_for
+
+    config = load_config(find_config_path(ctx.obj.config_path), check_paths=check_paths)
+    if config.object_store is not None:
+        artifacts_for(config)
+    return config
 
 
 @contextmanager

@@ -19,8 +19,6 @@ from controller.cli.core import (
     out,
 )
 from controller.operations import approvals, tokens
-from controller.rollout.transitions import get_rollout
-from controller.storage.tables import utcnow
 
 tokens_app = typer.Typer(help="Tokens for the console and the admin API.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens", rich_help_panel="Operations")
@@ -87,13 +85,12 @@ def _decide(ctx: typer.Context, rollout: str | None, decision: str, reason: str)
         name = config.plan(rollout).name
         with open_store(config) as store:
             store.require_schema()
-            with store.reader() as session:
-                row = get_rollout(session, name)
-                session.expunge(row)
-            stage = row.stages[row.stage_index][0]
-            if config.plan(name).settings.approval_for(stage) is None:
-                raise Refused(f"{name}: stage {stage} needs no approval")
-            state = approvals.decide(store, config, row, decision, ctx.obj.actor, reason, utcnow())
+            try:
+                stage, state = approvals.decide_current(
+                    store, config, name, decision, ctx.obj.actor, reason
+                )
+            except ValueError as exc:
+                raise Refused(f"{name}: {exc}") from None
         out.print(f"{name} stage {stage}: approval {state} by {ctx.obj.actor}")
 
     guarded(run)

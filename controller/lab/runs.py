@@ -48,7 +48,8 @@ from controller.lab.compare import (
 from controller.lab.render import LabUnit, routes_served, units_of
 from controller.lab.suites import Suite, find_suite, load_suite
 from controller.rollout.scoring import run_probes
-from controller.storage.artifacts import artifact_path, store_artifact
+from controller.storage.artifact_store import artifacts_for, ensure_local
+from controller.storage.artifacts import artifact_path
 from controller.storage.store import Store
 from controller.storage.tables import LabOutput, LabRun, utcnow
 from policies.checks import CheckResult
@@ -179,7 +180,10 @@ class LabScorer:
         return self._local.engine
 
     def image(self, sha256: str) -> Any:
-        return from_png(artifact_path(self.artifacts, sha256).read_bytes())
+        path = ensure_local(artifact_path(self.artifacts, sha256))
+        if path is None:
+            raise FileNotFoundError(f"image {sha256} is in neither {self.artifacts} nor the store")
+        return from_png(path.read_bytes())
 
     def score(
         self,
@@ -394,7 +398,7 @@ class LabSession:
             return ImageResult(OutputStatus.ERROR, error=f"{type(exc).__name__}: {exc}")
 
     def _record(self, model: str, unit: LabUnit, result: ImageResult) -> None:
-        sha = store_artifact(self.config.artifact_path, result.png) if result.png else None
+        sha = artifacts_for(self.config).put(result.png) if result.png else None
         row = LabOutput(
             run_id=self.run_id,
             model=model,

@@ -11,9 +11,8 @@ from controller.config import Config
 from controller.operations import approvals
 from controller.operations.tokens import Caller
 from controller.rollout.state_machine import Command, Refusal, Verb
-from controller.rollout.transitions import Applied, apply_command, get_rollout
+from controller.rollout.transitions import Applied, apply_command
 from controller.storage.store import Store
-from controller.storage.tables import utcnow
 
 # The role each verb needs; `--force` on any verb needs admin. `retry` is not here: it
 # starts a rollout again, which needs the candidate's validation (`cutover retry`).
@@ -76,11 +75,7 @@ def decide_approval(
             f"deciding an approval needs the operator role; token {caller.name!r} has the "
             f"{caller.role} role"
         )
-    if decision not in approvals.DECISIONS:
-        raise ValueError(f"decision {decision!r} is not approve or deny")
-    with store.reader() as session:
-        row = get_rollout(session, config.plan(rollout).name)
-        session.expunge(row)
-    if config.plan(rollout).settings.approval_for(row.stages[row.stage_index][0]) is None:
-        raise ValueError(f"stage {row.stages[row.stage_index][0]} of {row.name} needs no approval")
-    return approvals.decide(store, config, row, decision, caller.actor, reason, utcnow())
+    _, state = approvals.decide_current(
+        store, config, config.plan(rollout).name, decision, caller.actor, reason
+    )
+    return state

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from controller.config import Config
 from controller.operations.outbox import Event, emit
 from controller.storage.store import Store
-from controller.storage.tables import Approval, Rollout
+from controller.storage.tables import Approval, Rollout, utcnow
 from workers.logs import one_line
 
 log = structlog.get_logger("cutover.approvals")
@@ -78,17 +78,7 @@ def ask(
     with store.session() as session:
         approval = approval_of(session, row)
         if approval is None:
-            approval = Approval(
-                rollout_id=row.id,
-                version=row.version,
-                stage=stage_name(row),
-                state=PENDING,
-                requested_at=now,
-                asks=0,
-                reason="",
-            )
-            session.add(approval)
-            session.flush()
+            approval = _pending(session, row, now)
             _notify(session, config, row, approval, f"approval asked of {settings.url}", now)
         if approval.state != PENDING:
             return approval.state
@@ -152,21 +142,43 @@ def decide(
     """A person's decision (`cutover approve|deny`, the console) on the current stage's
     approval, whatever the webhook said or did not say."""
     with store.session() as session:
-        approval = approval_of(session, row)
-        if approval is None:
-            approval = Approval(
-                rollout_id=row.id,
-                version=row.version,
-                stage=stage_name(row),
-                state=PENDING,
-                requested_at=now,
-                asks=0,
-                reason="",
-            )
-            session.add(approval)
-            session.flush()
+        approval = approval_of(session, row) or _pending(session, row, now)
         _decide(session, config, row, approval, DECISIONS[decision], actor, reason, now)
         return approval.state
+
+
+def decide_current(
+    store: Store, config: Config, rollout: str, decision: str, actor: str, reason: str
+) -> tuple[str, str]:
+    """`decide` on the rollout's current stage as stored now; returns (stage, state).
+    ValueError when the stage needs no approval or the decision is not approve or deny."""
+    if decision not in DECISIONS:
+        raise ValueError(f"decision {decision!r} is not approve or deny")
+    from controller.rollout.transitions import get_rollout
+
+    with store.reader() as session:
+        row = get_rollout(session, rollout)
+        session.expunge(row)
+    stage = stage_name(row)
+    if config.plan(rollout).settings.approval_for(stage) is None:
+        raise ValueError(f"stage {stage} of {rollout} needs no approval")
+    return stage, decide(store, config, row, decision, actor, reason, utcnow())
+
+
+def _pending(session: Session, row: Rollout, now: datetime) -> Approval:
+    """A new approval for the rollout's current stage attempt, not decided yet."""
+    approval = Approval(
+        rollout_id=row.id,
+        version=row.version,
+        stage=stage_name(row),
+        state=PENDING,
+        requested_at=now,
+        asks=0,
+        reason="",
+    )
+    session.add(approval)
+    session.flush()
+    return approval
 
 
 def _decide(

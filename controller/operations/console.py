@@ -35,6 +35,7 @@ from controller.review.shadow_log import Filters, shadow_log, worst_first
 from controller.review.status import deployment_status, event_dict, rollout_status
 from controller.rollout.state_machine import Refusal, human_duration
 from controller.rollout.transitions import RolloutNotFound, get_rollout
+from controller.storage.artifact_store import artifacts_for, ensure_local
 from controller.storage.artifacts import artifact_path
 from controller.storage.store import Store
 from controller.storage.tables import Request as RequestRow
@@ -296,6 +297,7 @@ def time_to_decision(
 def build_console(config: Config, store: Store) -> FastAPI:
     """The console app (pages, admin API, /metrics) over one config and database."""
     console = Console(config, store)
+    artifacts_for(config)  # images only the object store has are fetched from it
     app = FastAPI(title="cutover console", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.console = console
 
@@ -409,8 +411,8 @@ def build_console(config: Config, store: Store) -> FastAPI:
     def artifact(request: Request, name: str) -> Response:
         console.caller(request)
         sha = name.removesuffix(".png")
-        path = artifact_path(config.artifact_path, sha)
-        if not SHA256.match(sha) or not path.exists():
+        path = ensure_local(artifact_path(config.artifact_path, sha)) if SHA256.match(sha) else None
+        if path is None:
             return JSONResponse({"error": "no such image"}, status_code=404)
         return FileResponse(path, media_type="image/png", headers=SECURITY_HEADERS)
 

@@ -34,6 +34,7 @@ from controller.config import Route
 from controller.lab.render import LabUnit, units_of
 from controller.lab.suites import NEEDS_IMAGE, Suite, SuiteItem, find_suite, load_suite
 from controller.review.shadow_log import Filters, observed, shadow_log
+from controller.storage.artifact_store import ensure_local
 from controller.storage.artifacts import artifact_path
 from controller.storage.tables import LabOutput, LabRun, Rollout
 from policies.metrics import Observed
@@ -267,7 +268,7 @@ def report_clusters(groups: list[Cluster], examples: int = 4) -> list[dict[str, 
         for example in entry["examples"]:
             for side in ("candidate", "incumbent"):
                 path = example[side]
-                example[side] = data_uri(path) if path and Path(path).exists() else None
+                example[side] = data_uri(path)
         shown.append(entry)
     return shown
 
@@ -330,18 +331,20 @@ def _image_features(path: str | None) -> list[float]:
     from skimage.color import rgb2lab
     from skimage.filters import sobel
 
-    if path is None or not Path(path).exists():
+    found = ensure_local(path)
+    if found is None:
         return [0.0] * 7  # no image (the model failed): its status already sets it apart
-    image = from_png(Path(path).read_bytes())
+    image = from_png(found.read_bytes())
     lab = rgb2lab(image / 255.0).reshape(-1, 3)
     edges = float(sobel(lab[:, 0].reshape(image.shape[:2]) / 100).mean())
     return [*lab.mean(axis=0).tolist(), *lab.std(axis=0).tolist(), edges]
 
 
 def _embedding(clip: Any, path: str | None) -> np.ndarray:
-    if path is None or not Path(path).exists():
+    found = ensure_local(path)
+    if found is None:
         return np.zeros(clip.dimensions)
-    return clip.embed(from_png(Path(path).read_bytes()))
+    return clip.embed(from_png(found.read_bytes()))
 
 
 def _scaled(values: np.ndarray) -> np.ndarray:

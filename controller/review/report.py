@@ -8,7 +8,6 @@ rendered with autoescaping: a prompt is shown as text, whatever it contains.
 from __future__ import annotations
 
 import base64
-from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -19,6 +18,7 @@ from controller.config import Config
 from controller.review.failures import cluster, failing_rows, report_clusters
 from controller.review.shadow_log import Filters, shadow_log, worst_first
 from controller.review.status import event_dict, rollout_status
+from controller.storage.artifact_store import ensure_local
 from controller.storage.tables import Output, Request, Rollout, RolloutEvent, Verdict
 from policies.policy import Policy
 from policies.vocabulary import ARMS, Arm
@@ -244,6 +244,7 @@ def _failures(session: Session, rollout: Rollout) -> list[dict[str, Any]]:
 
 def data_uri(path: str | None) -> str | None:
     """An image file inlined (reports are single files that open offline)."""
-    if not path or not Path(path).exists():
+    found = ensure_local(path)
+    if found is None:
         return None
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+    return "data:image/png;base64," + base64.b64encode(found.read_bytes()).decode()

@@ -45,6 +45,7 @@ from controller.rollout.transitions import (
     get_rollout,
     view_of,
 )
+from controller.storage.artifact_store import artifacts_for
 from controller.storage.lost import lost_after, reconcile_lost
 from controller.storage.store import Store
 from controller.storage.tables import Rollout, utcnow
@@ -136,7 +137,7 @@ class RolloutController:
         self.policy = policy or load_policy(self.plan.policy_path)
         self.holder = holder or default_holder()
         self.lease_ttl = timedelta(seconds=lease_ttl or self.plan.settings.lease_ttl)
-        self.scorer = Scorer(self.policy, config.artifact_path)
+        self.scorer = Scorer(self.policy, artifacts_for(config).root)
         self.standby = False
         self.gpus = {
             Arm.INCUMBENT: config.models[self.plan.incumbent].num_gpus,

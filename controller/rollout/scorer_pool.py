@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from controller.config import Config
 from controller.rollout.scoring import Scorer, claim, default_holder
+from controller.storage.artifact_store import artifacts_for
 from controller.storage.store import Store
 from controller.storage.tables import Rollout, utcnow
 from policies.policy import load_policy
@@ -40,6 +41,7 @@ class ScorerWorker:
         self.config = config
         self.settings = config.scorer
         self.store = store or Store.for_config(config)
+        artifacts_for(config)  # images only the object store has are fetched from it
         self.holder = default_holder(f"scorer-{index}")
         self._scorers: dict[int, Scorer] = {}
         self._stop = threading.Event()

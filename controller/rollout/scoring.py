@@ -34,6 +34,7 @@ import structlog
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from controller.storage.artifact_store import ensure_local
 from controller.storage.artifacts import artifact_path
 from controller.storage.store import Store
 from controller.storage.tables import Output, Request, Score, utcnow
@@ -273,8 +274,8 @@ class Scorer:
     def _image(self, output: Output) -> np.ndarray | None:
         if not output.artifact_sha256:
             return None
-        path = artifact_path(self.artifact_dir, output.artifact_sha256)
-        return from_png(path.read_bytes()) if path.exists() else None
+        path = ensure_local(artifact_path(self.artifact_dir, output.artifact_sha256))
+        return from_png(path.read_bytes()) if path is not None else None
 
 
 def run_probes(

@@ -56,6 +56,7 @@ def build_app(config: Config) -> Any:
         ray_actor_options={
             "num_cpus": cpus,
             "num_gpus": gpus,
+            "resources": router_custom_resources(config),
             "runtime_env": {"env_vars": REPLICA_ENV},
         },
         max_ongoing_requests=1000,
@@ -76,6 +77,7 @@ def model_deployment(config: Config, name: str, level: str | None = None) -> Any
         ray_actor_options={
             "num_cpus": model.num_cpus,
             "num_gpus": model.num_gpus,
+            "resources": dict(model.resources),
             "runtime_env": {"env_vars": REPLICA_ENV},
         },
         max_ongoing_requests=max(64, model.max_batch_size * 4),
@@ -124,6 +126,15 @@ def router_resources(config: Config) -> tuple[float, float]:
     )
 
 
+def router_custom_resources(config: Config) -> dict[str, float]:
+    """A router replica's custom resources: its own, plus those of the models it serves."""
+    needed = dict(config.server.resources)
+    for name in config.models_in_router():
+        for key, amount in config.models[name].resources.items():
+            needed[key] = needed.get(key, 0.0) + amount
+    return needed
+
+
 def cpus_needed(config: Config) -> float:
     models = [config.models[name] for name in config.models_in_use()]
     return (
@@ -134,7 +145,8 @@ def cpus_needed(config: Config) -> float:
 
 
 def check_remote_safe(config: Config, address: str | None) -> None:
-    """A remote cluster cannot reach this machine's SQLite file or local artifact directory."""
+    """A remote cluster cannot reach this machine's SQLite file or local artifact directory
+    (an object store, or a directory shared by every node, is fine)."""
     if not address or address in ("local", "auto"):
         return
     problems = []
@@ -146,13 +158,13 @@ def check_remote_safe(config: Config, address: str | None) -> None:
                 "machine; use PostgreSQL (postgresql+psycopg://…)",
             )
         )
-    if not os.environ.get("CUTOVER_SHARED_ARTIFACTS"):
+    if config.object_store is None and not os.environ.get("CUTOVER_SHARED_ARTIFACTS"):
         problems.append(
             config.problem(
                 ("artifact_dir",),
-                "a remote Ray cluster needs an artifact directory every "
-                "node can reach: mount shared storage at this path on every node, then set "
-                "CUTOVER_SHARED_ARTIFACTS=1",
+                "a remote Ray cluster needs images every node can reach: an "
+                "`object_store:` (S3-compatible), or shared storage mounted at this path on "
+                "every node with CUTOVER_SHARED_ARTIFACTS=1",
             )
         )
     if problems:
@@ -171,7 +183,10 @@ def start(config: Config, address: str | None = None, *, http_port: int | None =
             ray.init(address=address, namespace="cutover", logging_level="WARNING")
         else:
             start_local_ray(max(math.ceil(cpus_needed(config)) + 1, os.cpu_count() or 1), "cutover")
-    serve.start(http_options={"host": config.server.host, "port": http_port or config.server.port})
+    serve.start(
+        proxy_location=config.server.proxy_location,
+        http_options={"host": config.server.host, "port": http_port or config.server.port},
+    )
     handle = serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
     log.info(
         "serving",

@@ -32,6 +32,7 @@ from controller.serving.routing import is_mirrored, primary_role
 from controller.serving.table_source import TableSource
 from controller.serving.traffic import RoutingTable
 from controller.serving.uploads import Part, parse_edit, parse_upscale
+from controller.storage.artifact_store import artifacts_for
 from controller.storage.recorder import Recorder
 from controller.storage.records import OutputRecord, RequestRecord
 from controller.storage.tables import utcnow
@@ -90,6 +91,7 @@ class Router:
             self.config.artifact_path,
             self.config.spill_path,
             timeouts=self.config.database,
+            artifacts=artifacts_for(self.config),
         )
         self.mirrors_in_flight = 0
         self.mirrors_skipped = 0
@@ -319,7 +321,14 @@ class Router:
             "x-cutover-stage": stage,
             "x-cutover-served-by": arm.value,
         }
-        answer = await self._answer(route, arm, model, jobs, (ask.route.value, stage))
+        # A user the candidate serves is answered by the incumbent where the candidate fails
+        # (its failure is recorded, and judged); everyone else by the route's fallback.
+        backup = (
+            table.incumbent
+            if table is not None and arm is Arm.CANDIDATE and table.retry_on_incumbent
+            else route.fallback
+        )
+        answer = await self._answer(route, arm, model, jobs, (ask.route.value, stage), backup)
         if mirrored and table is not None:
             # Dispatched once the primary has answered: the mirror's routing and its result's
             # handling then never share the event loop with the user's request.
@@ -364,27 +373,26 @@ class Router:
         model: str,
         jobs: list[ImageJob],
         where: tuple[str, str],
+        backup: str | None,
     ) -> Answer:
         """The serving model's answer, or for each image it failed on (per `fallback_on`) the
-        fallback model's, inside the request's own timeout. Both attempts are recorded."""
+        backup model's, inside the request's own timeout. Both attempts are recorded."""
         started = time.monotonic()
         timeout = self.limits.request_timeout
         first = timeout
-        if route.fallback and route.fallback_after is not None:
+        if backup and route.fallback_after is not None:
             first = min(route.fallback_after, timeout)
         results = await self._call_all(model, jobs, first)
         ids = self._record(arm, model, jobs, results, first, is_primary=True, where=where)
         answer = Answer(list(results), [model] * len(jobs))
-        failed = [
-            i for i, r in enumerate(results) if route.fallback and r.status in route.fallback_on
-        ]
+        failed = [i for i, r in enumerate(results) if backup and r.status in route.fallback_on]
         remaining = timeout - (time.monotonic() - started)
-        if not failed or route.fallback is None or remaining <= 0:
+        if not failed or backup is None or remaining <= 0:
             return answer
-        retried = await self._call_all(route.fallback, [jobs[i] for i in failed], remaining)
+        retried = await self._call_all(backup, [jobs[i] for i in failed], remaining)
         self._record(
             Arm.FALLBACK,
-            route.fallback,
+            backup,
             [jobs[i] for i in failed],
             retried,
             remaining,
@@ -394,11 +402,11 @@ class Router:
         )
         for i, result in zip(failed, retried, strict=True):
             answer.results[i] = result
-            answer.models[i] = route.fallback
+            answer.models[i] = backup
         answer.fallback_cause = results[failed[0]].status
         self.fallbacks += 1
         if self.metrics is not None:
-            self.metrics.fallbacks.labels(where[0], route.fallback, answer.fallback_cause).inc()
+            self.metrics.fallbacks.labels(where[0], backup, answer.fallback_cause).inc()
         return answer
 
     def _claim_mirror_slot(self, route: str) -> bool:

@@ -26,6 +26,7 @@ class RoutingTable:
     mirror_percent: float
     incumbent: str  # model names in the pool
     candidate: str
+    retry_on_incumbent: bool = True  # a candidate's failed answer is retried on the incumbent
 
     @property
     def incumbent_weight(self) -> int:
@@ -50,6 +51,7 @@ def routing_table(plan: RolloutPlan, view: RolloutView, version: int) -> Routing
         mirror_percent=float(mirror),
         incumbent=plan.incumbent,
         candidate=plan.candidate,
+        retry_on_incumbent=plan.settings.retry_on_incumbent,
     )
 
 

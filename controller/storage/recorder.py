@@ -28,7 +28,7 @@ from sqlalchemy import false, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from controller.config import DatabaseConfig
-from controller.storage.artifacts import store_artifact
+from controller.storage.artifact_store import Artifacts
 from controller.storage.bulk_insert import insert_rows
 from controller.storage.lost import supersede_lost
 from controller.storage.records import OutputRecord, RequestRecord
@@ -112,6 +112,7 @@ class Recorder:
         reminder_interval: float = 60.0,
         timeouts: DatabaseConfig | None = None,
         sqlite_busy: float = 2.0,
+        artifacts: Artifacts | None = None,
     ) -> None:
         # A short SQLite busy timeout: past it the batch spills rather than stalls. No pre-ping:
         # a ping has no client-side bound, and a stale connection fails the write fast anyway.
@@ -122,6 +123,8 @@ class Recorder:
         self._write_timeout = timeouts.write_timeout
         self.outage = OutageLog(reminder_interval)
         self.artifact_dir = artifact_dir
+        # With an object store, `artifacts_for(config)`: images are uploaded too.
+        self.artifacts = artifacts or Artifacts(artifact_dir)
         self.spill = SpillFile(spill_dir)
         self.counters = Counters()
         self._batch_size = batch_size
@@ -271,7 +274,7 @@ class Recorder:
     def _store(self, record: OutputRecord, png: bytes) -> str | OSError:
         """The image's sha256 once its file is written, or why it could not be."""
         try:
-            return store_artifact(self.artifact_dir, png)
+            return self.artifacts.put(png)
         except OSError as exc:
             log.error(
                 "artifact_write_failed",
