@@ -172,8 +172,8 @@ class RolloutConfig(Strict):
     min_duration: Annotated[dict[str, Duration], BeforeValidator(_per_stage)] = {"*": 0.0}
     max_duration: Annotated[dict[str, Duration], BeforeValidator(_per_stage)] = {"*": 86400.0}
     auto_advance: bool = False
-    # A user the candidate serves gets the incumbent's answer where the candidate fails
-    # (per the route's `fallback_on`); the candidate's failure is recorded and judged.
+    # On a route without a fallback, a user the candidate serves gets the incumbent's answer
+    # where the candidate fails (per `fallback_on`); the failure is recorded and judged.
     retry_on_incumbent: bool = True
     evaluation_interval: Duration = 30.0
     # The age of the oldest unscored output past which the rollout is held: a verdict must

@@ -119,7 +119,7 @@ def test_images_are_stored_off_the_writer_thread_and_rows_share_transactions(
     """The writer thread only talks SQL: artifact files are written by the artifact pool,
     before the row naming them is queued. Rows that queue up while a transaction commits go
     in the next one together."""
-    from controller.storage import recorder as module
+    from controller.storage import artifact_store as module
 
     config, store = prepared
     writers: set[str] = set()

@@ -321,13 +321,12 @@ class Router:
             "x-cutover-stage": stage,
             "x-cutover-served-by": arm.value,
         }
-        # A user the candidate serves is answered by the incumbent where the candidate fails
-        # (its failure is recorded, and judged); everyone else by the route's fallback.
-        backup = (
-            table.incumbent
-            if table is not None and arm is Arm.CANDIDATE and table.retry_on_incumbent
-            else route.fallback
-        )
+        # Where the serving model fails, the route's fallback answers (the safety net the
+        # route was given, sized for its deadline); on a route without one, a user the
+        # candidate serves gets the incumbent's answer. The failure is recorded and judged.
+        backup = route.fallback
+        if backup is None and table is not None and arm is Arm.CANDIDATE:
+            backup = table.incumbent if table.retry_on_incumbent else None
         answer = await self._answer(route, arm, model, jobs, (ask.route.value, stage), backup)
         if mirrored and table is not None:
             # Dispatched once the primary has answered: the mirror's routing and its result's
