@@ -381,6 +381,10 @@ class Router:
         first = timeout
         if backup and route.fallback_after is not None:
             first = min(route.fallback_after, timeout)
+        elif backup and backup != route.fallback:
+            # The incumbent backs a candidate's user: the candidate gets half the time, so
+            # a candidate that hangs (its node died) still leaves the incumbent time to answer.
+            first = timeout / 2
         results = await self._call_all(model, jobs, first)
         ids = self._record(arm, model, jobs, results, first, is_primary=True, where=where)
         answer = Answer(list(results), [model] * len(jobs))
