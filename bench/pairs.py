@@ -44,7 +44,7 @@ def seed_pairs(
     plan = config.plan()
     with store.reader() as session:
         row = get_rollout(session, plan.name)
-        rollout_id, stage = row.id, row.stages[row.stage_index][0]
+        stage = row.stage_name
     images = [
         png((rng.randrange(256), rng.randrange(256), rng.randrange(256)))
         for _ in range(distinct_images)
@@ -96,7 +96,6 @@ def seed_pairs(
         assert recorder.flush(timeout=120), "the recorder did not drain"
     finally:
         recorder.close()
-    del rollout_id
     with store.session() as session:
         session.execute(
             insert(Score),

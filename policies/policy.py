@@ -111,6 +111,12 @@ class Check(_Strict):
         return self
 
     @property
+    def on_scores(self) -> bool:
+        """Whether the check compares the probes' scores of the images (the galleries rank
+        pairs by these), rather than outcomes or times."""
+        return self.kind in ("paired_mean", "tail_rate")
+
+    @property
     def is_rate(self) -> bool:
         """Rate checks (fallback_rate is a rate over the `fallback` outcomes) share one test."""
         return self.kind in ("rate", "fallback_rate")

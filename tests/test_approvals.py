@@ -40,7 +40,7 @@ def setup(tmp_path, db_url, webhook):
 def stage_of(store, config):
     with store.reader() as session:
         row = get_rollout(session, config.name)
-        return row.stages[row.stage_index][0]
+        return row.stage_name
 
 
 def test_a_denying_webhook_holds_the_stage_and_an_operator_approval_releases_it(setup, webhook):

@@ -121,23 +121,16 @@ def console(
     ] = False,
 ) -> None:
     """Serve the live web console, the admin API and the rollouts' /metrics on their own."""
-    import threading
-
     import uvicorn
 
+    from controller.operations.background import start_notifier
     from controller.operations.console import build_console
-    from controller.operations.dispatcher import Dispatcher
 
     def run() -> None:
         config = cli_config(ctx)
         with open_store(config) as store:
             store.require_schema()
-            stop = threading.Event()
-            if notify:
-                dispatcher = Dispatcher(store, config.notifications)
-                threading.Thread(
-                    target=dispatcher.run, args=(stop,), name="cutover-notify", daemon=True
-                ).start()
+            notifier = start_notifier(config, store) if notify else None
             where = (host or config.console.host, port or config.console.port)
             out.print(f"console on http://{where[0]}:{where[1]}/ (Ctrl-C stops)")
             try:
@@ -145,6 +138,7 @@ def console(
                     build_console(config, store), host=where[0], port=where[1], log_level="warning"
                 )
             finally:
-                stop.set()
+                if notifier is not None:
+                    notifier.stop()
 
     guarded(run)

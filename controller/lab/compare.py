@@ -67,7 +67,7 @@ class Figure:
 
 def measures_distance(check: Check) -> bool:
     """A check whose value is already the distance between the pair (never below zero)."""
-    return check.pair_value == "candidate" and check.kind in ("paired_mean", "tail_rate")
+    return check.pair_value == "candidate" and check.on_scores
 
 
 def lab_policy(policy: Policy) -> Policy:

@@ -9,7 +9,6 @@ person decides (`cutover approve` or the console). Nothing here ever advances an
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -29,12 +28,6 @@ log = structlog.get_logger("cutover.approvals")
 PENDING, APPROVED, DENIED, TIMED_OUT = "pending", "approved", "denied", "timed_out"
 DECISIONS = {"approve": APPROVED, "deny": DENIED}
 
-Post = Callable[..., httpx.Response]
-
-
-def stage_name(row: Rollout) -> str:
-    return row.stages[row.stage_index][0]
-
 
 def approval_of(session: Session, row: Rollout) -> Approval | None:
     """The approval asked for the rollout's current stage attempt (its version)."""
@@ -45,7 +38,7 @@ def approval_of(session: Session, row: Rollout) -> Approval | None:
 
 def approval_hold(session: Session, config: Config, row: Rollout) -> str:
     """Why the stage waits for an approval, in words; "" when it needs none or has one."""
-    settings = config.plan(row.name).settings.approval_for(stage_name(row))
+    settings = config.plan(row.name).settings.approval_for(row.stage_name)
     if settings is None:
         return ""
     approval = approval_of(session, row)
@@ -67,12 +60,10 @@ def approval_hold(session: Session, config: Config, row: Rollout) -> str:
     )
 
 
-def ask(
-    store: Store, config: Config, row: Rollout, now: datetime, post: Post = httpx.post
-) -> str | None:
+def ask(store: Store, config: Config, row: Rollout, now: datetime) -> str | None:
     """Ask the stage's webhook (when it has one and no decision is stored yet); return the
     approval's state. Called by the loop's tick once the stage's other gates are met."""
-    settings = config.plan(row.name).settings.approval_for(stage_name(row))
+    settings = config.plan(row.name).settings.approval_for(row.stage_name)
     if settings is None:
         return None
     with store.session() as session:
@@ -91,13 +82,13 @@ def ask(
         "approval_id": approval_id,
         "rollout": row.name,
         "route": row.route,
-        "stage": stage_name(row),
+        "stage": row.stage_name,
         "next_stage": row.stages[min(row.stage_index + 1, len(row.stages) - 1)][0],
         "version": row.version,
         "asks": asks,
     }
     try:
-        response = post(settings.url, json=body, timeout=settings.request_timeout)
+        response = httpx.post(settings.url, json=body, timeout=settings.request_timeout)
         response.raise_for_status()
         answer: dict[str, Any] = response.json()
         decision = str(answer.get("decision", "pending")).lower()
@@ -105,7 +96,7 @@ def ask(
         log.warning(
             "approval_ask_failed",
             rollout=row.name,
-            stage=stage_name(row),
+            stage=row.stage_name,
             url=settings.url,
             error=one_line(exc),
         )
@@ -159,7 +150,7 @@ def decide_current(
     with store.reader() as session:
         row = get_rollout(session, rollout)
         session.expunge(row)
-    stage = stage_name(row)
+    stage = row.stage_name
     if config.plan(rollout).settings.approval_for(stage) is None:
         raise ValueError(f"stage {stage} of {rollout} needs no approval")
     return stage, decide(store, config, row, decision, actor, reason, utcnow())
@@ -170,7 +161,7 @@ def _pending(session: Session, row: Rollout, now: datetime) -> Approval:
     approval = Approval(
         rollout_id=row.id,
         version=row.version,
-        stage=stage_name(row),
+        stage=row.stage_name,
         state=PENDING,
         requested_at=now,
         asks=0,

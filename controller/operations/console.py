@@ -23,6 +23,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
+from prometheus_client import generate_latest
 from sqlalchemy import func, select
 
 from controller.config import Config, ConfigError
@@ -46,7 +47,8 @@ from policies.vocabulary import Arm
 log = structlog.get_logger("cutover.console")
 
 COOKIE = "cutover_session"
-STATIC = Path(__file__).parent / "static"
+# The console's own files (the script and the stylesheet), by name: nothing else is served.
+STATIC = {path.name: path for path in (Path(__file__).parent / "static").iterdir()}
 GALLERY_SCAN = 200  # the newest matching pairs the gallery ranks worst first
 RATE_WINDOW = timedelta(minutes=10)
 SECURITY_HEADERS = {
@@ -184,7 +186,7 @@ class Console:
                     | {"before": rows[-1]["request_id"]}
                 ),
                 "filters": {k: query.get(k, "") for k in FILTER_KEYS},
-                "score_checks": [c.name for c in policy.checks if c.kind in SCORE_KINDS],
+                "score_checks": [c.name for c in policy.checks if c.on_scores],
                 "eta": eta,
                 "approval": None
                 if approval is None
@@ -203,7 +205,6 @@ class Console:
 
 
 FILTER_KEYS = ("stage", "role", "status", "failing", "q", "sort")
-SCORE_KINDS = ("paired_mean", "tail_rate")
 
 
 def gallery(
@@ -211,7 +212,7 @@ def gallery(
 ) -> dict[str, Any]:
     """One page of pairs: ranked worst first by a score check (the one asked for, else the
     first with values), newest first when no check has any."""
-    checks = [c for c in policy.checks if c.kind in SCORE_KINDS]
+    checks = [c for c in policy.checks if c.on_scores]
     if sort:
         checks = [c for c in checks if c.name == sort] or checks
     ranked: list[tuple[float | None, dict[str, Any]]] = []
@@ -328,14 +329,12 @@ def build_console(config: Config, store: Store) -> FastAPI:
 
     @app.get("/metrics")
     def metrics() -> Response:
-        from prometheus_client import generate_latest
-
         return Response(generate_latest(console.registry), media_type=CONTENT_TYPE)
 
     @app.get("/static/{name}")
     def static(name: str) -> Response:
-        path = STATIC / name
-        if name not in {p.name for p in STATIC.iterdir()}:
+        path = STATIC.get(name)
+        if path is None:
             return JSONResponse({"error": "no such file"}, status_code=404)
         return FileResponse(path, headers=SECURITY_HEADERS)
 

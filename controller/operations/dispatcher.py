@@ -77,14 +77,12 @@ class Dispatcher:
         self,
         store: Store,
         settings: NotificationsConfig,
-        post: Callable[..., httpx.Response] | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = store
         self.settings = settings
         self.receivers = {r.name: r for r in settings.receivers}
-        self._client = httpx.Client() if post is None else None
-        self.post = post or self._client.post  # type: ignore[union-attr]
+        self._client = httpx.Client()
         self.clock = clock
         self._pool = ThreadPoolExecutor(
             max_workers=max(len(self.receivers), 1), thread_name_prefix="cutover-notify"
@@ -137,7 +135,7 @@ class Dispatcher:
     ) -> bool:
         error = None
         try:
-            response = self.post(
+            response = self._client.post(
                 receiver.url,
                 json=BODIES[receiver.format](event),
                 headers={"X-Cutover-Event-Id": str(event.id), "Idempotency-Key": event.key},
@@ -195,8 +193,7 @@ class Dispatcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
-        if self._client is not None:
-            self._client.close()
+        self._client.close()
 
 
 def delivery_summary(store: Store, settings: NotificationsConfig) -> list[dict[str, Any]]:

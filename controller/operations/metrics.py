@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import select
 
 from controller.config import Config
+from controller.operations.dispatcher import delivery_summary
 from controller.operations.settings import NotificationsConfig
 from controller.rollout.lag import scorer_lag
 from controller.rollout.transitions import latest_verdict, view_of
@@ -187,8 +188,6 @@ class RolloutCollector(Collector):
 
 
 def _notification_families(store: Store, settings: NotificationsConfig) -> Iterator[Any]:
-    from controller.operations.dispatcher import delivery_summary
-
     pending = GaugeMetricFamily(
         "cutover_notifications_pending", "Deliveries not made yet.", labels=["receiver"]
     )

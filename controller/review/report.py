@@ -173,7 +173,7 @@ def _one_check_per_score(policy: Any) -> list[Any]:
     """A gallery per score metric: a mean check and a tail check of one metric rank alike."""
     seen: dict[str, Any] = {}
     for check in policy.checks:
-        if check.kind in ("paired_mean", "tail_rate"):
+        if check.on_scores:
             seen.setdefault(check.metric, check)
     return list(seen.values())
 

@@ -206,7 +206,7 @@ def judge(
     findings = slice_findings(state)
     verdict = Verdict(
         rollout_id=rollout.id,
-        stage=rollout.stages[rollout.stage_index][0],
+        stage=rollout.stage_name,
         evaluated_at=now or utcnow(),
         decision=overall(results, [f.action for f in findings]),
         samples=max((r.samples for r in results), default=0),

@@ -33,15 +33,11 @@ def settle_stage_count(session: Session, row: Rollout, before: datetime) -> None
     if before <= until:
         return
     stored.stage_count = {
-        "stage": _stage(row),
+        "stage": row.stage_name,
         "entered": row.stage_entered_at.isoformat(),
         "until": before.isoformat(),
         "count": counted + _count(session, row, until, before),
     }
-
-
-def _stage(row: Rollout) -> str:
-    return str(row.stages[row.stage_index][0])
 
 
 def _mark(stored: StoredJudgeState | None, row: Rollout) -> tuple[datetime, int]:
@@ -49,7 +45,7 @@ def _mark(stored: StoredJudgeState | None, row: Rollout) -> tuple[datetime, int]
     mark = stored.stage_count if stored is not None else None
     if (
         mark
-        and mark["stage"] == _stage(row)
+        and mark["stage"] == row.stage_name
         and mark["entered"] == row.stage_entered_at.isoformat()
     ):
         return datetime.fromisoformat(mark["until"]), int(mark["count"])
@@ -62,7 +58,7 @@ def _count(session: Session, row: Rollout, since: datetime, before: datetime | N
         .select_from(Request)
         .where(
             Request.rollout_id == row.id,
-            Request.stage == _stage(row),
+            Request.stage == row.stage_name,
             Request.created_at >= since,
         )
     )

@@ -145,7 +145,7 @@ def _described(config: Config, model: str) -> str:
 
 def latest_verdict(session: Session, row: Rollout) -> Verdict | None:
     """The newest verdict for the stage the rollout is in now (older stages do not count)."""
-    stage = stages_of(row)[row.stage_index].name
+    stage = row.stage_name
     return session.scalars(
         select(Verdict)
         .where(
@@ -184,7 +184,7 @@ def evidence_for(
     """
     now = now or utcnow()
     plan = config.plan(row.name)
-    stage = stages_of(row)[row.stage_index].name
+    stage = row.stage_name
     verdict = verdict or latest_verdict(session, row)
     holding = []
     if verdict is not None:

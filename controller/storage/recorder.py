@@ -122,7 +122,6 @@ class Recorder:
         self.store = Store(database_url, timeouts, pre_ping=False)
         self._write_timeout = timeouts.write_timeout
         self.outage = OutageLog(reminder_interval)
-        self.artifact_dir = artifact_dir
         # With an object store, `artifacts_for(config)`: images are uploaded too.
         self.artifacts = artifacts or Artifacts(artifact_dir)
         self.spill = SpillFile(spill_dir)

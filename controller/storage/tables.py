@@ -71,6 +71,11 @@ class Rollout(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
+    @property
+    def stage_name(self) -> str:
+        """The stage the rollout is in now (derived from the stored stage list and index)."""
+        return str(self.stages[self.stage_index][0])
+
 
 class RolloutEvent(Base):
     """Audit trail: one row per transition, written in the transaction that made it."""
