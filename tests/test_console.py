@@ -58,6 +58,10 @@ def test_no_token_is_401_a_low_role_is_403_and_the_actor_is_the_token(site):
     assert client.get("/").status_code == 401
     assert client.get("/api/rollouts").status_code == 401
     assert client.get("/api/rollouts", headers=bearer("cut_nonsense")).status_code == 401
+    # An action without a token is 401 too (not a CSRF refusal), and moves nothing.
+    assert client.post(f"/api/rollouts/{name}/pause", json={"reason": "x"}).status_code == 401
+    approval = client.post(f"/api/rollouts/{name}/approval", json={"decision": "approve"})
+    assert approval.status_code == 401
     assert client.get("/api/rollouts", headers=bearer(made["vera"])).status_code == 200
     refused = client.post(f"/api/rollouts/{name}/pause", headers=bearer(made["vera"]), json={})
     assert refused.status_code == 403 and "operator role" in refused.json()["error"]

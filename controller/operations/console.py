@@ -434,8 +434,8 @@ def build_console(config: Config, store: Store) -> FastAPI:
         """Approve or deny the stage's approval; the console's approve and deny buttons
         post their forms here."""
         fields, from_form = await _command(request)
+        caller = console.caller(request)  # who first (401), then where from (CSRF), then role
         console.check_csrf(request, fields.get("csrf"))
-        caller = console.caller(request, "operator")
         plan = config.plan(name)
         try:
             state = actions.decide_approval(
@@ -459,8 +459,8 @@ def build_console(config: Config, store: Store) -> FastAPI:
         """Apply a verb; the console's buttons post their forms here (answered with a
         redirect back to the rollout's page, saying what happened)."""
         fields, from_form = await _command(request)
+        caller = console.caller(request)  # who first (401), then where from (CSRF), then role
         console.check_csrf(request, fields.get("csrf"))
-        caller = console.caller(request)
         plan = config.plan(name)
         try:
             result = actions.act(
