@@ -82,15 +82,26 @@ class Artifacts:
             self._thread.start()
 
     def put(self, data: bytes) -> str:
-        """Store an image; its sha256. Raises OSError only if the local file cannot be
-        written (the recorder records the output without its image, saying why)."""
+        """Store an image and send it to the store; its sha256 (`write`, then `send`)."""
+        sha256 = self.write(data)
+        self.send(sha256)
+        return sha256
+
+    def write(self, data: bytes) -> str:
+        """The image's local file; its sha256. With a store, the image is marked held until
+        `send` uploads it, so a process killed in between leaves it for the next one.
+        Raises OSError only if the file cannot be written (the recorder records the output
+        without its image, saying why)."""
         sha256 = store_artifact(self.root, data)
         if self.store is not None:
-            if self._outage:  # known down: hold it at once; the uploader probes the store
-                (self.pending_dir / sha256).touch()
-            else:
-                self._upload(sha256)
+            (self.pending_dir / sha256).touch()
         return sha256
+
+    def send(self, sha256: str) -> None:
+        """Upload a written image, or leave it held while the store is known down (the
+        uploader thread probes the store and sends held images in order)."""
+        if self.store is not None and not self._outage:
+            self._upload(sha256)
 
     def path(self, sha256: str) -> Path:
         return artifact_path(self.root, sha256)

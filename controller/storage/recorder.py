@@ -1,13 +1,16 @@
 """The recorder: every request and output reaches SQL, off the response path, once.
 
-Callers hand records to a bounded in-memory queue and return at once. Images
-are stored as content-addressed files by a small pool of artifact writers, so a
-record with an image joins the queue once its file is written and the writer
+Callers hand records over and return at once: each image is written to its
+content-addressed file, each row appended to the replica's journal (so a replica
+killed with kill -9 loses nothing, `journal.py`), and the row joins a bounded
+in-memory queue. With an object store, a small pool of uploaders sends the image
+first, so a row with an image reaches SQL once any node can fetch it; the writer
 thread only ever talks SQL. The writer inserts rows in batches, one transaction per
 batch: it lingers up to 50 ms after the first row for others, so under load a
 transaction carries many rows (the commit, not the row, is what costs). When the
 database cannot take a batch the rows go to a spill file (fsync'd) and are replayed,
-in order and exactly once, before anything newer is written.
+in order and exactly once, before anything newer is written. When the spill file
+cannot be written either (a full disk), the rows wait in memory and are tried again.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from controller.config import DatabaseConfig
 from controller.storage.artifact_store import Artifacts
 from controller.storage.bulk_insert import insert_rows
+from controller.storage.journal import Journal, Segment
 from controller.storage.lost import supersede_lost
 from controller.storage.records import OutputRecord, RequestRecord
 from controller.storage.spill import SpillFile
@@ -55,6 +59,9 @@ class Counters:
     replay_duplicates: int = 0
     dead_letters: int = 0
     queue_full: int = 0
+    journal_replayed: int = 0  # rows of dead replicas' journals that SQL lacked
+    journal_failures: int = 0  # rows the journal could not take (a full disk)
+    dropped: int = 0  # rows neither the queue nor the spill file could take
     batches: int = 0
     db_failures: int = 0
 
@@ -62,11 +69,12 @@ class Counters:
         return asdict(self)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Item:
-    record: RequestRecord | OutputRecord
-    png: bytes | None = None  # an image still to store
-    artifact: str | OSError | None = None  # the stored image's sha256, or why it is not stored
+    kind: str  # "request" or "output"
+    row: dict[str, Any]
+    segment: Segment | None = None  # its journal segment, until it is committed or spilled
+    upload: str | None = None  # an image to send to the object store before the row goes
 
 
 @dataclass
@@ -81,6 +89,13 @@ class _Rows:
         return [{"kind": "request", **_jsonable(r)} for r in self.requests] + [
             {"kind": "output", **_jsonable(o)} for o in self.outputs
         ]
+
+    @classmethod
+    def of(cls, items: list[_Item]) -> _Rows:
+        rows = cls()
+        for item in items:
+            (rows.requests if item.kind == "request" else rows.outputs).append(item.row)
+        return rows
 
     @classmethod
     def from_spill(cls, lines: list[dict[str, Any]]) -> _Rows:
@@ -125,17 +140,21 @@ class Recorder:
         # With an object store, `artifacts_for(config)`: images are uploaded too.
         self.artifacts = artifacts or Artifacts(artifact_dir)
         self.spill = SpillFile(spill_dir)
+        self.journal = Journal(spill_dir)
+        self._journal_down = False
+        self._spill_down = False
+        self._held: list[_Item] = []  # rows neither SQL nor the spill file could take yet
         self.counters = Counters()
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._linger = linger
-        # Images waiting for an artifact writer; None tells a writer to stop.
-        self._images: queue.SimpleQueue[tuple[OutputRecord, bytes] | None] = queue.SimpleQueue()
+        # Images waiting for an uploader; None tells one to stop.
+        self._images: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._artifacts_pending = 0
         self._artifacts_lock = threading.Lock()
         self._writers = [
-            threading.Thread(target=self._store_images, name=f"cutover-artifacts-{k}", daemon=True)
-            for k in range(artifact_writers)
+            threading.Thread(target=self._upload_images, name=f"cutover-uploads-{k}", daemon=True)
+            for k in range(artifact_writers if self.artifacts.store is not None else 0)
         ]
         for writer in self._writers:
             writer.start()
@@ -143,6 +162,7 @@ class Recorder:
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=max_queue)
         self._rollout_ids: dict[str, int] = {}
         self._next_db_attempt = 0.0
+        self._next_adoption = 0.0
         self._busy = threading.Event()
         self._stop = threading.Event()
         self._closing = threading.Event()
@@ -152,36 +172,86 @@ class Recorder:
     # -- called on the request path: never blocks, never raises --------------------------
 
     def record(self, record: RequestRecord | OutputRecord, png: bytes | None = None) -> None:
-        if png is not None and isinstance(record, OutputRecord) and not self._closing.is_set():
-            with self._artifacts_lock:
-                self._artifacts_pending += 1
-            self._images.put((record, png))
-            return
-        self._enqueue(_Item(record, png))
-
-    def _store_images(self) -> None:
-        """An artifact writer: each image's file first, then the row that names it."""
-        while (work := self._images.get()) is not None:
-            record, png = work
-            try:
-                self._enqueue(_Item(record, png=None, artifact=self._store(record, png)))
-            finally:
-                with self._artifacts_lock:
-                    self._artifacts_pending -= 1
-
-    def _enqueue(self, item: _Item) -> None:
-        record = item.record
+        """Store the image, journal the row, queue it. On the response path: no SQL."""
         try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            # Overload: write this one straight to the spill file rather than lose it.
-            self.counters.queue_full += 1
-            self._spill_rows(self._prepare([item]))
+            item = self._item(record, png)
+            self._journal(item)
+            if item.upload is not None and self._writers and not self._closing.is_set():
+                with self._artifacts_lock:
+                    self._artifacts_pending += 1
+                self._images.put(item)
+                return
+            if item.upload is not None:
+                self.artifacts.send(item.upload)
+            self._enqueue(item)
         except Exception:  # pragma: no cover - recording must never fail a request
             log.exception(
                 "record_failed",
                 request_id=getattr(record, "request_id", getattr(record, "id", None)),
             )
+
+    def _item(self, record: RequestRecord | OutputRecord, png: bytes | None) -> _Item:
+        row = dict(vars(record))  # a shallow copy: records are not changed after
+        if isinstance(record, RequestRecord):
+            return _Item("request", row)
+        item = _Item("output", row)
+        if png is not None:
+            stored = self._store(record, png)
+            if isinstance(stored, str):
+                row["artifact_sha256"] = stored
+                item.upload = stored if self.artifacts.store is not None else None
+            else:
+                row["error"] = f"{row['error'] or ''} (image not stored: {stored})".strip()
+        return item
+
+    def _journal(self, item: _Item) -> None:
+        try:
+            item.segment = self.journal.append({"kind": item.kind, **_jsonable(item.row)})
+        except OSError as exc:  # a full disk: the row still goes on, without its safety net
+            self.counters.journal_failures += 1
+            if not self._journal_down:
+                self._journal_down = True
+                log.error(
+                    "journal_write_failed",
+                    directory=str(self.journal.directory),
+                    error=str(exc),
+                    note="records are still written to SQL; a replica killed now loses "
+                    "the ones not yet committed",
+                )
+            return
+        if self._journal_down:
+            self._journal_down = False
+            log.info("journal_recovered", directory=str(self.journal.directory))
+
+    def _upload_images(self) -> None:
+        """An uploader: each image to the object store (or held), then the row that names it."""
+        while (item := self._images.get()) is not None:
+            try:
+                assert item.upload is not None
+                self.artifacts.send(item.upload)
+                self._enqueue(item)
+            finally:
+                with self._artifacts_lock:
+                    self._artifacts_pending -= 1
+
+    def _enqueue(self, item: _Item) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            # Overload: write this one straight to the spill file rather than lose it.
+            self.counters.queue_full += 1
+            try:
+                self._spill_rows(_Rows.of([item]))
+            except OSError as exc:
+                self.counters.dropped += 1
+                log.error(
+                    "record_dropped",
+                    request_id=item.row.get("request_id", item.row["id"]),
+                    error=str(exc),
+                    why="the queue is full and the spill file cannot be written",
+                )
+                return
+            self._forget([item])
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -194,7 +264,12 @@ class Recorder:
         """Wait until queued records are written (and, if asked, the spill replayed)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            idle = self._queue.empty() and not self._busy.is_set() and not self._artifacts_pending
+            idle = (
+                self._queue.empty()
+                and not self._busy.is_set()
+                and not self._artifacts_pending
+                and not self._held
+            )
             if idle and not (include_spill and self.spill.pending()):
                 return True
             time.sleep(0.02)
@@ -209,6 +284,7 @@ class Recorder:
             writer.join(timeout)
         self._stop.set()
         self._thread.join(timeout)
+        self.journal.close()
         self.spill.close()
         self.store.close()
 
@@ -220,10 +296,9 @@ class Recorder:
             self._busy.set()
             try:
                 self._replay_if_due()
-                if items:
-                    rows = self._prepare(items)
-                    if self.spill.pending() or not self._write(rows):
-                        self._spill_rows(rows)
+                self._adopt_if_due()
+                if items or self._held:
+                    self._save(self._held + items)
             except Exception:  # keep the writer alive whatever happens; rows are spilled above
                 with contextlib.suppress(Exception):
                     log.exception("recorder_loop_error")
@@ -253,27 +328,41 @@ class Recorder:
                 break
         return items
 
-    def _prepare(self, items: list[_Item]) -> _Rows:
-        rows = _Rows()
+    def _save(self, items: list[_Item]) -> None:
+        """SQL, or else the spill file, or else (a full disk) memory until the next round."""
+        rows = _Rows.of(items)
+        self._held = []
+        if self.spill.pending() or not self._write(rows):
+            try:
+                self._spill_rows(rows)
+            except OSError as exc:
+                self._held = items
+                if not self._spill_down:
+                    self._spill_down = True
+                    log.error(
+                        "spill_write_failed",
+                        directory=str(self.spill.directory),
+                        rows=len(rows),
+                        error=str(exc),
+                        note="rows wait in memory and are tried again",
+                    )
+                return
+        if self._spill_down:
+            self._spill_down = False
+            log.info("spill_write_recovered", directory=str(self.spill.directory))
+        self._forget(items)
+
+    def _forget(self, items: list[_Item]) -> None:
+        """These rows are committed or spilled: their journal lines are no longer needed."""
         for item in items:
-            row = dict(vars(item.record))  # a shallow copy: records are not changed after
-            if isinstance(item.record, RequestRecord):
-                rows.requests.append(row)
-                continue
-            artifact = item.artifact
-            if item.png is not None:  # a record that could not wait for an artifact writer
-                artifact = self._store(item.record, item.png)
-            if isinstance(artifact, str):
-                row["artifact_sha256"] = artifact
-            elif artifact is not None:
-                row["error"] = f"{row['error'] or ''} (image not stored: {artifact})".strip()
-            rows.outputs.append(row)
-        return rows
+            if item.segment is not None:
+                self.journal.done(item.segment)
+                item.segment = None
 
     def _store(self, record: OutputRecord, png: bytes) -> str | OSError:
         """The image's sha256 once its file is written, or why it could not be."""
         try:
-            return self.artifacts.put(png)
+            return self.artifacts.write(png)
         except OSError as exc:
             log.error(
                 "artifact_write_failed",
@@ -350,7 +439,24 @@ class Recorder:
             batch.done()
         self._db_up()
 
-    def _replay(self, rows: _Rows) -> _Rows:
+    def _adopt_if_due(self) -> None:
+        """Replay the journals of dead replicas on this node (each retry interval)."""
+        now = time.monotonic()
+        if now < self._next_adoption or now < self._next_db_attempt:
+            return
+        self._next_adoption = now + self._retry_interval
+        for batch in self.journal.orphans():
+            try:
+                waiting = self._replay(_Rows.from_spill(batch.rows), source="journal")
+            except UNAVAILABLE as exc:
+                batch.keep()
+                self._db_down(exc)
+                return
+            if len(waiting):
+                self.spill.append(waiting.as_spill())
+            batch.done()
+
+    def _replay(self, rows: _Rows, source: str = "spill") -> _Rows:
         """Insert what is not in SQL yet; return outputs whose request row has not arrived yet.
 
         An output can reach the spill before its request row (the queue overflowed while the
@@ -382,6 +488,15 @@ class Recorder:
             self._dead_letter(expired, "no request row arrived for these outputs")
             waiting.outputs = [o for o in waiting.outputs if o not in expired.outputs]
         inserted = len(requests) + len(outputs)
+        if source == "journal":  # a dead replica's journal: most of it was committed already
+            self.counters.journal_replayed += inserted
+            log.info(
+                "journal_replayed",
+                rows=inserted,
+                already_in_sql=skipped_r + skipped_o,
+                waiting=len(waiting),
+            )
+            return waiting
         self.counters.replayed += inserted
         self.counters.replay_duplicates += skipped_r + skipped_o
         self.outage.replayed(inserted, skipped_r + skipped_o)

@@ -21,10 +21,14 @@ import uuid
 from pathlib import Path
 from typing import Any, TextIO
 
+import structlog
+
 PATTERN = "spill-*.jsonl"
 
+log = structlog.get_logger("cutover.spill")
 
-def _open_locked(path: Path, mode: str) -> TextIO:
+
+def open_locked(path: Path, mode: str) -> TextIO:
     handle = open(path, mode, encoding="utf-8")  # noqa: SIM115 (kept open: it holds the lock)
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -41,7 +45,13 @@ class SpillBatch:
         self.path = path
         self._handle = handle
         handle.seek(0)
-        self.rows: list[dict[str, Any]] = [json.loads(line) for line in handle if line.strip()]
+        self.rows: list[dict[str, Any]] = []
+        for line in handle:
+            try:
+                self.rows.append(json.loads(line))
+            except ValueError:  # a line cut short by its writer's death: never a whole row
+                if line.strip():
+                    log.warning("torn_line_skipped", file=str(path), chars=len(line))
 
     def done(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -60,7 +70,7 @@ class SpillFile:
         self._rotation = itertools.count(1)
         self._lock = threading.Lock()
         self.path = directory / f"{self._stem}.jsonl"
-        self._file = _open_locked(self.path, "a+")
+        self._file = open_locked(self.path, "a+")
         self._size = 0
         self.sweep_empty()
 
@@ -82,7 +92,7 @@ class SpillFile:
         batches = []
         for path in self._orphans():
             try:
-                batches.append(SpillBatch(path, _open_locked(path, "r")))
+                batches.append(SpillBatch(path, open_locked(path, "r")))
             except (BlockingIOError, FileNotFoundError):
                 continue  # a live recorder's file, or adopted by someone else meanwhile
         with self._lock:
@@ -90,7 +100,7 @@ class SpillFile:
                 rotated = self.directory / f"{self._stem}.r{next(self._rotation)}.jsonl"
                 os.replace(self.path, rotated)
                 batches.append(SpillBatch(rotated, self._file))
-                self._file = _open_locked(self.path, "a+")
+                self._file = open_locked(self.path, "a+")
                 self._size = 0
         return batches
 
@@ -100,7 +110,7 @@ class SpillFile:
             if path == self.path or _size(path) > 0:
                 continue
             try:
-                handle = _open_locked(path, "r")
+                handle = open_locked(path, "r")
             except (BlockingIOError, FileNotFoundError):
                 continue  # a live recorder's file
             try:
