@@ -15,10 +15,8 @@ client and the audit trail saw.
           recorder for 60 s with no outage at all: how many records spilled?
 
 Each prints requests sent, 2xx, 5xx, records lost (expected rows not in SQL after a full
-flush) and records duplicated (rows beyond one per id). It runs against whatever
-`controller` package is first on sys.path, so the same script measures an older checkout:
-`cd /path/to/old/checkout && PYTHONPATH=. python /path/to/bench/chaos_hardening.py` (run it
-from there: Ray puts the driver's working directory on its workers' path).
+flush) and records duplicated (rows beyond one per id). The faults of a cluster deployment
+(kills, outages of each store, a full disk) are in bench/chaos.py.
 """
 
 from __future__ import annotations
@@ -74,9 +72,9 @@ class Bench:
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
 
     def deploy(self, name: str, database_url: str, **sections: Any) -> tuple[Any, Any, Any]:
-        from controller import app as serving
         from controller.config import Config
         from controller.rollout.transitions import create_rollout
+        from controller.serving import app as serving
         from controller.storage.store import Store
 
         model = {"steps": 2, "guidance": 4.0, "batch_size": 4, "num_cpus": 0.5}
@@ -404,7 +402,7 @@ def main() -> None:
         for name in names:
             print(f"{name}: {json.dumps(SCENARIOS[name](bench))}", flush=True)
     finally:
-        from controller import app as serving
+        from controller.serving import app as serving
 
         serving.stop()
 

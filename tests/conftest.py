@@ -126,8 +126,12 @@ def ray_serve() -> Iterator[int]:
     import ray
     from ray import serve
 
+    from bench.chaos import S3_TEST_CREDENTIALS
     from controller.serving.app import free_port, start_local_ray
 
+    # Replicas inherit Ray's environment: what moto's S3 server needs must be there first.
+    for key, value in S3_TEST_CREDENTIALS.items():
+        os.environ.setdefault(key, value)
     port = free_port()
     start_local_ray(4, "cutover-tests")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
