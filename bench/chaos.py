@@ -55,12 +55,12 @@ from typing import Any
 
 import httpx
 import yaml
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-PG_ADMIN = os.environ.get(
-    "CUTOVER_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+from bench.databases import DEFAULT_POSTGRES, allow_connections, fresh_postgres
+
+PG_ADMIN = DEFAULT_POSTGRES
 # moto's S3 server takes any credentials, but boto3 signs nothing without some. Replicas
 # inherit Ray's environment, so these are set before Ray starts.
 S3_TEST_CREDENTIALS = {
@@ -494,27 +494,12 @@ def poll(condition: Callable[[], bool], timeout: float) -> bool:
 
 
 def db_outage_pg(run: Run) -> None:
-    admin = create_engine(make_url(PG_ADMIN), isolation_level="AUTOCOMMIT")
-    name = make_url(run.deployment.database_url).database
-
-    def allow(on: bool) -> None:
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(on).lower()}'))
-            if not on:
-                conn.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"
-                    ),
-                    {"d": name},
-                )
-
     run.traffic.wait_answers(run.answers)
-    allow(False)
+    allow_connections(PG_ADMIN, run.deployment.database_url, False)
     try:
         run.hold(run.spilled)
     finally:
-        allow(True)
-        admin.dispose()
+        allow_connections(PG_ADMIN, run.deployment.database_url, True)
     run.ended = time.monotonic()
 
 
@@ -589,16 +574,8 @@ def database(rig: Rig, name: str, kind: str) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite:///{rig.work / name / 'cutover.db'}"
         return
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    db = f"cutover_chaos_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db}"'))
-    try:
-        yield make_url(PG_ADMIN).set(database=db).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres(PG_ADMIN) as url:
+        yield url
 
 
 @contextlib.contextmanager

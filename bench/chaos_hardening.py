@@ -1,7 +1,7 @@
 """Three faults from issue 10, each on a real local Ray with tiny CPU models, and what a
 client and the audit trail saw.
 
-    python bench/chaos_hardening.py [--scenario wedge|stall|scorer|all]
+    python -m bench.chaos_hardening [--scenario wedge|stall|outage|scorer|all]
 
   wedge   one request too big to finish (512x512, 50 steps, `request_timeout` 5 s), then
           20 small ones: do the small ones get answers in their normal time?
@@ -22,23 +22,23 @@ flush) and records duplicated (rows beyond one per id). The faults of a cluster 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import structlog
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from bench.databases import DEFAULT_POSTGRES, allow_connections, fresh_postgres
+
+PG_ADMIN = DEFAULT_POSTGRES
 RECORDER_EVENTS = {
     "records_spilled",
     "database_unavailable",
@@ -202,21 +202,6 @@ def wedge(bench: Bench) -> dict:
     return result
 
 
-@contextlib.contextmanager
-def scratch_database() -> Iterator[tuple[Any, str]]:
-    """A fresh PostgreSQL database for one scenario: (admin engine, its name)."""
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    name = f"cutover_chaos_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin, name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def through_a_fault(
     bench: Bench,
     store: Any,
@@ -261,8 +246,8 @@ def stall(bench: Bench, seconds: float = 20.0) -> dict:
     """A partition: PostgreSQL behind a proxy that accepts and then forwards nothing."""
     StallProxy = _stall_proxy()  # noqa: N806 (a class)
 
-    with scratch_database() as (_, name):
-        direct = make_url(PG_ADMIN).set(database=name)
+    with fresh_postgres(PG_ADMIN) as url:
+        direct = make_url(url)
         proxy = StallProxy((direct.host, direct.port or 5432))
         through = direct.set(host="127.0.0.1", port=proxy.port)
         config, store, router = bench.deploy(
@@ -289,21 +274,11 @@ def stall(bench: Bench, seconds: float = 20.0) -> dict:
 
 def outage(bench: Bench, seconds: float = 20.0) -> dict:
     """PostgreSQL refuses connections for `seconds` (new ones refused, open ones killed)."""
-    with scratch_database() as (admin, name):
-        url = make_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
+    with fresh_postgres(PG_ADMIN) as url:
         config, store, router = bench.deploy("outage", url, rollout={"mirror_percent": 0})
 
         def allow(on: bool) -> None:
-            with admin.connect() as conn:
-                conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(on).lower()}'))
-                if not on:
-                    conn.execute(
-                        text(
-                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                            "WHERE datname = :d"
-                        ),
-                        {"d": name},
-                    )
+            allow_connections(PG_ADMIN, url, on)
 
         def observe(_statuses: list[int]) -> dict:
             files = list(config.spill_path.glob("spill-*.jsonl"))

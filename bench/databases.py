@@ -35,6 +35,25 @@ def fresh_postgres(admin_url: str = DEFAULT_POSTGRES) -> Iterator[str]:
         admin.dispose()
 
 
+def allow_connections(admin_url: str, database_url: str, on: bool) -> None:
+    """A database outage and its end: refuse new connections and end the open ones, or let
+    them in again."""
+    name = make_url(database_url).database
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(on).lower()}'))
+            if not on:
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"
+                    ),
+                    {"d": name},
+                )
+    finally:
+        admin.dispose()
+
+
 @contextmanager
 def backends(work: Path, postgres: str = DEFAULT_POSTGRES) -> Iterator[dict[str, str]]:
     """{"sqlite": url, "postgresql": url}, both fresh."""

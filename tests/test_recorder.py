@@ -483,3 +483,40 @@ def test_the_journal_forgets_what_is_committed(tmp_path):
     assert journal.orphans() == []  # its own files are locked: never adopted by itself
     journal.close()
     assert not list(tmp_path.glob("journal-*.jsonl"))
+
+
+def test_rows_wait_in_memory_while_neither_sql_nor_the_spill_disk_takes_them(
+    tmp_path, sqlite_url, monkeypatch
+):
+    """A database outage on a full disk: the journal and the spill file both fail with
+    ENOSPC, so the rows stay in the recorder's memory and go to SQL once it is back; one
+    log line each way, none dropped. (tests/test_chaos.py does this with a real full tmpfs.)"""
+    import errno
+
+    from controller.storage.journal import Journal
+    from controller.storage.spill import SpillFile
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    config, store = prepare_rollout(write_config(tmp_path, base_config(sqlite_url)))
+    recorder = make_recorder(config, tmp_path, sqlite_busy=0.05)
+    lock = sqlite3.connect(make_url(config.resolved_database_url).database, isolation_level=None)
+    with structlog.testing.capture_logs() as logs:
+        lock.execute("BEGIN EXCLUSIVE")
+        monkeypatch.setattr(SpillFile, "append", full)
+        monkeypatch.setattr(Journal, "append", full)
+        send(recorder, config, 0, 20)
+        assert wait_until(lambda: recorder.counters.db_failures >= 3)
+        assert len(recorder._held) == 60 and not recorder.flush(0.2)
+        lock.execute("COMMIT")
+        assert recorder.flush(30)
+    lock.close()
+    recorder.close()
+    assert counts(store) == (20, 40, 40)
+    assert recorder.counters.spilled == 0 and recorder.counters.dropped == 0
+    assert recorder.counters.journal_failures == 60
+    events = [e["event"] for e in logs if e["log_level"] in ("warning", "error", "info")]
+    assert events.count("spill_write_failed") == 1 and "spill_write_recovered" in events
+    assert events.count("journal_write_failed") == 1
+    store.close()

@@ -36,7 +36,7 @@ from controller.storage.bulk_insert import insert_rows
 from controller.storage.journal import Journal, Segment
 from controller.storage.lost import supersede_lost
 from controller.storage.records import OutputRecord, RequestRecord
-from controller.storage.spill import SpillFile
+from controller.storage.spill import SpillBatch, SpillFile
 from controller.storage.store import Store, TransactionTimeout
 from controller.storage.tables import Output, Request, Rollout, judge_progress_of, utcnow
 from workers.logs import one_line
@@ -427,17 +427,8 @@ class Recorder:
             except UNAVAILABLE as exc:
                 self._db_down(exc)
                 return
-        for batch in self.spill.take():
-            try:
-                waiting = self._replay(_Rows.from_spill(batch.rows))
-            except UNAVAILABLE as exc:
-                batch.keep()
-                self._db_down(exc)
-                return
-            if len(waiting):
-                self.spill.append(waiting.as_spill())
-            batch.done()
-        self._db_up()
+        if self._replay_files(self.spill.take(), "spill"):
+            self._db_up()
 
     def _adopt_if_due(self) -> None:
         """Replay the journals of dead replicas on this node (each retry interval)."""
@@ -445,16 +436,23 @@ class Recorder:
         if now < self._next_adoption or now < self._next_db_attempt:
             return
         self._next_adoption = now + self._retry_interval
-        for batch in self.journal.orphans():
+        self._replay_files(self.journal.orphans(), "journal")
+
+    def _replay_files(self, batches: list[SpillBatch], source: str) -> bool:
+        """Replay taken files in order, each deleted once done; False (the rest kept for
+        later) if the database went away meanwhile."""
+        for k, batch in enumerate(batches):
             try:
-                waiting = self._replay(_Rows.from_spill(batch.rows), source="journal")
+                waiting = self._replay(_Rows.from_spill(batch.rows), source)
             except UNAVAILABLE as exc:
-                batch.keep()
+                for kept in batches[k:]:
+                    kept.keep()
                 self._db_down(exc)
-                return
+                return False
             if len(waiting):
                 self.spill.append(waiting.as_spill())
             batch.done()
+        return True
 
     def _replay(self, rows: _Rows, source: str = "spill") -> _Rows:
         """Insert what is not in SQL yet; return outputs whose request row has not arrived yet.
