@@ -386,14 +386,14 @@ class Router:
             # a candidate that hangs (its node died) still leaves the incumbent time to answer.
             first = timeout / 2
         results = await self._call_all(model, jobs, first)
-        ids = self._record(arm, model, jobs, results, first, is_primary=True, where=where)
+        ids = await self._record(arm, model, jobs, results, first, is_primary=True, where=where)
         answer = Answer(list(results), [model] * len(jobs))
         failed = [i for i, r in enumerate(results) if backup and r.status in route.fallback_on]
         remaining = timeout - (time.monotonic() - started)
         if not failed or backup is None or remaining <= 0:
             return answer
         retried = await self._call_all(backup, [jobs[i] for i in failed], remaining)
-        self._record(
+        await self._record(
             Arm.FALLBACK,
             backup,
             [jobs[i] for i in failed],
@@ -432,7 +432,7 @@ class Router:
         model = table.model_of(arm)
         try:
             results = await self._call_all(model, jobs, self.limits.mirror_timeout)
-            self._record(
+            await self._record(
                 arm,
                 model,
                 jobs,
@@ -484,7 +484,7 @@ class Router:
                 latency_ms=(time.perf_counter() - start) * 1000,
             )
 
-    def _record(
+    async def _record(
         self,
         role: Arm,
         model: str,
@@ -496,27 +496,36 @@ class Router:
         where: tuple[str, str],
         fallback_of: list[str] | None = None,
     ) -> list[str]:
-        """Queue one output record per image; returns their ids (a fallback links to them)."""
+        """Hand one output record per image to the recorder; returns their ids (a fallback
+        links to them).
+
+        In a worker thread: `record` writes each image's file and journals its row before
+        the answer goes out (so a killed replica loses neither), which for a large image
+        takes milliseconds the event loop's other requests should not wait for."""
         now = utcnow()
         if self.metrics is not None:
             self._count_outputs(role, model, results, where)
         ids = [str(uuid.uuid4()) for _ in jobs]
-        for i, (job, result) in enumerate(zip(jobs, results, strict=True)):
-            self.recorder.record(
-                OutputRecord.of(
-                    ids[i],
-                    job,
-                    result,
-                    role=role.value,
-                    model=model,
-                    is_primary=is_primary,
-                    timeout_s=timeout_s,
-                    created_at=now,
-                    fallback_of=fallback_of[i] if fallback_of else None,
-                ),
-                png=result.png,
+        records = [
+            OutputRecord.of(
+                ids[i],
+                job,
+                result,
+                role=role.value,
+                model=model,
+                is_primary=is_primary,
+                timeout_s=timeout_s,
+                created_at=now,
+                fallback_of=fallback_of[i] if fallback_of else None,
             )
+            for i, (job, result) in enumerate(zip(jobs, results, strict=True))
+        ]
+        await asyncio.to_thread(self._hand_over, records, [r.png for r in results])
         return ids
+
+    def _hand_over(self, records: list[OutputRecord], pngs: list[bytes | None]) -> None:
+        for record, png in zip(records, pngs, strict=True):
+            self.recorder.record(record, png=png)
 
     def _count_outputs(
         self,
