@@ -41,6 +41,10 @@ from policies.vocabulary import Arm
 from workers.jobs import ImageJob, ImageResult, OutputStatus
 from workers.logs import configure_logging, log_to_file
 
+# Images up to this many bytes in all (per call) are written on the event loop: a 64x64
+# PNG takes about 0.2 ms, less than handing the work to a thread on a busy replica.
+INLINE_IMAGE_BYTES = 256 * 1024
+
 log = structlog.get_logger("cutover.router")
 
 http = FastAPI(title="cutover", description="Images API with shadow traffic and staged cutover.")
@@ -499,9 +503,10 @@ class Router:
         """Hand one output record per image to the recorder; returns their ids (a fallback
         links to them).
 
-        In a worker thread: `record` writes each image's file and journals its row before
-        the answer goes out (so a killed replica loses neither), which for a large image
-        takes milliseconds the event loop's other requests should not wait for."""
+        `record` writes each image's file and journals its row before the answer goes out
+        (so a killed replica loses neither). For large images that takes milliseconds the
+        event loop's other requests should not wait for, so it runs in a worker thread;
+        small ones are written in place, which costs less than the hop to a thread."""
         now = utcnow()
         if self.metrics is not None:
             self._count_outputs(role, model, results, where)
@@ -520,7 +525,11 @@ class Router:
             )
             for i, (job, result) in enumerate(zip(jobs, results, strict=True))
         ]
-        await asyncio.to_thread(self._hand_over, records, [r.png for r in results])
+        pngs = [r.png for r in results]
+        if sum(len(png or b"") for png in pngs) <= INLINE_IMAGE_BYTES:
+            self._hand_over(records, pngs)
+        else:
+            await asyncio.to_thread(self._hand_over, records, pngs)
         return ids
 
     def _hand_over(self, records: list[OutputRecord], pngs: list[bytes | None]) -> None:
