@@ -221,7 +221,7 @@ class Recorder:
             return
         if self._journal_down:
             self._journal_down = False
-            log.info("journal_recovered", directory=str(self.journal.directory))
+            log.warning("journal_recovered", directory=str(self.journal.directory))
 
     def _upload_images(self) -> None:
         """An uploader: each image to the object store (or held), then the row that names it."""
@@ -349,7 +349,7 @@ class Recorder:
                 return
         if self._spill_down:
             self._spill_down = False
-            log.info("spill_write_recovered", directory=str(self.spill.directory))
+            log.warning("spill_write_recovered", directory=str(self.spill.directory))
         self._forget(items)
 
     def _forget(self, items: list[_Item]) -> None:
