@@ -400,13 +400,8 @@ def whole(run: Run, before: float | None = None) -> bool:
     """Every request sent before `before` (default: all) has all its records in SQL."""
     sent = [s for s in list(run.traffic.sent) if before is None or s.at < before]
     try:
-        found = records(run.deployment, sent, None, run.killed_at)
-        if os.environ.get("CHAOS_DEBUG") and found["lost"]:
-            sys.stderr.write(f"whole: {time.monotonic():.1f} {found.get('missing')}\n")
-        return found["lost"] == 0
-    except Exception as exc:  # the database is still coming back
-        if os.environ.get("CHAOS_DEBUG"):
-            sys.stderr.write(f"whole: {exc!r}\n")
+        return records(run.deployment, sent, None, run.killed_at)["lost"] == 0
+    except Exception:  # the database is still coming back
         return False
 
 
@@ -430,6 +425,7 @@ class Run:
     seconds: float | None  # the outage's length; None: until `answers` more answers
     answers: int
     ended: float = 0.0
+    proxy: Any = None  # the object store's stallable proxy (object_store only)
     killed_at: float | None = None  # when a router replica was killed
     recovered: Callable[[], bool] = lambda: True  # a fault's own "back to normal"
     notes: dict[str, Any] = field(default_factory=dict)
@@ -522,7 +518,7 @@ def db_outage_sqlite(run: Run) -> None:
 
 
 def object_store(run: Run) -> None:
-    proxy = run.notes.pop("proxy")
+    proxy = run.proxy
     pending = run.deployment.config.artifact_path / ".pending"
     run.recovered = lambda: not any(pending.iterdir())
     run.traffic.wait_answers(run.answers)
@@ -647,10 +643,9 @@ def run_fault(
     with contextlib.ExitStack() as stack:
         (rig.work / name).mkdir(parents=True, exist_ok=True)
         url = stack.enter_context(database(rig, name, fault.database))
-        bucket = None
-        notes: dict[str, Any] = {}
+        bucket, proxy = None, None
         if name == "object_store":
-            settings, notes["proxy"], bucket = stack.enter_context(s3_endpoint())
+            settings, proxy, bucket = stack.enter_context(s3_endpoint())
             sections["object_store"] = settings
         if name == "spill_disk_full":
             stack.enter_context(tiny_disk(rig.work / name / "spill"))
@@ -662,7 +657,7 @@ def run_fault(
         traffic = Traffic(rig.base_url).start()
         stack.callback(traffic.stop)
         run = Run(
-            rig, deployment, traffic, loop, random.Random(seed), seconds, answers, notes=notes
+            rig, deployment, traffic, loop, random.Random(seed), seconds, answers, proxy=proxy
         )
         traffic.wait_answers(answers)
         started = time.monotonic()
@@ -684,7 +679,7 @@ def run_fault(
             "journal replayed": counters.get("journal_replayed"),
             "journal failures": counters.get("journal_failures"),
             "dropped": counters.get("dropped"),
-            **{k: v for k, v in run.notes.items() if k != "proxy"},
+            **run.notes,
         }
     return result
 

@@ -141,8 +141,9 @@ class Recorder:
         self.artifacts = artifacts or Artifacts(artifact_dir)
         self.spill = SpillFile(spill_dir)
         self.journal = Journal(spill_dir)
-        self._journal_down = False
-        self._spill_down = False
+        where = {"directory": str(spill_dir)}
+        self._journal_trouble = _Trouble("journal_write_failed", "journal_recovered", where)
+        self._spill_trouble = _Trouble("spill_write_failed", "spill_write_recovered", where)
         self._held: list[_Item] = []  # rows neither SQL nor the spill file could take yet
         self.counters = Counters()
         self._batch_size = batch_size
@@ -209,19 +210,13 @@ class Recorder:
             item.segment = self.journal.append({"kind": item.kind, **_jsonable(item.row)})
         except OSError as exc:  # a full disk: the row still goes on, without its safety net
             self.counters.journal_failures += 1
-            if not self._journal_down:
-                self._journal_down = True
-                log.error(
-                    "journal_write_failed",
-                    directory=str(self.journal.directory),
-                    error=str(exc),
-                    note="records are still written to SQL; a replica killed now loses "
-                    "the ones not yet committed",
-                )
+            self._journal_trouble.failed(
+                error=str(exc),
+                note="records are still written to SQL; a replica killed now loses "
+                "the ones not yet committed",
+            )
             return
-        if self._journal_down:
-            self._journal_down = False
-            log.warning("journal_recovered", directory=str(self.journal.directory))
+        self._journal_trouble.cleared()
 
     def _upload_images(self) -> None:
         """An uploader: each image to the object store (or held), then the row that names it."""
@@ -337,19 +332,11 @@ class Recorder:
                 self._spill_rows(rows)
             except OSError as exc:
                 self._held = items
-                if not self._spill_down:
-                    self._spill_down = True
-                    log.error(
-                        "spill_write_failed",
-                        directory=str(self.spill.directory),
-                        rows=len(rows),
-                        error=str(exc),
-                        note="rows wait in memory and are tried again",
-                    )
+                self._spill_trouble.failed(
+                    rows=len(rows), error=str(exc), note="rows wait in memory and are tried again"
+                )
                 return
-        if self._spill_down:
-            self._spill_down = False
-            log.warning("spill_write_recovered", directory=str(self.spill.directory))
+        self._spill_trouble.cleared()
         self._forget(items)
 
     def _forget(self, items: list[_Item]) -> None:
@@ -530,6 +517,26 @@ class Recorder:
 # What "the database cannot take this now" looks like: a driver error, or a transaction the
 # watchdog interrupted because the database stopped answering.
 UNAVAILABLE = (DBAPIError, TransactionTimeout)
+
+
+class _Trouble:
+    """A failure that may repeat on every call: logged once (an error) when it starts, and
+    once (a warning) when a call succeeds again."""
+
+    def __init__(self, failed: str, recovered: str, keys: dict[str, Any]) -> None:
+        self._events = (failed, recovered)
+        self._keys = keys
+        self.active = False
+
+    def failed(self, **fields: Any) -> None:
+        if not self.active:
+            self.active = True
+            log.error(self._events[0], **self._keys, **fields)
+
+    def cleared(self) -> None:
+        if self.active:
+            self.active = False
+            log.warning(self._events[1], **self._keys)
 
 
 class OutageLog:
